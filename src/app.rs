@@ -1,0 +1,610 @@
+//! The daemon: start-up, the coordinator loop, and the drain on shutdown.
+//!
+//! One coordinator thread owns all stream state. Each turn it scans (every
+//! `POLL_INTERVAL`), steps the streams, hands jobs to the worker pool over a
+//! bounded channel (never blocking: a full channel just waits for the next
+//! turn), and applies results as they arrive, dispatching the stream's next
+//! chunk straight away. Workers never touch the table; they only send results.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select};
+use log::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::error::AppError;
+use crate::events::{Events, Gauges};
+use crate::metadata::{KeyLayout, new_stream_id};
+use crate::metrics::Metrics;
+use crate::scan::{DirectoryLister, FsLister, Observation};
+use crate::store::{CheckpointStore, ObjectStore, RedisStore, S3Store};
+use crate::stream::state::{Event, Rules, Work};
+use crate::stream::table::{Change, StreamTable, TrackedStream};
+use crate::upload::Worker;
+use crate::upload::job::{ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
+use crate::{http, random_u64};
+
+/// When the coordinator last finished a loop turn, for `/healthz`.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    unix_millis: AtomicU64,
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.unix_millis.store(now, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat (`None` before the first one).
+    pub fn age(&self) -> Option<Duration> {
+        let last = self.unix_millis.load(Ordering::Relaxed);
+        if last == 0 {
+            return None;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Some(Duration::from_millis(now.saturating_sub(last)))
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Drained: every in-flight job finished or was cancelled cleanly.
+    Drained,
+    /// `SHUTDOWN_TIMEOUT` passed with these streams' jobs still running.
+    DrainTimedOut(Vec<String>),
+}
+
+/// Waits `delay`, or less if a stop is requested. True if a stop was requested.
+fn stop_requested_within(stop: &Receiver<()>, delay: Duration) -> bool {
+    !matches!(
+        stop.recv_timeout(delay),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+    )
+}
+
+/// Retries `attempt` with backoff until it succeeds or a stop is requested.
+fn until_ready<T, E: std::fmt::Display>(
+    config: &Config,
+    stop: &Receiver<()>,
+    heartbeat: &Heartbeat,
+    what: &str,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> Option<T> {
+    let mut failures = 0u32;
+    loop {
+        heartbeat.beat();
+        match attempt() {
+            Ok(value) => return Some(value),
+            Err(err) => {
+                let delay = config.retry.ceiling(failures);
+                error!(
+                    "{what} failed: {err}; retrying in {}",
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                );
+                if stop_requested_within(stop, delay) {
+                    return None;
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// Runs the daemon until `stop` receives a message (or is disconnected).
+pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
+    let metrics = Arc::new(Metrics::new());
+    let heartbeat = Arc::new(Heartbeat::default());
+    let liveness_limit = config.poll_interval * 3 + Duration::from_secs(5);
+    let http = http::HttpServer::start(
+        config.metrics_addr,
+        metrics.clone(),
+        heartbeat.clone(),
+        liveness_limit,
+    )?;
+    info!(
+        "chunkstream {} starting: watching {} for {:?} every {}, chunk {} B, {} workers, bucket {:?} at {}, redis {:?}, metrics on http://{}",
+        env!("CARGO_PKG_VERSION"),
+        config.watch_dir.display(),
+        config.file_extensions,
+        humantime::format_duration(config.poll_interval),
+        config.chunk_size,
+        config.workers,
+        config.s3.bucket,
+        config.s3.endpoint_display(),
+        config.redis,
+        http.addr
+    );
+
+    let s3 = S3Store::new(&config.s3)?;
+    let bucket_ready = until_ready(&config, &stop, &heartbeat, "checking bucket", || {
+        s3.ensure_bucket().map_err(|err| {
+            format!(
+                "bucket {:?} at {}: {err}",
+                config.s3.bucket,
+                config.s3.endpoint_display()
+            )
+        })
+    });
+    if bucket_ready.is_none() {
+        http.stop();
+        return Ok(RunOutcome::Drained);
+    }
+
+    let mut checkpoints = RedisStore::new(&config.redis)?;
+    let Some(stored) = until_ready(&config, &stop, &heartbeat, "loading checkpoints", || {
+        checkpoints.load_streams()
+    }) else {
+        http.stop();
+        return Ok(RunOutcome::Drained);
+    };
+
+    let (job_tx, job_rx) = bounded::<Job>(config.workers);
+    let (result_tx, result_rx) = bounded::<JobResult>(config.workers * 2);
+    let (shutdown_tx, shutdown_rx) = bounded::<()>(1);
+    let store: Arc<dyn ObjectStore> = Arc::new(s3);
+    let events: Arc<dyn Events> = metrics.clone();
+    let mut workers: Vec<JoinHandle<()>> = Vec::with_capacity(config.workers);
+    for number in 0..config.workers {
+        let worker = Worker::new(
+            store.clone(),
+            Box::new(RedisStore::new(&config.redis)?),
+            KeyLayout::new(&config.s3.prefix),
+            config.retry,
+            shutdown_rx.clone(),
+            events.clone(),
+        );
+        let (jobs, results) = (job_rx.clone(), result_tx.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("worker-{number}"))
+            .spawn(move || worker.run(jobs, results))
+            .map_err(|err| AppError::Startup(format!("cannot start worker thread: {err}")))?;
+        workers.push(handle);
+    }
+    drop((job_rx, result_tx, shutdown_rx));
+
+    let mut coordinator = Coordinator::new(
+        config.clone(),
+        Box::new(FsLister::new(
+            config.watch_dir.clone(),
+            config.file_extensions.clone(),
+        )),
+        Box::new(checkpoints),
+        events,
+        job_tx,
+        result_rx,
+        heartbeat,
+    );
+    let resumed = coordinator.resume(stored);
+    info!("resumed {resumed} streams from checkpoints");
+    coordinator.run_until(&stop);
+    let outcome = coordinator.drain(shutdown_tx);
+    if outcome == RunOutcome::Drained {
+        for worker in workers {
+            let _ = worker.join();
+        }
+    }
+    http.stop();
+    Ok(outcome)
+}
+
+/// The single owner of the stream table.
+pub struct Coordinator {
+    config: Config,
+    rules: Rules,
+    table: StreamTable,
+    lister: Box<dyn DirectoryLister>,
+    checkpoints: Box<dyn CheckpointStore>,
+    events: Arc<dyn Events>,
+    jobs: Option<Sender<Job>>,
+    results: Receiver<JobResult>,
+    /// Close jobs waiting for room in the job channel.
+    waiting_closes: VecDeque<Job>,
+    /// Stream ids with a job at a worker.
+    in_flight: HashMap<String, &'static str>,
+    /// Identity → stream id of streams just closed or forgotten whose identity
+    /// mapping may still be in Redis; a new stream may take it over.
+    retired: HashMap<crate::scan::FileIdentity, String>,
+    heartbeat: Arc<Heartbeat>,
+    /// Whether the last registration failed (to log an outage once).
+    registration_failing: bool,
+}
+
+impl Coordinator {
+    pub fn new(
+        config: Config,
+        lister: Box<dyn DirectoryLister>,
+        checkpoints: Box<dyn CheckpointStore>,
+        events: Arc<dyn Events>,
+        jobs: Sender<Job>,
+        results: Receiver<JobResult>,
+        heartbeat: Arc<Heartbeat>,
+    ) -> Self {
+        let rules = Rules {
+            stream_timeout: config.stream_timeout,
+            vanish_grace: config.stream_timeout,
+            retry: config.retry,
+        };
+        Self {
+            config,
+            rules,
+            table: StreamTable::default(),
+            lister,
+            checkpoints,
+            events,
+            jobs: Some(jobs),
+            results,
+            waiting_closes: VecDeque::new(),
+            in_flight: HashMap::new(),
+            retired: HashMap::new(),
+            heartbeat,
+            registration_failing: false,
+        }
+    }
+
+    /// Loads checkpointed streams into the table. Returns how many.
+    pub fn resume(&mut self, stored: Vec<crate::store::StoredStream>) -> usize {
+        let now = Instant::now();
+        let mut resumed = 0;
+        for stream in stored {
+            if let Some(tracked) = TrackedStream::from_stored(stream, &self.config.watch_dir, now) {
+                debug!(
+                    "stream {}: resumed for {} ({} chunks checkpointed)",
+                    tracked.id,
+                    tracked.rel_path,
+                    tracked.chunks.len()
+                );
+                self.table.insert(tracked);
+                resumed += 1;
+            }
+        }
+        resumed
+    }
+
+    /// The coordinator loop, until a stop is requested.
+    pub fn run_until(&mut self, stop: &Receiver<()>) {
+        let mut next_scan = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= next_scan {
+                self.scan(now);
+                next_scan = now + self.config.poll_interval;
+            }
+            self.dispatch(Instant::now());
+            self.publish_gauges();
+            self.heartbeat.beat();
+            let wait = next_scan.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.results) -> result => {
+                    if let Ok(result) = result {
+                        self.handle_result(result);
+                    }
+                }
+                recv(stop) -> _ => {
+                    info!("shutdown requested: no new scans or jobs; draining in-flight work");
+                    return;
+                }
+                default(wait) => {}
+            }
+            while let Ok(result) = self.results.try_recv() {
+                self.handle_result(result);
+            }
+        }
+    }
+
+    /// Lets in-flight jobs finish (each is at most one chunk's work), within
+    /// `SHUTDOWN_TIMEOUT`. Dropping `shutdown` tells workers to stop retrying
+    /// and to cancel queued jobs.
+    pub fn drain(&mut self, shutdown: Sender<()>) -> RunOutcome {
+        drop(shutdown);
+        drop(self.jobs.take());
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        let inflight_at_start = self.in_flight.len();
+        while !self.in_flight.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.results.recv_timeout(left) {
+                Ok(result) => self.handle_result(result),
+                Err(_) => break,
+            }
+        }
+        self.publish_gauges();
+        if self.in_flight.is_empty() {
+            info!("drained: {inflight_at_start} in-flight jobs settled; exiting");
+            RunOutcome::Drained
+        } else {
+            let mut streams: Vec<String> = self.in_flight.keys().cloned().collect();
+            streams.sort();
+            error!(
+                "SHUTDOWN_TIMEOUT ({}) passed with jobs still running for streams: {}; they resume on the next start",
+                humantime::format_duration(self.config.shutdown_timeout),
+                streams.join(", ")
+            );
+            RunOutcome::DrainTimedOut(streams)
+        }
+    }
+
+    fn scan(&mut self, now: Instant) {
+        let started = Instant::now();
+        let scan = self.lister.scan();
+        let elapsed = started.elapsed().as_secs_f64();
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.events.scan_finished(elapsed, unix);
+        let changes = self.table.apply_scan(&scan, now, &self.rules);
+        self.apply_changes(changes, now);
+    }
+
+    fn apply_changes(&mut self, changes: Vec<Change>, now: Instant) {
+        for change in changes {
+            match change {
+                Change::Discovered(observation) => self.register(&observation, now),
+                Change::Closed(stream, reason) => {
+                    warn!(
+                        "stream {}: {} was {}; closing it as incomplete",
+                        stream.id,
+                        stream.rel_path,
+                        reason.as_str()
+                    );
+                    self.retire(stream.identity, &stream.id);
+                    self.waiting_closes.push_back(Job::Close(CloseJob {
+                        stream: stream.stream_ref(),
+                        facts: stream.facts(),
+                        reason,
+                        chunks: stream.chunks,
+                    }));
+                }
+                Change::Forgotten(stream) => {
+                    info!(
+                        "stream {}: {} is gone or replaced; it stays complete in the bucket",
+                        stream.id, stream.rel_path
+                    );
+                    self.retire(stream.identity, &stream.id);
+                }
+                Change::Reopened { id, path } => {
+                    info!("stream {id}: {path} grew after completion; reopened");
+                }
+                Change::Moved { id, from, to } => {
+                    info!("stream {id}: renamed from {from} to {to}");
+                    if let Err(err) = self.checkpoints.record_path(&id, &to) {
+                        warn!("stream {id}: cannot record new path {to}: {err}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the identity → stream mapping of a stream that ended, unless a
+    /// new stream for the same identity takes it over first.
+    fn retire(&mut self, identity: crate::scan::FileIdentity, stream_id: &str) {
+        match self.checkpoints.forget_identity(identity, stream_id) {
+            Ok(()) => {
+                self.retired.remove(&identity);
+            }
+            Err(err) => {
+                warn!("stream {stream_id}: cannot update the identity index: {err}");
+                self.retired.insert(identity, stream_id.to_string());
+            }
+        }
+    }
+
+    /// Gives a new file its stream id, stored in Redis before any upload.
+    fn register(&mut self, observation: &Observation, now: Instant) {
+        let file_name = observation
+            .rel_path
+            .rsplit('/')
+            .next()
+            .unwrap_or(&observation.rel_path);
+        let unique = format!(
+            "{}|{}|{}|{}",
+            observation.identity.key(),
+            observation.rel_path,
+            std::process::id(),
+            random_u64()
+        );
+        let candidate = TrackedStream::new(
+            new_stream_id(file_name, unique.as_bytes()),
+            observation,
+            self.config.chunk_size,
+            now,
+        );
+        let retired = self.retired.get(&observation.identity).cloned();
+        let registered = self
+            .checkpoints
+            .register_stream(&candidate.to_stored(), retired.as_deref());
+        let id = match registered {
+            Ok(id) => {
+                if self.registration_failing {
+                    info!("stream registration works again");
+                    self.registration_failing = false;
+                }
+                self.retired.remove(&observation.identity);
+                id
+            }
+            Err(err) => {
+                if !self.registration_failing {
+                    error!(
+                        "cannot register {} in Redis: {err}; new files wait until Redis is back",
+                        observation.rel_path
+                    );
+                    self.registration_failing = true;
+                }
+                return;
+            }
+        };
+        if id == candidate.id {
+            info!(
+                "stream {id}: discovered {} ({} bytes)",
+                observation.rel_path, observation.size
+            );
+            self.events.stream_discovered();
+            self.table.insert(candidate);
+            return;
+        }
+        // Someone registered this file first: continue their stream.
+        match self.checkpoints.load_stream(&id) {
+            Ok(Some(stored)) => {
+                if let Some(tracked) =
+                    TrackedStream::from_stored(stored, &self.config.watch_dir, now)
+                {
+                    info!(
+                        "stream {id}: {} already registered; continuing it",
+                        observation.rel_path
+                    );
+                    self.table.insert(tracked);
+                }
+            }
+            Ok(None) => warn!(
+                "stream {id}: registered for {} but has no record",
+                observation.rel_path
+            ),
+            Err(err) => warn!("stream {id}: cannot load its record: {err}"),
+        }
+    }
+
+    fn dispatch(&mut self, now: Instant) {
+        let Some(jobs) = self.jobs.clone() else {
+            return;
+        };
+        while let Some(job) = self.waiting_closes.pop_front() {
+            let stream_id = job.stream().stream_id.clone();
+            match jobs.try_send(job) {
+                Ok(()) => {
+                    self.in_flight.insert(stream_id, "close");
+                }
+                Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                    self.waiting_closes.push_front(job);
+                    return;
+                }
+            }
+        }
+        let mut ready: Vec<(Option<Instant>, crate::scan::FileIdentity, Work)> = self
+            .table
+            .iter()
+            .filter_map(|stream| {
+                stream
+                    .state
+                    .wanted(now, &self.rules)
+                    .map(|work| (stream.last_dispatch, stream.identity, work))
+            })
+            .collect();
+        // Longest-waiting first, so a busy stream cannot starve the others.
+        ready.sort_by_key(|(last, identity, _)| (*last, *identity));
+        for (_, identity, work) in ready {
+            let Some(stream) = self.table.get(&identity) else {
+                continue;
+            };
+            let job = match work {
+                Work::Upload { index } => {
+                    let offset = index * stream.state.chunk_size;
+                    Job::Chunk(ChunkJob {
+                        stream: stream.stream_ref(),
+                        path: stream.abs_path.clone(),
+                        index,
+                        offset,
+                        len: stream.state.chunk_size,
+                    })
+                }
+                Work::Finalize { size } => Job::Finalize(FinalizeJob {
+                    stream: stream.stream_ref(),
+                    path: stream.abs_path.clone(),
+                    facts: stream.facts(),
+                    expected_size: size,
+                    chunks: stream.chunks.clone(),
+                }),
+            };
+            let stream_id = stream.id.clone();
+            match jobs.try_send(job) {
+                Ok(()) => {
+                    let kind = match work {
+                        Work::Upload { .. } => "chunk",
+                        Work::Finalize { .. } => "finalize",
+                    };
+                    self.in_flight.insert(stream_id, kind);
+                    self.table
+                        .apply(identity, Event::Dispatched(work), now, &self.rules);
+                    self.table.mark_dispatched(&identity, now);
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn handle_result(&mut self, result: JobResult) {
+        self.in_flight.remove(&result.stream.stream_id);
+        let now = Instant::now();
+        let Some(stream) = self.table.get_mut(&result.stream) else {
+            if let Outcome::Closed = result.outcome {
+                self.events.stream_closed("incomplete", 0.0);
+            }
+            return;
+        };
+        if let Some(chunks) = result.chunks {
+            stream.chunks = chunks;
+        }
+        let event = match result.outcome {
+            Outcome::ChunkUploaded(record) => {
+                let index = record.index;
+                stream.chunks.insert(index, record);
+                Event::ChunkUploaded { index }
+            }
+            Outcome::Finalized {
+                size,
+                mtime_ns,
+                revision,
+                completed_at,
+            } => {
+                stream.revision = revision;
+                let lag = completed_at
+                    .duration_since(stream.last_change_at)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                self.events.stream_closed("complete", lag);
+                Event::Finalized { size, mtime_ns }
+            }
+            Outcome::FinalizeInterrupted => {
+                info!(
+                    "stream {}: {} changed during completion; waiting for it to settle again",
+                    stream.id, stream.rel_path
+                );
+                Event::FinalizeInterrupted
+            }
+            Outcome::Failed(reason) => {
+                warn!(
+                    "stream {}: job for {} failed: {reason}; will retry",
+                    stream.id, stream.rel_path
+                );
+                Event::JobFailed
+            }
+            Outcome::Cancelled => Event::JobCancelled,
+            Outcome::Closed => return,
+        };
+        let identity = result.stream.identity;
+        let changes = self.table.apply(identity, event, now, &self.rules);
+        self.apply_changes(changes, now);
+    }
+
+    fn publish_gauges(&self) {
+        let mut gauges = Gauges {
+            files_tracked: self.table.len() as u64,
+            inflight_jobs: self.in_flight.len() as u64,
+            ..Gauges::default()
+        };
+        for stream in self.table.iter().filter(|s| s.is_active()) {
+            gauges.streams_active += 1;
+            gauges.pending_bytes += stream.state.size.saturating_sub(stream.uploaded_bytes());
+        }
+        self.events.gauges(&gauges);
+    }
+}

@@ -1,0 +1,702 @@
+//! Command line and environment → one validated, immutable [`Config`].
+//!
+//! Every setting is both a flag and an environment variable (clap `env`). The
+//! raw values are kept as strings in [`Settings`] so that validation, done once
+//! here, can produce messages that name the variable; a bad value exits with
+//! code 2 before anything else starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use clap::{Args, Parser, Subcommand};
+use log::LevelFilter;
+
+use crate::error::ConfigError;
+
+/// S3's smallest multipart part; chunks must be at least this big so that they
+/// can later be assembled server-side.
+pub const MIN_CHUNK_SIZE: u64 = 5 * 1024 * 1024;
+/// S3's largest single PUT.
+pub const MAX_CHUNK_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// Upper bound for `WORKERS`; more threads than this only add contention.
+pub const MAX_WORKERS: usize = 256;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chunkstream",
+    version,
+    about = "Uploads growing video files from a polled directory to S3 in ordered, checkpointed chunks.",
+    long_about = "Polls WATCH_DIR (works on NFS/SMB, where inotify does not), uploads every matching \
+file in ordered CHUNK_SIZE chunks to S3 while it grows, checkpoints each chunk in Redis so a restart \
+resumes where it stopped, and writes a metadata.json per stream once the file has been quiet for \
+STREAM_TIMEOUT.\n\nWith no subcommand, `run` is assumed."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Download a stream's chunks, verify every checksum, and write the file.
+    Restore {
+        /// The stream id (the folder name under S3_PREFIX in the bucket).
+        stream_id: String,
+        /// Where to write the restored file; it appears only once verified.
+        output: PathBuf,
+    },
+}
+
+/// The raw settings, exactly as given by flags or the environment.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Directory to poll, recursively (subdirectories included).
+    #[arg(
+        long,
+        env = "WATCH_DIR",
+        default_value = "./input-videos",
+        global = true
+    )]
+    pub watch_dir: String,
+    /// Comma-separated file extensions to upload, case-insensitive.
+    #[arg(long, env = "FILE_EXTENSIONS", default_value = "mp4", global = true)]
+    pub file_extensions: String,
+    /// How often the directory is scanned (e.g. 500ms, 5s).
+    #[arg(long, env = "POLL_INTERVAL", default_value = "1s", global = true)]
+    pub poll_interval: String,
+    /// A stream is complete after this long with no change in size or mtime.
+    #[arg(long, env = "STREAM_TIMEOUT", default_value = "30s", global = true)]
+    pub stream_timeout: String,
+    /// Chunk size in bytes or with units (10MiB, 16MB); at least 5 MiB.
+    #[arg(long, env = "CHUNK_SIZE", default_value = "10MiB", global = true)]
+    pub chunk_size: String,
+    /// Number of upload threads.
+    #[arg(long, env = "WORKERS", default_value = "4", global = true)]
+    pub workers: String,
+    /// S3 endpoint URL, e.g. http://minio:9000; empty means AWS.
+    #[arg(long, env = "S3_ENDPOINT", default_value = "", global = true)]
+    pub s3_endpoint: String,
+    /// S3 region.
+    #[arg(long, env = "S3_REGION", default_value = "us-east-1", global = true)]
+    pub s3_region: String,
+    /// Bucket for chunks and metadata; created at start if missing.
+    #[arg(
+        long,
+        env = "S3_BUCKET",
+        default_value = "video-streams",
+        global = true
+    )]
+    pub s3_bucket: String,
+    /// Key prefix for every object, e.g. streams/.
+    #[arg(long, env = "S3_PREFIX", default_value = "", global = true)]
+    pub s3_prefix: String,
+    /// Path-style addressing (needed for MinIO); false for virtual-hosted style.
+    #[arg(long, env = "S3_PATH_STYLE", default_value = "true", global = true)]
+    pub s3_path_style: String,
+    /// Timeout for each whole S3 request; a timeout is retried.
+    #[arg(long, env = "S3_REQUEST_TIMEOUT", default_value = "60s", global = true)]
+    pub s3_request_timeout: String,
+    /// S3 access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", global = true, hide_env_values = true)]
+    pub aws_access_key_id: Option<String>,
+    /// S3 secret access key.
+    #[arg(
+        long,
+        env = "AWS_SECRET_ACCESS_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub aws_secret_access_key: Option<String>,
+    /// Redis URL for checkpoints; rediss:// for TLS.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0",
+        global = true,
+        hide_env_values = true,
+        hide_default_value = false
+    )]
+    pub redis_url: String,
+    /// Namespace for every Redis key.
+    #[arg(
+        long,
+        env = "REDIS_KEY_PREFIX",
+        default_value = "chunkstream",
+        global = true
+    )]
+    pub redis_key_prefix: String,
+    /// Connect, read and write timeout for each Redis call.
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "5s", global = true)]
+    pub redis_timeout: String,
+    /// First retry delay after a failed upload or checkpoint; doubles per attempt.
+    #[arg(long, env = "RETRY_BASE_DELAY", default_value = "200ms", global = true)]
+    pub retry_base_delay: String,
+    /// Cap on the retry delay.
+    #[arg(long, env = "RETRY_MAX_DELAY", default_value = "30s", global = true)]
+    pub retry_max_delay: String,
+    /// Listen address for /metrics and /healthz; port 0 picks a free port.
+    #[arg(
+        long,
+        env = "METRICS_ADDR",
+        default_value = "0.0.0.0:9102",
+        global = true
+    )]
+    pub metrics_addr: String,
+    /// Log level: error, warn, info, debug, trace or off.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    /// The longest a drain on SIGTERM/SIGINT may take.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "25s", global = true)]
+    pub shutdown_timeout: String,
+}
+
+/// Everything the daemon needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub watch_dir: PathBuf,
+    /// Lower-case extensions without the dot.
+    pub file_extensions: Vec<String>,
+    pub poll_interval: Duration,
+    pub stream_timeout: Duration,
+    pub chunk_size: u64,
+    pub workers: usize,
+    pub s3: S3Config,
+    pub redis: RedisConfig,
+    pub retry: RetryPolicy,
+    pub metrics_addr: SocketAddr,
+    pub log_level: LevelFilter,
+    pub shutdown_timeout: Duration,
+}
+
+/// How to reach the bucket.
+#[derive(Clone)]
+pub struct S3Config {
+    /// `None` means AWS itself.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub path_style: bool,
+    pub request_timeout: Duration,
+    pub credentials: Option<S3Credentials>,
+}
+
+/// A key pair. `Debug` never shows the secret.
+#[derive(Clone)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("path_style", &self.path_style)
+            .field("request_timeout", &self.request_timeout)
+            .field(
+                "access_key_id",
+                &self.credentials.as_ref().map(|c| c.access_key_id.as_str()),
+            )
+            .finish()
+    }
+}
+
+impl S3Config {
+    /// The endpoint as shown in logs and errors.
+    pub fn endpoint_display(&self) -> String {
+        self.endpoint
+            .clone()
+            .unwrap_or_else(|| format!("AWS S3 ({})", self.region))
+    }
+}
+
+/// How to reach Redis.
+#[derive(Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub key_prefix: String,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// The upper bound of the delay before retry number `attempt` (0-based):
+    /// `min(max, base × 2^attempt)`. The actual sleep is uniform in `[0, bound]`.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        self.base_delay
+            .checked_mul(factor)
+            .map_or(self.max_delay, |delay| delay.min(self.max_delay))
+    }
+
+    /// A full-jitter delay for retry number `attempt`.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(crate::random_u64() % nanos.saturating_add(1))
+    }
+}
+
+impl Config {
+    /// Validates every daemon setting. The watch directory must exist.
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let watch_dir = PathBuf::from(non_empty("WATCH_DIR", &settings.watch_dir)?);
+        if !watch_dir.is_dir() {
+            return Err(ConfigError::bad_value(
+                "WATCH_DIR",
+                &settings.watch_dir,
+                "not an existing directory",
+            ));
+        }
+        let file_extensions = parse_extensions(&settings.file_extensions)?;
+        let chunk_size = parse_size("CHUNK_SIZE", &settings.chunk_size)?;
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(ConfigError::bad_value(
+                "CHUNK_SIZE",
+                &settings.chunk_size,
+                "must be between 5 MiB (the S3 multipart minimum) and 5 GiB",
+            ));
+        }
+        let workers = parse_count("WORKERS", &settings.workers, MAX_WORKERS)?;
+        let retry = RetryPolicy {
+            base_delay: parse_duration("RETRY_BASE_DELAY", &settings.retry_base_delay)?,
+            max_delay: parse_duration("RETRY_MAX_DELAY", &settings.retry_max_delay)?,
+        };
+        if retry.max_delay < retry.base_delay {
+            return Err(ConfigError::bad_value(
+                "RETRY_MAX_DELAY",
+                &settings.retry_max_delay,
+                "must not be shorter than RETRY_BASE_DELAY",
+            ));
+        }
+        let metrics_addr = settings.metrics_addr.parse().map_err(|_| {
+            ConfigError::bad_value(
+                "METRICS_ADDR",
+                &settings.metrics_addr,
+                "expected HOST:PORT with an IP address, e.g. 0.0.0.0:9102",
+            )
+        })?;
+        Ok(Self {
+            watch_dir,
+            file_extensions,
+            poll_interval: parse_duration("POLL_INTERVAL", &settings.poll_interval)?,
+            stream_timeout: parse_duration("STREAM_TIMEOUT", &settings.stream_timeout)?,
+            chunk_size,
+            workers,
+            s3: S3Config::from_settings(settings)?,
+            redis: RedisConfig::from_settings(settings)?,
+            retry,
+            metrics_addr,
+            log_level: parse_log_level(&settings.log_level)?,
+            shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &settings.shutdown_timeout)?,
+        })
+    }
+
+    /// Whether `extension` (without the dot, any case) is one we upload.
+    pub fn matches_extension(&self, extension: &str) -> bool {
+        self.file_extensions
+            .iter()
+            .any(|wanted| wanted.eq_ignore_ascii_case(extension))
+    }
+}
+
+impl S3Config {
+    /// Validates the S3 settings alone (all that `restore` needs).
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let endpoint = match settings.s3_endpoint.trim() {
+            "" => None,
+            url => {
+                let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+                    ConfigError::bad_value(
+                        "S3_ENDPOINT",
+                        url,
+                        "expected an http:// or https:// URL",
+                    )
+                })?;
+                if !matches!(scheme, "http" | "https") || rest.is_empty() || rest.contains(' ') {
+                    return Err(ConfigError::bad_value(
+                        "S3_ENDPOINT",
+                        url,
+                        "expected an http:// or https:// URL",
+                    ));
+                }
+                Some(url.trim_end_matches('/').to_string())
+            }
+        };
+        let bucket = non_empty("S3_BUCKET", &settings.s3_bucket)?.to_string();
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if !valid_bucket {
+            return Err(ConfigError::bad_value(
+                "S3_BUCKET",
+                &bucket,
+                "bucket names are 3-63 characters of a-z, 0-9, '-' and '.'",
+            ));
+        }
+        let prefix = settings.s3_prefix.clone();
+        if prefix.starts_with('/') || prefix.len() > 512 {
+            return Err(ConfigError::bad_value(
+                "S3_PREFIX",
+                &prefix,
+                "must not start with '/' and must be at most 512 bytes",
+            ));
+        }
+        let credentials = match (
+            settings
+                .aws_access_key_id
+                .as_deref()
+                .filter(|v| !v.is_empty()),
+            settings
+                .aws_secret_access_key
+                .as_deref()
+                .filter(|v| !v.is_empty()),
+        ) {
+            (Some(id), Some(secret)) => Some(S3Credentials {
+                access_key_id: id.to_string(),
+                secret_access_key: secret.to_string(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError {
+                    variable: "AWS_SECRET_ACCESS_KEY",
+                    reason: "missing while AWS_ACCESS_KEY_ID is set".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError {
+                    variable: "AWS_ACCESS_KEY_ID",
+                    reason: "missing while AWS_SECRET_ACCESS_KEY is set".into(),
+                });
+            }
+        };
+        Ok(Self {
+            endpoint,
+            region: non_empty("S3_REGION", &settings.s3_region)?.to_string(),
+            bucket,
+            prefix,
+            path_style: parse_bool("S3_PATH_STYLE", &settings.s3_path_style)?,
+            request_timeout: parse_duration("S3_REQUEST_TIMEOUT", &settings.s3_request_timeout)?,
+            credentials,
+        })
+    }
+}
+
+impl RedisConfig {
+    fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let url = settings.redis_url.trim().to_string();
+        let shown = redact_url(&url);
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("unix://")
+            || url.starts_with("redis+unix://"))
+        {
+            return Err(ConfigError::bad_value(
+                "REDIS_URL",
+                &shown,
+                "expected redis://, rediss:// or unix:// URL",
+            ));
+        }
+        if let Err(err) = redis::Client::open(url.as_str()) {
+            let detail = err.to_string().replace(&url, &shown);
+            return Err(ConfigError::bad_value("REDIS_URL", &shown, detail));
+        }
+        let key_prefix = non_empty("REDIS_KEY_PREFIX", &settings.redis_key_prefix)?.to_string();
+        if key_prefix.chars().any(char::is_whitespace) {
+            return Err(ConfigError::bad_value(
+                "REDIS_KEY_PREFIX",
+                &key_prefix,
+                "must not contain whitespace",
+            ));
+        }
+        Ok(Self {
+            url,
+            key_prefix,
+            timeout: parse_duration("REDIS_TIMEOUT", &settings.redis_timeout)?,
+        })
+    }
+}
+
+/// `url` with the password (if any) replaced by `***`, safe for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                // redis://secret@host uses the user part as the password.
+                format!("{scheme}://***@{host}{path}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Validates only the log level, so logging can start before the rest.
+pub fn parse_log_level(value: &str) -> Result<LevelFilter, ConfigError> {
+    LevelFilter::from_str(value.trim()).map_err(|_| {
+        ConfigError::bad_value(
+            "LOG_LEVEL",
+            value,
+            "expected one of off, error, warn, info, debug, trace",
+        )
+    })
+}
+
+fn non_empty<'a>(variable: &'static str, value: &'a str) -> Result<&'a str, ConfigError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        Err(ConfigError::bad_value(variable, value, "must not be empty"))
+    } else {
+        Ok(trimmed)
+    }
+}
+
+fn parse_duration(variable: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let duration = humantime::parse_duration(non_empty(variable, value)?).map_err(|err| {
+        ConfigError::bad_value(variable, value, format!("{err} (use e.g. 500ms, 5s, 1m)"))
+    })?;
+    if duration.is_zero() {
+        return Err(ConfigError::bad_value(
+            variable,
+            value,
+            "must be greater than zero",
+        ));
+    }
+    Ok(duration)
+}
+
+fn parse_size(variable: &'static str, value: &str) -> Result<u64, ConfigError> {
+    let trimmed = non_empty(variable, value)?;
+    if trimmed.starts_with('-') {
+        return Err(ConfigError::bad_value(
+            variable,
+            value,
+            "must not be negative",
+        ));
+    }
+    trimmed
+        .parse::<ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|err| {
+            ConfigError::bad_value(variable, value, format!("{err} (use e.g. 10MiB, 16MB)"))
+        })
+}
+
+fn parse_count(variable: &'static str, value: &str, max: usize) -> Result<usize, ConfigError> {
+    match non_empty(variable, value)?.parse::<usize>() {
+        Ok(count) if (1..=max).contains(&count) => Ok(count),
+        _ => Err(ConfigError::bad_value(
+            variable,
+            value,
+            format!("expected a whole number from 1 to {max}"),
+        )),
+    }
+}
+
+fn parse_bool(variable: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::bad_value(
+            variable,
+            value,
+            "expected true or false",
+        )),
+    }
+}
+
+fn parse_extensions(value: &str) -> Result<Vec<String>, ConfigError> {
+    let extensions: Vec<String> = value
+        .split(',')
+        .map(|ext| ext.trim().trim_start_matches('.').to_ascii_lowercase())
+        .filter(|ext| !ext.is_empty())
+        .collect();
+    if extensions.is_empty() {
+        return Err(ConfigError::bad_value(
+            "FILE_EXTENSIONS",
+            value,
+            "list at least one extension, e.g. mp4,mov",
+        ));
+    }
+    if let Some(bad) = extensions
+        .iter()
+        .find(|ext| ext.contains(['/', '\\', ' ', '.']))
+    {
+        return Err(ConfigError::bad_value(
+            "FILE_EXTENSIONS",
+            value,
+            format!("{bad:?} is not a plain extension"),
+        ));
+    }
+    Ok(extensions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Settings as if only `flags` were given on the command line.
+    fn settings(flags: &[&str]) -> Settings {
+        let mut argv = vec!["chunkstream"];
+        argv.extend_from_slice(flags);
+        Cli::try_parse_from(argv).expect("flags parse").settings
+    }
+
+    fn config(flags: &[&str]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir();
+        let watch = format!("--watch-dir={}", dir.display());
+        let mut all = vec![watch.as_str()];
+        all.extend_from_slice(flags);
+        Config::from_settings(&settings(&all))
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = config(&[]).unwrap();
+        assert_eq!(config.chunk_size, 10 * 1024 * 1024);
+        assert_eq!(config.poll_interval, Duration::from_secs(1));
+        assert_eq!(config.stream_timeout, Duration::from_secs(30));
+        assert_eq!(config.workers, 4);
+        assert_eq!(config.file_extensions, vec!["mp4"]);
+        assert_eq!(config.s3.bucket, "video-streams");
+        assert!(config.s3.path_style);
+        assert!(config.s3.endpoint.is_none());
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(25));
+        assert_eq!(config.metrics_addr.port(), 9102);
+    }
+
+    #[test]
+    fn sizes_accept_units_and_plain_bytes() {
+        assert_eq!(
+            config(&["--chunk-size=16MB"]).unwrap().chunk_size,
+            16_000_000
+        );
+        assert_eq!(
+            config(&["--chunk-size=5242880"]).unwrap().chunk_size,
+            MIN_CHUNK_SIZE
+        );
+    }
+
+    #[test]
+    fn every_bad_value_names_its_variable() {
+        let cases: &[(&str, &str)] = &[
+            ("--chunk-size=4MiB", "CHUNK_SIZE"),
+            ("--chunk-size=-5MiB", "CHUNK_SIZE"),
+            ("--chunk-size=lots", "CHUNK_SIZE"),
+            ("--poll-interval=0s", "POLL_INTERVAL"),
+            ("--poll-interval=soon", "POLL_INTERVAL"),
+            ("--stream-timeout=-1s", "STREAM_TIMEOUT"),
+            ("--workers=0", "WORKERS"),
+            ("--workers=-3", "WORKERS"),
+            ("--workers=many", "WORKERS"),
+            ("--s3-endpoint=minio:9000", "S3_ENDPOINT"),
+            ("--s3-bucket=Bad_Bucket", "S3_BUCKET"),
+            ("--s3-path-style=maybe", "S3_PATH_STYLE"),
+            ("--redis-url=http://localhost", "REDIS_URL"),
+            ("--metrics-addr=localhost", "METRICS_ADDR"),
+            ("--log-level=loud", "LOG_LEVEL"),
+            ("--shutdown-timeout=0ms", "SHUTDOWN_TIMEOUT"),
+            ("--file-extensions=,", "FILE_EXTENSIONS"),
+            ("--retry-base-delay=1m", "RETRY_MAX_DELAY"),
+            ("--aws-access-key-id=AKIA", "AWS_SECRET_ACCESS_KEY"),
+            ("--s3-request-timeout=never", "S3_REQUEST_TIMEOUT"),
+            ("--redis-timeout=0s", "REDIS_TIMEOUT"),
+        ];
+        for (flag, variable) in cases {
+            let err = config(&[flag]).expect_err(flag);
+            assert_eq!(err.variable, *variable, "{flag}");
+            assert!(err.to_string().contains(variable), "{flag}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_watch_dir_is_a_config_error() {
+        let err = Config::from_settings(&settings(&["--watch-dir=/no/such/dir"])).unwrap_err();
+        assert_eq!(err.variable, "WATCH_DIR");
+        assert!(err.to_string().contains("/no/such/dir"));
+    }
+
+    #[test]
+    fn extensions_are_case_insensitive_and_trimmed() {
+        let config = config(&["--file-extensions= MP4, .mov"]).unwrap();
+        assert_eq!(config.file_extensions, vec!["mp4", "mov"]);
+        assert!(config.matches_extension("Mp4"));
+        assert!(!config.matches_extension("part"));
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_or_errors() {
+        let config = config(&[
+            "--aws-access-key-id=AKIDEXAMPLE",
+            "--aws-secret-access-key=TOPSECRET",
+            "--redis-url=redis://user:hunter2@localhost:6379/0",
+        ])
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("TOPSECRET"));
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains("AKIDEXAMPLE"));
+        let err = settings(&["--redis-url=redis://:hunter2@", "--watch-dir=/"]);
+        if let Err(err) = Config::from_settings(&err) {
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn redaction_handles_every_userinfo_form() {
+        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(redact_url("redis://u:p@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("redis://:p@h"), "redis://:***@h");
+        assert_eq!(redact_url("rediss://p@h/2"), "rediss://***@h/2");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_jitters_below_it() {
+        let policy = RetryPolicy {
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(30),
+        };
+        assert_eq!(policy.ceiling(0), Duration::from_millis(200));
+        assert_eq!(policy.ceiling(3), Duration::from_millis(1600));
+        assert_eq!(policy.ceiling(20), Duration::from_secs(30));
+        assert_eq!(policy.ceiling(u32::MAX), Duration::from_secs(30));
+        for attempt in 0..40 {
+            assert!(policy.delay(attempt) <= policy.ceiling(attempt));
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Every observable event, as one trait.
+//!
+//! The coordinator and the workers report what happened through [`Events`]
+//! and never touch metrics directly (the Vector file-source pattern). The
+//! Prometheus implementation lives in `metrics.rs`; tests pass [`NoEvents`].
+
+/// Things worth counting or timing. Implementations must be cheap and must not
+/// block: they are called from the coordinator loop and the workers.
+pub trait Events: Send + Sync {
+    /// A new stream was registered.
+    fn stream_discovered(&self) {}
+    /// A chunk object was written and checkpointed; `reupload` when the
+    /// completion verification found that its bytes had changed.
+    fn chunk_uploaded(&self, _bytes: u64, _seconds: f64, _reupload: bool) {}
+    /// One failed attempt of an S3 request, by error kind.
+    fn upload_error(&self, _kind: &'static str) {}
+    /// One failed attempt to write a checkpoint.
+    fn checkpoint_error(&self) {}
+    /// A stream was closed: `complete` or `incomplete`. `lag_seconds` is the
+    /// time from its last change to its metadata being written.
+    fn stream_closed(&self, _status: &'static str, _lag_seconds: f64) {}
+    /// A directory scan finished.
+    fn scan_finished(&self, _seconds: f64, _unix_time: f64) {}
+    /// Gauges, refreshed by the coordinator after each loop turn.
+    fn gauges(&self, _gauges: &Gauges) {}
+}
+
+/// Point-in-time figures the coordinator knows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub streams_active: u64,
+    pub files_tracked: u64,
+    pub inflight_jobs: u64,
+    pub pending_bytes: u64,
+}
+
+/// Discards everything.
+pub struct NoEvents;
+
+impl Events for NoEvents {}

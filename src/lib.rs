@@ -1,0 +1,33 @@
+//! chunkstream: polls a directory (NFS-friendly) and uploads growing video
+//! files to S3 in ordered, checkpointed chunks, with per-stream metadata.
+//!
+//! The binary (`main.rs`) is glue; everything testable lives here. See
+//! docs/architecture.md for how the pieces fit.
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod http;
+pub mod logging;
+pub mod media;
+pub mod metadata;
+pub mod metrics;
+pub mod restore;
+pub mod scan;
+pub mod store;
+pub mod stream;
+pub mod upload;
+
+/// A random number from the standard library's per-process random keys; good
+/// enough for backoff jitter and unique suffixes, with no extra crate.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}

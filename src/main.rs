@@ -1,0 +1,77 @@
+//! The `chunkstream` binary: parse, set up logging and signals, run, exit.
+//!
+//! Exit codes: 0 success (including a clean drain), 1 a runtime failure or a
+//! drain that hit SHUTDOWN_TIMEOUT, 2 invalid configuration (the message names
+//! the variable), 130 a second interrupt during a drain.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use clap::Parser;
+
+use chunkstream::app::{self, RunOutcome};
+use chunkstream::config::{Cli, Command, Config, S3Config, parse_log_level};
+use chunkstream::error::AppError;
+use chunkstream::{logging, restore};
+
+fn main() -> ExitCode {
+    // rust-s3 and ureq both bring rustls; without an explicit provider the
+    // first HTTPS request panics.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(AppError::Config(err)) => {
+            eprintln!("chunkstream: configuration error: {err}");
+            ExitCode::from(2)
+        }
+        Err(err) => {
+            log::error!("{err}");
+            eprintln!("chunkstream: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, AppError> {
+    let level = parse_log_level(&cli.settings.log_level)?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let config = Config::from_settings(&cli.settings)?;
+            logging::init(level);
+            let stop = install_signal_handler()?;
+            match app::run(config, stop)? {
+                RunOutcome::Drained => Ok(ExitCode::SUCCESS),
+                RunOutcome::DrainTimedOut(_) => Ok(ExitCode::FAILURE),
+            }
+        }
+        Command::Restore { stream_id, output } => {
+            let s3 = S3Config::from_settings(&cli.settings)?;
+            logging::init(level);
+            let restored = restore::restore(&s3, &stream_id, &output)?;
+            println!(
+                "restored {stream_id} to {}: {} bytes in {} chunks, sha256 {}",
+                output.display(),
+                restored.bytes,
+                restored.chunks,
+                restored.sha256
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// SIGINT/SIGTERM/SIGHUP: the first asks for a drain, a second exits at once.
+fn install_signal_handler() -> Result<crossbeam_channel::Receiver<()>, AppError> {
+    static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    ctrlc::set_handler(move || {
+        if SIGNALS.fetch_add(1, Ordering::SeqCst) > 0 {
+            eprintln!("chunkstream: second signal; exiting now without draining");
+            std::process::exit(130);
+        }
+        let _ = tx.try_send(());
+    })
+    .map_err(|err| AppError::Startup(format!("cannot install signal handler: {err}")))?;
+    Ok(rx)
+}

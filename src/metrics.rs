@@ -1,0 +1,266 @@
+//! Prometheus metrics: the one implementation of [`Events`].
+//!
+//! Metric names are a public contract (dashboards and alerts depend on them).
+//! There are no per-file or per-stream labels, so cardinality stays bounded
+//! whatever the number of files. A private registry is used so only our
+//! metrics (and the process collector) are exposed.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::events::{Events, Gauges};
+
+/// The error kinds reported by `chunkstream_upload_errors_total`.
+pub const UPLOAD_ERROR_KINDS: [&str; 5] = ["timeout", "connect", "http_4xx", "http_5xx", "other"];
+
+pub struct Metrics {
+    registry: Registry,
+    chunks_uploaded: IntCounter,
+    chunks_reuploaded: IntCounter,
+    uploaded_bytes: IntCounter,
+    streams_discovered: IntCounter,
+    streams_completed: IntCounterVec,
+    upload_errors: IntCounterVec,
+    checkpoint_errors: IntCounter,
+    streams_active: IntGauge,
+    files_tracked: IntGauge,
+    inflight_jobs: IntGauge,
+    pending_bytes: IntGauge,
+    last_scan_timestamp: prometheus::Gauge,
+    chunk_upload_duration: Histogram,
+    scan_duration: Histogram,
+    completion_lag: Histogram,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let counter = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("unique metric");
+    counter
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let gauge = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(gauge.clone()))
+        .expect("unique metric");
+    gauge
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let histogram = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    registry
+        .register(Box::new(histogram.clone()))
+        .expect("unique metric");
+    histogram
+}
+
+fn labelled(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("unique metric");
+    vec
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registers once");
+        let streams_completed = labelled(
+            &registry,
+            "chunkstream_streams_completed_total",
+            "Streams closed, by status (complete, incomplete).",
+            "status",
+        );
+        let upload_errors = labelled(
+            &registry,
+            "chunkstream_upload_errors_total",
+            "Failed S3 request attempts, by kind.",
+            "kind",
+        );
+        // Pre-create every series so rates work from the first scrape.
+        for status in ["complete", "incomplete"] {
+            streams_completed.with_label_values(&[status]);
+        }
+        for kind in UPLOAD_ERROR_KINDS {
+            upload_errors.with_label_values(&[kind]);
+        }
+        Self {
+            chunks_uploaded: counter(
+                &registry,
+                "chunkstream_chunks_uploaded_total",
+                "Chunk objects written to S3 and checkpointed (including re-uploads).",
+            ),
+            chunks_reuploaded: counter(
+                &registry,
+                "chunkstream_chunks_reuploaded_total",
+                "Chunks uploaded again because verification found changed bytes.",
+            ),
+            uploaded_bytes: counter(
+                &registry,
+                "chunkstream_uploaded_bytes_total",
+                "Bytes of chunk objects written to S3.",
+            ),
+            streams_discovered: counter(
+                &registry,
+                "chunkstream_streams_discovered_total",
+                "New streams registered.",
+            ),
+            streams_completed,
+            upload_errors,
+            checkpoint_errors: counter(
+                &registry,
+                "chunkstream_checkpoint_errors_total",
+                "Failed checkpoint writes to Redis.",
+            ),
+            streams_active: gauge(
+                &registry,
+                "chunkstream_streams_active",
+                "Streams not yet complete.",
+            ),
+            files_tracked: gauge(
+                &registry,
+                "chunkstream_files_tracked",
+                "Files the coordinator is tracking (active and complete).",
+            ),
+            inflight_jobs: gauge(
+                &registry,
+                "chunkstream_inflight_jobs",
+                "Jobs handed to workers and not yet finished.",
+            ),
+            pending_bytes: gauge(
+                &registry,
+                "chunkstream_pending_bytes",
+                "Bytes seen in active streams but not yet uploaded.",
+            ),
+            last_scan_timestamp: {
+                let gauge = prometheus::Gauge::new(
+                    "chunkstream_last_scan_timestamp_seconds",
+                    "Unix time of the last finished directory scan.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(gauge.clone()))
+                    .expect("unique metric");
+                gauge
+            },
+            chunk_upload_duration: histogram(
+                &registry,
+                "chunkstream_chunk_upload_duration_seconds",
+                "Time to read, hash, PUT and checkpoint one chunk.",
+                vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0],
+            ),
+            scan_duration: histogram(
+                &registry,
+                "chunkstream_scan_duration_seconds",
+                "Time of one directory scan.",
+                vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ],
+            ),
+            completion_lag: histogram(
+                &registry,
+                "chunkstream_stream_completion_lag_seconds",
+                "Time from a stream's last change to its metadata being written.",
+                vec![1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0],
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition and its content type.
+    pub fn render(&self) -> (String, String) {
+        let encoder = TextEncoder::new();
+        let mut buffer = Vec::new();
+        encoder
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding does not fail");
+        (
+            String::from_utf8(buffer).expect("exposition is UTF-8"),
+            encoder.format_type().to_string(),
+        )
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Events for Metrics {
+    fn stream_discovered(&self) {
+        self.streams_discovered.inc();
+    }
+
+    fn chunk_uploaded(&self, bytes: u64, seconds: f64, reupload: bool) {
+        self.chunks_uploaded.inc();
+        self.uploaded_bytes.inc_by(bytes);
+        self.chunk_upload_duration.observe(seconds);
+        if reupload {
+            self.chunks_reuploaded.inc();
+        }
+    }
+
+    fn upload_error(&self, kind: &'static str) {
+        self.upload_errors.with_label_values(&[kind]).inc();
+    }
+
+    fn checkpoint_error(&self) {
+        self.checkpoint_errors.inc();
+    }
+
+    fn stream_closed(&self, status: &'static str, lag_seconds: f64) {
+        self.streams_completed.with_label_values(&[status]).inc();
+        if status == "complete" {
+            self.completion_lag.observe(lag_seconds);
+        }
+    }
+
+    fn scan_finished(&self, seconds: f64, unix_time: f64) {
+        self.scan_duration.observe(seconds);
+        self.last_scan_timestamp.set(unix_time);
+    }
+
+    fn gauges(&self, gauges: &Gauges) {
+        let set =
+            |gauge: &IntGauge, value: u64| gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        set(&self.streams_active, gauges.streams_active);
+        set(&self.files_tracked, gauges.files_tracked);
+        set(&self.inflight_jobs, gauges.inflight_jobs);
+        set(&self.pending_bytes, gauges.pending_bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_show_up_in_the_exposition() {
+        let metrics = Metrics::new();
+        metrics.chunk_uploaded(10, 0.2, false);
+        metrics.chunk_uploaded(5, 0.1, true);
+        metrics.upload_error("timeout");
+        metrics.stream_closed("complete", 3.0);
+        let (text, content_type) = metrics.render();
+        assert!(content_type.starts_with("text/plain"));
+        assert!(text.contains("chunkstream_chunks_uploaded_total 2"));
+        assert!(text.contains("chunkstream_chunks_reuploaded_total 1"));
+        assert!(text.contains("chunkstream_uploaded_bytes_total 15"));
+        assert!(text.contains("chunkstream_upload_errors_total{kind=\"timeout\"} 1"));
+        assert!(text.contains("chunkstream_upload_errors_total{kind=\"http_5xx\"} 0"));
+        assert!(text.contains("chunkstream_streams_completed_total{status=\"complete\"} 1"));
+        assert!(text.contains("chunkstream_chunk_upload_duration_seconds_bucket"));
+    }
+}

@@ -1,0 +1,148 @@
+//! `chunkstream restore`: rebuild a stream's file from its chunks, verified.
+//!
+//! Chunks are fetched one at a time in index order (memory stays at one
+//! chunk), each checked against its recorded size and sha256, and the whole
+//! file against the stream's sha256. The output appears under its final name
+//! only once everything matched; on any mismatch nothing is left behind.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use log::warn;
+use sha2::{Digest, Sha256};
+
+use crate::config::S3Config;
+use crate::error::AppError;
+use crate::metadata::{KeyLayout, StreamMetadata, StreamStatus};
+use crate::store::{ObjectStore, S3Store};
+
+/// What was restored.
+#[derive(Debug)]
+pub struct Restored {
+    pub bytes: u64,
+    pub chunks: usize,
+    pub sha256: String,
+}
+
+pub fn restore(s3: &S3Config, stream_id: &str, output: &Path) -> Result<Restored, AppError> {
+    let store = S3Store::new(s3)?;
+    restore_from(&store, &KeyLayout::new(&s3.prefix), stream_id, output)
+}
+
+/// Reads the stream's metadata.
+pub fn fetch_metadata(
+    store: &dyn ObjectStore,
+    layout: &KeyLayout,
+    stream_id: &str,
+) -> Result<StreamMetadata, AppError> {
+    let key = layout.metadata(stream_id);
+    let body = store.get(&key).map_err(|err| {
+        if err.is_not_found() {
+            AppError::Integrity(format!("no stream {stream_id:?}: {key} does not exist"))
+        } else {
+            AppError::Storage(err)
+        }
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|err| AppError::Integrity(format!("{key} is not valid stream metadata: {err}")))
+}
+
+pub fn restore_from(
+    store: &dyn ObjectStore,
+    layout: &KeyLayout,
+    stream_id: &str,
+    output: &Path,
+) -> Result<Restored, AppError> {
+    if output.exists() {
+        return Err(AppError::Integrity(format!(
+            "{} already exists; choose another output path",
+            output.display()
+        )));
+    }
+    let metadata = fetch_metadata(store, layout, stream_id)?;
+    metadata
+        .check_chunk_layout()
+        .map_err(|problem| AppError::Integrity(format!("stream {stream_id}: {problem}")))?;
+    if metadata.status == StreamStatus::Incomplete {
+        warn!(
+            "stream {stream_id} is incomplete ({}): restoring the {} bytes that were uploaded",
+            metadata.reason.as_deref().unwrap_or("unknown reason"),
+            metadata.total_size_bytes
+        );
+    }
+    let partial = partial_path(output);
+    let result = write_verified(store, &metadata, &partial);
+    match result {
+        Ok(restored) => {
+            std::fs::rename(&partial, output).map_err(|source| AppError::Output {
+                path: output.to_path_buf(),
+                source,
+            })?;
+            Ok(restored)
+        }
+        Err(err) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(err)
+        }
+    }
+}
+
+fn partial_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    output.with_file_name(name)
+}
+
+fn write_verified(
+    store: &dyn ObjectStore,
+    metadata: &StreamMetadata,
+    partial: &Path,
+) -> Result<Restored, AppError> {
+    let output_error = |source| AppError::Output {
+        path: partial.to_path_buf(),
+        source,
+    };
+    let mut file: File = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(partial)
+        .map_err(output_error)?;
+    let mut whole = Sha256::new();
+    for chunk in &metadata.chunks {
+        let body = store.get(&chunk.key)?;
+        if body.len() as u64 != chunk.size_bytes {
+            return Err(AppError::Integrity(format!(
+                "chunk {} ({}) has {} bytes, metadata says {}",
+                chunk.index,
+                chunk.key,
+                body.len(),
+                chunk.size_bytes
+            )));
+        }
+        let digest = hex::encode(Sha256::digest(&body));
+        if digest != chunk.sha256 {
+            return Err(AppError::Integrity(format!(
+                "chunk {} ({}) sha256 {digest} does not match metadata {}",
+                chunk.index, chunk.key, chunk.sha256
+            )));
+        }
+        whole.update(&body);
+        file.write_all(&body).map_err(output_error)?;
+    }
+    let digest = hex::encode(whole.finalize());
+    if let Some(expected) = &metadata.sha256
+        && &digest != expected
+    {
+        return Err(AppError::Integrity(format!(
+            "stream {} sha256 {digest} does not match metadata {expected}",
+            metadata.stream_id
+        )));
+    }
+    file.sync_all().map_err(output_error)?;
+    Ok(Restored {
+        bytes: metadata.total_size_bytes,
+        chunks: metadata.chunks.len(),
+        sha256: digest,
+    })
+}

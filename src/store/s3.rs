@@ -1,0 +1,261 @@
+//! The object store: a trait, and its rust-s3 (sync) implementation.
+//!
+//! rust-s3 is used in its synchronous mode (attohttpc underneath, no async
+//! runtime). Its own retries are switched off: the caller owns the retry
+//! policy, because only the caller knows whether the source file still exists.
+//! Errors are mapped to the small set of kinds the metrics report.
+
+use base64::Engine;
+use http::{HeaderMap, HeaderValue};
+use s3::creds::Credentials;
+use s3::error::S3Error;
+use s3::{Bucket, BucketConfiguration, Region};
+use std::io;
+
+use crate::config::S3Config;
+use crate::error::StorageError;
+
+/// What the workers and `restore` need from S3.
+pub trait ObjectStore: Send + Sync {
+    /// Stores `body` at `key`. The server checks the body against `sha256`
+    /// (sent as `x-amz-checksum-sha256`), so a corrupted transfer is rejected.
+    fn put(
+        &self,
+        key: &str,
+        body: &[u8],
+        content_type: &str,
+        sha256: &[u8; 32],
+    ) -> Result<(), StorageError>;
+
+    /// The whole object at `key` (callers only fetch chunk-sized objects).
+    fn get(&self, key: &str) -> Result<Vec<u8>, StorageError>;
+}
+
+/// An S3 or S3-compatible bucket.
+#[derive(Clone)]
+pub struct S3Store {
+    bucket: Box<Bucket>,
+    config: S3Config,
+}
+
+impl S3Store {
+    pub fn new(config: &S3Config) -> Result<Self, StorageError> {
+        // Retries belong to the caller; see the module doc.
+        s3::set_retries(0);
+        let bucket = Bucket::new(&config.bucket, region(config)?, credentials(config)?)
+            .map_err(|err| map_error(err, config, ""))?;
+        let mut bucket = if config.path_style {
+            bucket.with_path_style()
+        } else {
+            bucket
+        };
+        bucket.set_request_timeout(Some(config.request_timeout));
+        Ok(Self {
+            bucket,
+            config: config.clone(),
+        })
+    }
+
+    /// Creates the bucket unless it already exists.
+    pub fn ensure_bucket(&self) -> Result<(), StorageError> {
+        match self
+            .bucket
+            .list_page(String::new(), None, None, None, Some(1))
+        {
+            Ok(_) => return Ok(()),
+            Err(S3Error::HttpFailWithBody(404, _)) => {}
+            Err(err) => return Err(map_error(err, &self.config, "")),
+        }
+        let region = region(&self.config)?;
+        let credentials = credentials(&self.config)?;
+        let created = if self.config.path_style {
+            Bucket::create_with_path_style(
+                &self.config.bucket,
+                region,
+                credentials,
+                BucketConfiguration::default(),
+            )
+        } else {
+            Bucket::create(
+                &self.config.bucket,
+                region,
+                credentials,
+                BucketConfiguration::default(),
+            )
+        };
+        match created {
+            Ok(_) | Err(S3Error::HttpFailWithBody(409, _)) => Ok(()),
+            Err(err) => Err(map_error(err, &self.config, "")),
+        }
+    }
+
+    /// Keys under `prefix` (a listing, paginated by rust-s3).
+    pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let pages = self
+            .bucket
+            .list(prefix.to_string(), None)
+            .map_err(|err| map_error(err, &self.config, prefix))?;
+        Ok(pages
+            .into_iter()
+            .flat_map(|page| page.contents.into_iter().map(|object| object.key))
+            .collect())
+    }
+}
+
+impl ObjectStore for S3Store {
+    fn put(
+        &self,
+        key: &str,
+        body: &[u8],
+        content_type: &str,
+        sha256: &[u8; 32],
+    ) -> Result<(), StorageError> {
+        let mut headers = HeaderMap::new();
+        let checksum = base64::engine::general_purpose::STANDARD.encode(sha256);
+        headers.insert(
+            "x-amz-checksum-sha256",
+            HeaderValue::from_str(&checksum).expect("base64 is a valid header value"),
+        );
+        self.bucket
+            .put_object_with_content_type_and_headers(key, body, content_type, Some(headers))
+            .map(|_| ())
+            .map_err(|err| map_error(err, &self.config, key))
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+        self.bucket
+            .get_object(key)
+            .map(|response| response.to_vec())
+            .map_err(|err| map_error(err, &self.config, key))
+    }
+}
+
+fn region(config: &S3Config) -> Result<Region, StorageError> {
+    match &config.endpoint {
+        Some(endpoint) => Ok(Region::Custom {
+            region: config.region.clone(),
+            endpoint: endpoint.clone(),
+        }),
+        None => config.region.parse().map_err(|err| StorageError::Other {
+            key: String::new(),
+            detail: format!("unknown S3_REGION {:?}: {err}", config.region),
+        }),
+    }
+}
+
+fn credentials(config: &S3Config) -> Result<Credentials, StorageError> {
+    let credentials = match &config.credentials {
+        Some(pair) => Credentials::new(
+            Some(&pair.access_key_id),
+            Some(&pair.secret_access_key),
+            None,
+            None,
+            None,
+        ),
+        None => Credentials::anonymous(),
+    };
+    credentials.map_err(|err| StorageError::Other {
+        key: String::new(),
+        detail: format!("credentials: {err}"),
+    })
+}
+
+/// The I/O error at the bottom of a transport error, if there is one.
+fn io_cause(err: &S3Error) -> Option<&io::Error> {
+    match err {
+        S3Error::Io(io) => Some(io),
+        S3Error::Atto(atto) => match atto.kind() {
+            attohttpc::ErrorKind::Io(io) => Some(io),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn map_error(err: S3Error, config: &S3Config, key: &str) -> StorageError {
+    let key = key.to_string();
+    if let S3Error::HttpFailWithBody(status, body) = &err {
+        return StorageError::Http {
+            status: *status,
+            key,
+            body: summarize_body(body),
+        };
+    }
+    if let Some(io) = io_cause(&err) {
+        return match io.kind() {
+            // rust-s3's sync client reports its request timeout as BrokenPipe.
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock | io::ErrorKind::BrokenPipe => {
+                StorageError::Timeout { key }
+            }
+            io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::AddrNotAvailable
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::UnexpectedEof => StorageError::Connect {
+                endpoint: config.endpoint_display(),
+                detail: io.to_string(),
+            },
+            _ => StorageError::Other {
+                key,
+                detail: io.to_string(),
+            },
+        };
+    }
+    StorageError::Other {
+        key,
+        detail: err.to_string(),
+    }
+}
+
+/// S3 error bodies are XML; keep the code and message, and keep it short.
+fn summarize_body(body: &str) -> String {
+    let pick = |tag: &str| {
+        let open = format!("<{tag}>");
+        let start = body.find(&open)? + open.len();
+        let end = body[start..].find("</")? + start;
+        Some(body[start..end].to_string())
+    };
+    match (pick("Code"), pick("Message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code,
+        _ => body.chars().take(200).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_are_summarized() {
+        let xml = "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>bad sig</Message></Error>";
+        assert_eq!(summarize_body(xml), "SignatureDoesNotMatch: bad sig");
+        assert_eq!(summarize_body("plain"), "plain");
+    }
+
+    #[test]
+    fn http_errors_keep_their_status() {
+        use std::time::Duration;
+        let config = S3Config {
+            endpoint: Some("http://127.0.0.1:1".into()),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            prefix: String::new(),
+            path_style: true,
+            request_timeout: Duration::from_secs(1),
+            credentials: None,
+        };
+        let err = map_error(S3Error::HttpFailWithBody(503, "busy".into()), &config, "k");
+        assert_eq!(err.kind(), "http_5xx");
+        let err = map_error(S3Error::HttpFailWithBody(403, "no".into()), &config, "k");
+        assert_eq!(err.kind(), "http_4xx");
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            map_error(S3Error::Io(refused), &config, "k").kind(),
+            "connect"
+        );
+    }
+}

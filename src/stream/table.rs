@@ -1,0 +1,499 @@
+//! The table of streams, keyed by file identity, owned by the coordinator.
+//!
+//! It turns each scan into events for the pure state machine (observed,
+//! missing, replaced), applies them, and reports the changes the coordinator
+//! must act on: new files to register, streams to close or forget, reopens and
+//! renames. It does no I/O itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use crate::metadata::ChunkRecord;
+use crate::scan::{FileIdentity, Observation, Scan};
+use crate::store::{StoredStatus, StoredStream};
+use crate::stream::state::{Action, CloseReason, Event, Phase, Rules, StreamState};
+use crate::upload::job::{StreamFacts, StreamRef};
+
+/// One stream as the coordinator tracks it.
+#[derive(Debug, Clone)]
+pub struct TrackedStream {
+    pub id: String,
+    pub identity: FileIdentity,
+    pub rel_path: String,
+    pub abs_path: PathBuf,
+    pub file_name: String,
+    pub state: StreamState,
+    pub chunks: BTreeMap<u64, ChunkRecord>,
+    pub started_at: SystemTime,
+    pub last_change_at: SystemTime,
+    /// Completed revisions so far.
+    pub revision: u32,
+    /// When a job was last handed out for it (for fair dispatch).
+    pub last_dispatch: Option<Instant>,
+}
+
+impl TrackedStream {
+    /// A stream just registered for `observation`.
+    pub fn new(id: String, observation: &Observation, chunk_size: u64, now: Instant) -> Self {
+        let wall = SystemTime::now();
+        Self {
+            id,
+            identity: observation.identity,
+            rel_path: observation.rel_path.clone(),
+            abs_path: observation.abs_path.clone(),
+            file_name: file_name(&observation.rel_path),
+            state: StreamState::new(chunk_size, observation.size, observation.mtime_ns, now),
+            chunks: BTreeMap::new(),
+            started_at: wall,
+            last_change_at: wall,
+            revision: 0,
+            last_dispatch: None,
+        }
+    }
+
+    /// A stream resumed from its checkpoint. Closed streams are not resumed.
+    pub fn from_stored(stored: StoredStream, watch_dir: &Path, now: Instant) -> Option<Self> {
+        let state = match stored.status {
+            StoredStatus::Incomplete => return None,
+            StoredStatus::Complete => StreamState::completed(
+                stored.chunk_size,
+                stored.completed_size,
+                stored.completed_mtime_ns,
+                now,
+            ),
+            StoredStatus::Active => {
+                let mut state = StreamState::new(stored.chunk_size, 0, 0, now);
+                // What was checkpointed tells how far the file had got; a
+                // shorter file on the first poll is then seen as truncated.
+                state.size = contiguous_bytes(&stored.chunks);
+                state.full_chunks_done = stored
+                    .chunks
+                    .values()
+                    .enumerate()
+                    .take_while(|(position, chunk)| {
+                        chunk.index == *position as u64 && chunk.size_bytes == stored.chunk_size
+                    })
+                    .count() as u64;
+                state
+            }
+        };
+        Some(Self {
+            abs_path: watch_dir.join(&stored.rel_path),
+            id: stored.id,
+            identity: stored.identity,
+            rel_path: stored.rel_path,
+            file_name: stored.file_name,
+            state,
+            chunks: stored.chunks,
+            started_at: stored.started_at,
+            last_change_at: stored.last_change_at,
+            revision: stored.revision,
+            last_dispatch: None,
+        })
+    }
+
+    /// The record to register in the checkpoint store.
+    pub fn to_stored(&self) -> StoredStream {
+        StoredStream {
+            id: self.id.clone(),
+            identity: self.identity,
+            rel_path: self.rel_path.clone(),
+            file_name: self.file_name.clone(),
+            chunk_size: self.state.chunk_size,
+            started_at: self.started_at,
+            last_change_at: self.last_change_at,
+            status: StoredStatus::Active,
+            revision: self.revision,
+            completed_size: 0,
+            completed_mtime_ns: 0,
+            chunks: self.chunks.clone(),
+        }
+    }
+
+    pub fn stream_ref(&self) -> StreamRef {
+        StreamRef {
+            identity: self.identity,
+            stream_id: self.id.clone(),
+        }
+    }
+
+    /// Facts for the next metadata write (the next revision).
+    pub fn facts(&self) -> StreamFacts {
+        StreamFacts {
+            rel_path: self.rel_path.clone(),
+            file_name: self.file_name.clone(),
+            chunk_size: self.state.chunk_size,
+            started_at: self.started_at,
+            last_change_at: self.last_change_at,
+            revision: self.revision + 1,
+        }
+    }
+
+    /// Bytes uploaded as a contiguous prefix of the file.
+    pub fn uploaded_bytes(&self) -> u64 {
+        contiguous_bytes(&self.chunks)
+    }
+
+    pub fn is_active(&self) -> bool {
+        matches!(self.state.phase, Phase::Active | Phase::Finalizing)
+    }
+}
+
+fn contiguous_bytes(chunks: &BTreeMap<u64, ChunkRecord>) -> u64 {
+    let mut next = 0;
+    for chunk in chunks.values() {
+        if chunk.offset != next {
+            break;
+        }
+        next += chunk.size_bytes;
+    }
+    next
+}
+
+fn file_name(rel_path: &str) -> String {
+    rel_path.rsplit('/').next().unwrap_or(rel_path).to_string()
+}
+
+/// What the coordinator has to act on after a scan or a job result.
+#[derive(Debug)]
+pub enum Change {
+    /// A file with no stream: register one.
+    Discovered(Observation),
+    /// Removed from the table: record it as incomplete.
+    Closed(Box<TrackedStream>, CloseReason),
+    /// Removed from the table: complete and gone, nothing to write.
+    Forgotten(Box<TrackedStream>),
+    /// A complete stream is active again.
+    Reopened { id: String, path: String },
+    /// The same file is now at another path.
+    Moved {
+        id: String,
+        from: String,
+        to: String,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct StreamTable {
+    streams: HashMap<FileIdentity, TrackedStream>,
+}
+
+impl StreamTable {
+    pub fn insert(&mut self, stream: TrackedStream) {
+        self.streams.insert(stream.identity, stream);
+    }
+
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    pub fn contains(&self, identity: &FileIdentity) -> bool {
+        self.streams.contains_key(identity)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TrackedStream> {
+        self.streams.values()
+    }
+
+    /// Records that a job was just handed out for the stream.
+    pub fn mark_dispatched(&mut self, identity: &FileIdentity, now: Instant) {
+        if let Some(stream) = self.streams.get_mut(identity) {
+            stream.last_dispatch = Some(now);
+        }
+    }
+
+    pub fn get(&self, identity: &FileIdentity) -> Option<&TrackedStream> {
+        self.streams.get(identity)
+    }
+
+    /// The stream for a job result, if it is still the same stream.
+    pub fn get_mut(&mut self, stream: &StreamRef) -> Option<&mut TrackedStream> {
+        self.streams
+            .get_mut(&stream.identity)
+            .filter(|tracked| tracked.id == stream.stream_id)
+    }
+
+    /// Applies one event to one stream and settles the resulting actions.
+    pub fn apply(
+        &mut self,
+        identity: FileIdentity,
+        event: Event,
+        now: Instant,
+        rules: &Rules,
+    ) -> Vec<Change> {
+        let Some(stream) = self.streams.get_mut(&identity) else {
+            return Vec::new();
+        };
+        let last_change = stream.state.last_change;
+        let actions = stream.state.step(event, now, rules);
+        if stream.state.last_change != last_change {
+            stream.last_change_at = SystemTime::now();
+        }
+        let mut changes = Vec::new();
+        for action in actions {
+            match action {
+                Action::Close(reason) => {
+                    if let Some(stream) = self.streams.remove(&identity) {
+                        changes.push(Change::Closed(Box::new(stream), reason));
+                    }
+                }
+                Action::Forget => {
+                    if let Some(stream) = self.streams.remove(&identity) {
+                        changes.push(Change::Forgotten(Box::new(stream)));
+                    }
+                }
+                // The file is still in the scan with no stream for it now, so
+                // it is discovered afresh.
+                Action::Restart => {}
+                Action::Reopened => {
+                    if let Some(stream) = self.streams.get(&identity) {
+                        changes.push(Change::Reopened {
+                            id: stream.id.clone(),
+                            path: stream.rel_path.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        changes
+    }
+
+    /// Feeds one scan to every stream and finds new files.
+    pub fn apply_scan(&mut self, scan: &Scan, now: Instant, rules: &Rules) -> Vec<Change> {
+        let mut by_identity: HashMap<FileIdentity, &Observation> = HashMap::new();
+        let mut by_path: HashMap<&str, FileIdentity> = HashMap::new();
+        for observation in &scan.files {
+            // A second hard link to the same file is the same stream.
+            by_identity
+                .entry(observation.identity)
+                .or_insert(observation);
+            by_path.insert(observation.rel_path.as_str(), observation.identity);
+        }
+
+        let mut changes = Vec::new();
+        let mut identities: Vec<FileIdentity> = self.streams.keys().copied().collect();
+        identities.sort();
+        for identity in identities {
+            let stream = &self.streams[&identity];
+            let event = match by_identity.get(&identity) {
+                Some(seen) => {
+                    if seen.rel_path != stream.rel_path {
+                        let from = stream.rel_path.clone();
+                        let stream = self.streams.get_mut(&identity).expect("present");
+                        stream.rel_path = seen.rel_path.clone();
+                        stream.abs_path = seen.abs_path.clone();
+                        stream.file_name = file_name(&seen.rel_path);
+                        changes.push(Change::Moved {
+                            id: stream.id.clone(),
+                            from,
+                            to: seen.rel_path.clone(),
+                        });
+                    }
+                    Event::Observed {
+                        size: seen.size,
+                        mtime_ns: seen.mtime_ns,
+                    }
+                }
+                None if !scan.covers(&stream.rel_path) => continue,
+                None => match by_path.get(stream.rel_path.as_str()) {
+                    Some(other) if *other != identity => Event::Replaced,
+                    _ => Event::Missing,
+                },
+            };
+            changes.extend(self.apply(identity, event, now, rules));
+        }
+
+        let mut new_files: Vec<&Observation> = by_identity
+            .values()
+            .filter(|observation| !self.streams.contains_key(&observation.identity))
+            .copied()
+            .collect();
+        new_files.sort_by(|a, b| a.rel_path.cmp(&b.rel_path));
+        changes.extend(
+            new_files
+                .into_iter()
+                .map(|observation| Change::Discovered(observation.clone())),
+        );
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryPolicy;
+    use std::time::Duration;
+
+    const CHUNK: u64 = 10;
+
+    fn rules() -> Rules {
+        Rules {
+            stream_timeout: Duration::from_secs(30),
+            vanish_grace: Duration::from_secs(30),
+            retry: RetryPolicy {
+                base_delay: Duration::from_secs(1),
+                max_delay: Duration::from_secs(8),
+            },
+        }
+    }
+
+    fn file(path: &str, inode: u64, size: u64) -> Observation {
+        Observation {
+            rel_path: path.into(),
+            abs_path: PathBuf::from("/w").join(path),
+            identity: FileIdentity { device: 1, inode },
+            size,
+            mtime_ns: size as i128,
+        }
+    }
+
+    fn scan(files: Vec<Observation>) -> Scan {
+        Scan {
+            files,
+            root_readable: true,
+            unreadable_dirs: vec![],
+        }
+    }
+
+    /// Registers every discovered file, as the coordinator would.
+    fn settle(table: &mut StreamTable, changes: Vec<Change>, now: Instant) -> Vec<Change> {
+        let mut rest = Vec::new();
+        for change in changes {
+            match change {
+                Change::Discovered(observation) => {
+                    let id = format!("s{}", observation.identity.inode);
+                    table.insert(TrackedStream::new(id, &observation, CHUNK, now));
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    #[test]
+    fn same_name_in_two_directories_is_two_streams() {
+        let mut table = StreamTable::default();
+        let now = Instant::now();
+        let changes = table.apply_scan(
+            &scan(vec![file("a/cam.mp4", 1, 5), file("b/cam.mp4", 2, 5)]),
+            now,
+            &rules(),
+        );
+        assert_eq!(
+            changes
+                .iter()
+                .filter(|c| matches!(c, Change::Discovered(_)))
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_rename_keeps_the_stream_and_records_the_new_path() {
+        let mut table = StreamTable::default();
+        let now = Instant::now();
+        let changes = table.apply_scan(&scan(vec![file("cam.mp4.mp4", 1, 5)]), now, &rules());
+        settle(&mut table, changes, now);
+        let changes = table.apply_scan(&scan(vec![file("done/cam.mp4", 1, 5)]), now, &rules());
+        assert!(matches!(&changes[..], [Change::Moved { to, .. }] if to == "done/cam.mp4"));
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.iter().next().unwrap().file_name, "cam.mp4");
+    }
+
+    #[test]
+    fn a_replaced_file_closes_the_old_stream_and_starts_a_new_one() {
+        let mut table = StreamTable::default();
+        let now = Instant::now();
+        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 5)]), now, &rules());
+        settle(&mut table, changes, now);
+        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 2, 3)]), now, &rules());
+        assert!(matches!(&changes[0], Change::Closed(s, CloseReason::Replaced) if s.id == "s1"));
+        assert!(matches!(&changes[1], Change::Discovered(o) if o.identity.inode == 2));
+    }
+
+    #[test]
+    fn a_truncated_file_closes_and_is_rediscovered() {
+        let mut table = StreamTable::default();
+        let now = Instant::now();
+        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 25)]), now, &rules());
+        settle(&mut table, changes, now);
+        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 4)]), now, &rules());
+        assert!(matches!(
+            &changes[0],
+            Change::Closed(_, CloseReason::Truncated)
+        ));
+        assert!(matches!(&changes[1], Change::Discovered(o) if o.size == 4));
+    }
+
+    #[test]
+    fn an_unreadable_watch_dir_changes_nothing() {
+        let mut table = StreamTable::default();
+        let now = Instant::now();
+        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 25)]), now, &rules());
+        settle(&mut table, changes, now);
+        let unreadable = Scan::default();
+        let later = now + Duration::from_secs(3600);
+        assert!(table.apply_scan(&unreadable, later, &rules()).is_empty());
+        assert!(table.iter().next().unwrap().state.missing_since.is_none());
+    }
+
+    #[test]
+    fn a_deleted_file_is_closed_after_the_grace_period() {
+        let mut table = StreamTable::default();
+        let now = Instant::now();
+        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 25)]), now, &rules());
+        settle(&mut table, changes, now);
+        assert!(table.apply_scan(&scan(vec![]), now, &rules()).is_empty());
+        let later = now + Duration::from_secs(31);
+        let changes = table.apply_scan(&scan(vec![]), later, &rules());
+        assert!(matches!(
+            &changes[..],
+            [Change::Closed(_, CloseReason::Vanished)]
+        ));
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn resumed_streams_continue_after_their_last_full_chunk() {
+        let chunk = |index: u64, size: u64| ChunkRecord {
+            index,
+            key: format!("k{index}"),
+            offset: index * CHUNK,
+            size_bytes: size,
+            sha256: String::new(),
+            uploaded_at: String::new(),
+        };
+        let stored = StoredStream {
+            id: "cam-1".into(),
+            identity: FileIdentity {
+                device: 1,
+                inode: 1,
+            },
+            rel_path: "cam.mp4".into(),
+            file_name: "cam.mp4".into(),
+            chunk_size: CHUNK,
+            started_at: SystemTime::UNIX_EPOCH,
+            last_change_at: SystemTime::UNIX_EPOCH,
+            status: StoredStatus::Active,
+            revision: 0,
+            completed_size: 0,
+            completed_mtime_ns: 0,
+            chunks: BTreeMap::from([(0, chunk(0, CHUNK)), (1, chunk(1, CHUNK)), (2, chunk(2, 4))]),
+        };
+        let resumed =
+            TrackedStream::from_stored(stored.clone(), Path::new("/w"), Instant::now()).unwrap();
+        assert_eq!(resumed.state.full_chunks_done, 2);
+        assert_eq!(resumed.state.size, 24);
+        assert_eq!(resumed.abs_path, PathBuf::from("/w/cam.mp4"));
+        let closed = StoredStream {
+            status: StoredStatus::Incomplete,
+            ..stored
+        };
+        assert!(TrackedStream::from_stored(closed, Path::new("/w"), Instant::now()).is_none());
+    }
+}

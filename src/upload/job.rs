@@ -1,0 +1,109 @@
+//! Jobs sent to workers, and the results they send back.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use crate::metadata::ChunkRecord;
+use crate::scan::FileIdentity;
+use crate::stream::state::CloseReason;
+
+/// Which stream a job or result belongs to. The id guards against results
+/// for a stream that was replaced in the meantime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRef {
+    pub identity: FileIdentity,
+    pub stream_id: String,
+}
+
+/// Facts about the stream that go into its metadata.
+#[derive(Debug, Clone)]
+pub struct StreamFacts {
+    pub rel_path: String,
+    pub file_name: String,
+    pub chunk_size: u64,
+    pub started_at: SystemTime,
+    pub last_change_at: SystemTime,
+    /// The revision this metadata write will have.
+    pub revision: u32,
+}
+
+/// Upload one full chunk of a growing file.
+#[derive(Debug, Clone)]
+pub struct ChunkJob {
+    pub stream: StreamRef,
+    pub path: PathBuf,
+    pub index: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Upload the tail, verify every chunk against the file (re-uploading what
+/// changed), write `metadata.json` and mark the stream complete.
+#[derive(Debug, Clone)]
+pub struct FinalizeJob {
+    pub stream: StreamRef,
+    pub path: PathBuf,
+    pub facts: StreamFacts,
+    pub expected_size: u64,
+    /// The chunks uploaded so far.
+    pub chunks: BTreeMap<u64, ChunkRecord>,
+}
+
+/// Record a stream as incomplete: metadata with what was uploaded, and the
+/// status in Redis.
+#[derive(Debug, Clone)]
+pub struct CloseJob {
+    pub stream: StreamRef,
+    pub facts: StreamFacts,
+    pub reason: CloseReason,
+    pub chunks: BTreeMap<u64, ChunkRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Job {
+    Chunk(ChunkJob),
+    Finalize(FinalizeJob),
+    Close(CloseJob),
+}
+
+impl Job {
+    pub fn stream(&self) -> &StreamRef {
+        match self {
+            Job::Chunk(job) => &job.stream,
+            Job::Finalize(job) => &job.stream,
+            Job::Close(job) => &job.stream,
+        }
+    }
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A chunk job's chunk is in S3 and checkpointed.
+    ChunkUploaded(ChunkRecord),
+    /// The stream is complete at this size and mtime.
+    Finalized {
+        size: u64,
+        mtime_ns: i128,
+        revision: u32,
+        completed_at: SystemTime,
+    },
+    /// The file changed while the finalize job ran; it will run again later.
+    FinalizeInterrupted,
+    /// The close job recorded the stream as incomplete.
+    Closed,
+    /// The job could not be done now (the reason is already logged).
+    Failed(String),
+    /// Abandoned because the process is shutting down.
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    pub stream: StreamRef,
+    pub outcome: Outcome,
+    /// For a finalize job: the chunk records after it ran (verification may
+    /// have re-uploaded some), whatever the outcome.
+    pub chunks: Option<BTreeMap<u64, ChunkRecord>>,
+}

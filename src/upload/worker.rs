@@ -1,0 +1,760 @@
+//! One worker thread: receive a job, do its I/O, send the result back.
+//!
+//! A chunk job is read (positioned read into a reused buffer) → sha256 → PUT
+//! (retried with capped exponential backoff and full jitter, for as long as
+//! the source file exists) → checkpoint (retried the same way). A chunk counts
+//! as uploaded only once its checkpoint is written. A retried PUT is harmless
+//! because chunk keys are deterministic.
+//!
+//! Shutdown: the `shutdown` channel is disconnected when a drain starts. A
+//! worker then finishes the attempt it is in, does not start another, and
+//! reports the job as cancelled; queued jobs are cancelled without starting.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use log::{debug, info, warn};
+use sha2::{Digest, Sha256};
+
+use crate::config::RetryPolicy;
+use crate::error::{CheckpointError, SourceError, StorageError};
+use crate::events::Events;
+use crate::media::mp4_duration_seconds;
+use crate::metadata::{
+    ChunkRecord, KeyLayout, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, rfc3339,
+};
+use crate::store::redis::Completion;
+use crate::store::{CheckpointStore, ObjectStore};
+use crate::upload::job::{ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome, StreamFacts};
+
+/// Why a retry loop gave up.
+enum Stop {
+    Cancelled,
+    SourceGone,
+}
+
+/// A file's size, mtime and identity at one moment.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    size: u64,
+    mtime_ns: i128,
+    device: u64,
+    inode: u64,
+}
+
+fn snapshot(path: &Path) -> std::io::Result<Snapshot> {
+    let meta = std::fs::metadata(path)?;
+    Ok(Snapshot {
+        size: meta.len(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        device: meta.dev(),
+        inode: meta.ino(),
+    })
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Failed attempts are logged on the 1st, 2nd, 4th, 8th, … attempt, so an
+/// outage is visible without a line per retry.
+fn worth_logging(attempt: u32) -> bool {
+    attempt.is_power_of_two() || attempt == 0
+}
+
+pub struct Worker {
+    pub store: Arc<dyn ObjectStore>,
+    pub checkpoints: Box<dyn CheckpointStore>,
+    pub layout: KeyLayout,
+    pub retry: RetryPolicy,
+    pub shutdown: Receiver<()>,
+    pub events: Arc<dyn Events>,
+    /// Reused for every chunk; grows to the chunk size once.
+    buffer: Vec<u8>,
+}
+
+impl Worker {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        checkpoints: Box<dyn CheckpointStore>,
+        layout: KeyLayout,
+        retry: RetryPolicy,
+        shutdown: Receiver<()>,
+        events: Arc<dyn Events>,
+    ) -> Self {
+        Self {
+            store,
+            checkpoints,
+            layout,
+            retry,
+            shutdown,
+            events,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// Executes jobs until the job channel closes or results cannot be sent.
+    pub fn run(mut self, jobs: Receiver<Job>, results: Sender<JobResult>) {
+        for job in jobs.iter() {
+            let result = self.execute(job);
+            if results.send(result).is_err() {
+                break;
+            }
+        }
+    }
+
+    pub fn execute(&mut self, job: Job) -> JobResult {
+        let stream = job.stream().clone();
+        if self.shutting_down() {
+            return JobResult {
+                stream,
+                outcome: Outcome::Cancelled,
+                chunks: None,
+            };
+        }
+        match job {
+            Job::Chunk(job) => JobResult {
+                stream,
+                outcome: self.upload_chunk(&job),
+                chunks: None,
+            },
+            Job::Finalize(job) => {
+                let mut chunks = job.chunks.clone();
+                let outcome = self.finalize(&job, &mut chunks);
+                JobResult {
+                    stream,
+                    outcome,
+                    chunks: Some(chunks),
+                }
+            }
+            Job::Close(job) => JobResult {
+                stream,
+                outcome: self.close(&job),
+                chunks: None,
+            },
+        }
+    }
+
+    fn shutting_down(&self) -> bool {
+        matches!(self.shutdown.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Sleeps before retry `attempt`; false if a shutdown started meanwhile.
+    fn wait_before_retry(&self, attempt: u32) -> bool {
+        match self.shutdown.recv_timeout(self.retry.delay(attempt)) {
+            Err(RecvTimeoutError::Timeout) | Ok(()) => !self.shutting_down(),
+            Err(RecvTimeoutError::Disconnected) => false,
+        }
+    }
+
+    /// Reads `[offset, offset + len)` of `file` into the reused buffer.
+    fn read_into_buffer(
+        &mut self,
+        file: &File,
+        path: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), SourceError> {
+        let len = usize::try_from(len).expect("chunk sizes fit in memory");
+        self.buffer.resize(len, 0);
+        file.read_exact_at(&mut self.buffer[..len], offset)
+            .map_err(|source| SourceError {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// PUTs the buffer's contents at `key`, retrying while `source` exists
+    /// (or always, when `source` is `None`).
+    fn put_with_retry(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: &[u8],
+        digest: &[u8; 32],
+        source: Option<&Path>,
+    ) -> Result<(), Stop> {
+        let mut attempt = 0u32;
+        loop {
+            match self.store.put(key, body, content_type, digest) {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    self.events.upload_error(err.kind());
+                    self.log_storage_failure(&err, attempt);
+                }
+            }
+            if source.is_some_and(|path| !path.exists()) {
+                return Err(Stop::SourceGone);
+            }
+            if !self.wait_before_retry(attempt) {
+                return Err(Stop::Cancelled);
+            }
+            attempt = attempt.saturating_add(1);
+        }
+    }
+
+    fn log_storage_failure(&self, err: &StorageError, attempt: u32) {
+        if worth_logging(attempt) {
+            warn!(
+                "S3 request failed (attempt {}): {err}; retrying with backoff",
+                attempt + 1
+            );
+        }
+    }
+
+    /// Runs a checkpoint write until it succeeds or a shutdown starts.
+    fn checkpoint_with_retry(
+        &mut self,
+        what: &str,
+        mut write: impl FnMut(&mut dyn CheckpointStore) -> Result<(), CheckpointError>,
+    ) -> Result<(), Stop> {
+        let mut attempt = 0u32;
+        loop {
+            match write(self.checkpoints.as_mut()) {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    self.events.checkpoint_error();
+                    if worth_logging(attempt) {
+                        warn!(
+                            "cannot write checkpoint ({what}), attempt {}: {err}; retrying",
+                            attempt + 1
+                        );
+                    }
+                }
+            }
+            if !self.wait_before_retry(attempt) {
+                return Err(Stop::Cancelled);
+            }
+            attempt = attempt.saturating_add(1);
+        }
+    }
+
+    /// Uploads the buffer as chunk `index` and checkpoints it.
+    fn store_buffer_as_chunk(
+        &mut self,
+        stream_id: &str,
+        path: &Path,
+        index: u64,
+        offset: u64,
+        reupload: bool,
+    ) -> Result<ChunkRecord, Stop> {
+        let started = Instant::now();
+        let digest = sha256(&self.buffer);
+        let key = self.layout.chunk(stream_id, index);
+        self.put_with_retry(
+            &key,
+            "application/octet-stream",
+            &self.buffer,
+            &digest,
+            Some(path),
+        )?;
+        let record = ChunkRecord {
+            index,
+            key,
+            offset,
+            size_bytes: self.buffer.len() as u64,
+            sha256: hex::encode(digest),
+            uploaded_at: rfc3339(SystemTime::now()),
+        };
+        self.checkpoint_with_retry("chunk", |store| store.checkpoint_chunk(stream_id, &record))?;
+        self.events
+            .chunk_uploaded(record.size_bytes, started.elapsed().as_secs_f64(), reupload);
+        debug!(
+            "stream {stream_id}: chunk {index} uploaded ({} bytes at offset {offset}, {})",
+            record.size_bytes,
+            path.display()
+        );
+        Ok(record)
+    }
+
+    fn upload_chunk(&mut self, job: &ChunkJob) -> Outcome {
+        let read = File::open(&job.path)
+            .map_err(|source| SourceError {
+                path: job.path.clone(),
+                source,
+            })
+            .and_then(|file| self.read_into_buffer(&file, &job.path, job.offset, job.len));
+        if let Err(err) = read {
+            return Outcome::Failed(err.to_string());
+        }
+        match self.store_buffer_as_chunk(
+            &job.stream.stream_id,
+            &job.path,
+            job.index,
+            job.offset,
+            false,
+        ) {
+            Ok(record) => Outcome::ChunkUploaded(record),
+            Err(Stop::Cancelled) => Outcome::Cancelled,
+            Err(Stop::SourceGone) => Outcome::Failed(format!("{} is gone", job.path.display())),
+        }
+    }
+
+    fn finalize(&mut self, job: &FinalizeJob, chunks: &mut BTreeMap<u64, ChunkRecord>) -> Outcome {
+        let stream_id = job.stream.stream_id.as_str();
+        let path = job.path.as_path();
+        let before = match snapshot(path) {
+            Ok(before) => before,
+            Err(err) => return Outcome::Failed(format!("cannot stat {}: {err}", path.display())),
+        };
+        let same_file = before.device == job.stream.identity.device
+            && before.inode == job.stream.identity.inode;
+        if !same_file || before.size != job.expected_size {
+            return Outcome::FinalizeInterrupted;
+        }
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(err) => return Outcome::Failed(format!("cannot open {}: {err}", path.display())),
+        };
+
+        let chunk_size = job.facts.chunk_size;
+        let chunk_count = before.size.div_ceil(chunk_size);
+        let mut whole = Sha256::new();
+        let mut reuploaded = 0u32;
+        for index in 0..chunk_count {
+            if self.shutting_down() {
+                return Outcome::Cancelled;
+            }
+            let offset = index * chunk_size;
+            let len = chunk_size.min(before.size - offset);
+            if let Err(err) = self.read_into_buffer(&file, path, offset, len) {
+                if err.source.kind() == std::io::ErrorKind::UnexpectedEof {
+                    return Outcome::FinalizeInterrupted;
+                }
+                return Outcome::Failed(err.to_string());
+            }
+            whole.update(&self.buffer);
+            let digest = hex::encode(sha256(&self.buffer));
+            let previous = chunks.get(&index);
+            if previous.is_some_and(|p| p.size_bytes == len && p.sha256 == digest) {
+                continue;
+            }
+            // Same place, same length, other bytes: the writer rewrote them
+            // (ffmpeg patching the mdat size, or a +faststart rewrite).
+            let changed = previous.is_some_and(|p| p.size_bytes == len);
+            match self.store_buffer_as_chunk(stream_id, path, index, offset, changed) {
+                Ok(record) => {
+                    if changed {
+                        reuploaded += 1;
+                        info!(
+                            "stream {stream_id}: chunk {index} changed on disk after upload; uploaded again"
+                        );
+                    }
+                    chunks.insert(index, record);
+                }
+                Err(Stop::Cancelled) => return Outcome::Cancelled,
+                Err(Stop::SourceGone) => return Outcome::FinalizeInterrupted,
+            }
+        }
+        chunks.retain(|&index, _| index < chunk_count);
+
+        match snapshot(path) {
+            Ok(after) if after == before => {}
+            _ => return Outcome::FinalizeInterrupted,
+        }
+
+        let completed_at = SystemTime::now();
+        let metadata = StreamMetadata {
+            schema_version: SCHEMA_VERSION,
+            stream_id: stream_id.to_string(),
+            revision: job.facts.revision,
+            status: StreamStatus::Complete,
+            reason: None,
+            source: source_of(&job.facts),
+            total_size_bytes: before.size,
+            sha256: Some(hex::encode(whole.finalize())),
+            chunk_size_bytes: chunk_size,
+            chunks: chunks.values().cloned().collect(),
+            started_at: rfc3339(job.facts.started_at),
+            completed_at: rfc3339(completed_at),
+            stream_duration_seconds: stream_duration(&job.facts),
+            media: Media {
+                duration_seconds: mp4_duration_seconds(path),
+            },
+        };
+        if metadata.media.duration_seconds.is_none() {
+            warn!(
+                "stream {stream_id}: {} is not a readable MP4; uploaded byte-exact, media duration unknown",
+                path.display()
+            );
+        }
+        if let Err(stop) = self.write_metadata(&metadata) {
+            return match stop {
+                Stop::Cancelled | Stop::SourceGone => Outcome::Cancelled,
+            };
+        }
+        let completion = Completion {
+            revision: job.facts.revision,
+            size: before.size,
+            mtime_ns: before.mtime_ns,
+            last_change_at: job.facts.last_change_at,
+            completed_at,
+        };
+        if self
+            .checkpoint_with_retry("completion", |store| {
+                store.mark_complete(stream_id, &completion)
+            })
+            .is_err()
+        {
+            return Outcome::Cancelled;
+        }
+        info!(
+            "stream {stream_id}: complete ({}, {} bytes, {} chunks, {reuploaded} re-uploaded after verification, media {}, revision {})",
+            job.facts.rel_path,
+            before.size,
+            chunk_count,
+            metadata
+                .media
+                .duration_seconds
+                .map_or("unknown".to_string(), |s| format!("{s:.2}s")),
+            job.facts.revision
+        );
+        Outcome::Finalized {
+            size: before.size,
+            mtime_ns: before.mtime_ns,
+            revision: job.facts.revision,
+            completed_at,
+        }
+    }
+
+    fn write_metadata(&self, metadata: &StreamMetadata) -> Result<(), Stop> {
+        let body = serde_json::to_vec_pretty(metadata).expect("metadata serializes");
+        let key = self.layout.metadata(&metadata.stream_id);
+        self.put_with_retry(&key, "application/json", &body, &sha256(&body), None)
+    }
+
+    fn close(&mut self, job: &CloseJob) -> Outcome {
+        let stream_id = job.stream.stream_id.as_str();
+        // Only the contiguous run from chunk 0 is a usable prefix of the file.
+        let mut chunks = Vec::new();
+        let mut next_offset = 0;
+        for (index, record) in &job.chunks {
+            if *index != chunks.len() as u64 || record.offset != next_offset {
+                break;
+            }
+            next_offset += record.size_bytes;
+            chunks.push(record.clone());
+        }
+        let metadata = StreamMetadata {
+            schema_version: SCHEMA_VERSION,
+            stream_id: stream_id.to_string(),
+            revision: job.facts.revision,
+            status: StreamStatus::Incomplete,
+            reason: Some(job.reason.as_str().to_string()),
+            source: source_of(&job.facts),
+            total_size_bytes: next_offset,
+            sha256: None,
+            chunk_size_bytes: job.facts.chunk_size,
+            chunks,
+            started_at: rfc3339(job.facts.started_at),
+            completed_at: rfc3339(SystemTime::now()),
+            stream_duration_seconds: stream_duration(&job.facts),
+            media: Media {
+                duration_seconds: None,
+            },
+        };
+        if self.write_metadata(&metadata).is_err() {
+            return Outcome::Cancelled;
+        }
+        let reason = job.reason.as_str();
+        if self
+            .checkpoint_with_retry("close", |store| store.mark_incomplete(stream_id, reason))
+            .is_err()
+        {
+            return Outcome::Cancelled;
+        }
+        warn!(
+            "stream {stream_id}: closed as incomplete ({reason}) for {}, {} bytes uploaded in {} chunks",
+            job.facts.rel_path,
+            metadata.total_size_bytes,
+            metadata.chunks.len()
+        );
+        Outcome::Closed
+    }
+}
+
+fn source_of(facts: &StreamFacts) -> Source {
+    Source {
+        path: facts.rel_path.clone(),
+        file_name: facts.file_name.clone(),
+    }
+}
+
+fn stream_duration(facts: &StreamFacts) -> f64 {
+    facts
+        .last_change_at
+        .duration_since(facts.started_at)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryPolicy;
+    use crate::events::NoEvents;
+    use crate::scan::FileIdentity;
+    use crate::store::redis::StoredStream;
+    use crate::upload::job::StreamRef;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// An in-memory bucket that can be told to fail the next N puts.
+    #[derive(Default)]
+    struct MemoryStore {
+        objects: Mutex<BTreeMap<String, Vec<u8>>>,
+        failures_left: Mutex<u32>,
+        puts: Mutex<u32>,
+    }
+
+    impl ObjectStore for MemoryStore {
+        fn put(
+            &self,
+            key: &str,
+            body: &[u8],
+            _: &str,
+            digest: &[u8; 32],
+        ) -> Result<(), StorageError> {
+            *self.puts.lock().unwrap() += 1;
+            let mut failures = self.failures_left.lock().unwrap();
+            if *failures > 0 {
+                *failures -= 1;
+                return Err(StorageError::Http {
+                    status: 503,
+                    key: key.into(),
+                    body: "slow down".into(),
+                });
+            }
+            assert_eq!(&sha256(body), digest, "checksum header matches body");
+            self.objects
+                .lock()
+                .unwrap()
+                .insert(key.into(), body.to_vec());
+            Ok(())
+        }
+        fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+            self.objects
+                .lock()
+                .unwrap()
+                .get(key)
+                .cloned()
+                .ok_or(StorageError::Http {
+                    status: 404,
+                    key: key.into(),
+                    body: String::new(),
+                })
+        }
+    }
+
+    /// Records checkpoints in memory.
+    #[derive(Default, Clone)]
+    struct MemoryCheckpoints {
+        chunks: Arc<Mutex<Vec<(String, ChunkRecord)>>>,
+        completed: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl CheckpointStore for MemoryCheckpoints {
+        fn ping(&mut self) -> Result<(), CheckpointError> {
+            Ok(())
+        }
+        fn load_streams(&mut self) -> Result<Vec<StoredStream>, CheckpointError> {
+            Ok(Vec::new())
+        }
+        fn load_stream(&mut self, _: &str) -> Result<Option<StoredStream>, CheckpointError> {
+            Ok(None)
+        }
+        fn register_stream(
+            &mut self,
+            s: &StoredStream,
+            _: Option<&str>,
+        ) -> Result<String, CheckpointError> {
+            Ok(s.id.clone())
+        }
+        fn checkpoint_chunk(
+            &mut self,
+            id: &str,
+            chunk: &ChunkRecord,
+        ) -> Result<(), CheckpointError> {
+            self.chunks.lock().unwrap().push((id.into(), chunk.clone()));
+            Ok(())
+        }
+        fn record_path(&mut self, _: &str, _: &str) -> Result<(), CheckpointError> {
+            Ok(())
+        }
+        fn mark_complete(&mut self, id: &str, _: &Completion) -> Result<(), CheckpointError> {
+            self.completed.lock().unwrap().push(id.into());
+            Ok(())
+        }
+        fn mark_incomplete(&mut self, _: &str, _: &str) -> Result<(), CheckpointError> {
+            Ok(())
+        }
+        fn forget_identity(&mut self, _: FileIdentity, _: &str) -> Result<(), CheckpointError> {
+            Ok(())
+        }
+    }
+
+    fn worker(store: Arc<MemoryStore>, checkpoints: MemoryCheckpoints) -> (Worker, Sender<()>) {
+        let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(1);
+        let worker = Worker::new(
+            store,
+            Box::new(checkpoints),
+            KeyLayout::new("p/"),
+            RetryPolicy {
+                base_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(5),
+            },
+            shutdown_rx,
+            Arc::new(NoEvents),
+        );
+        (worker, shutdown_tx)
+    }
+
+    fn identity_of(path: &Path) -> FileIdentity {
+        let meta = std::fs::metadata(path).unwrap();
+        FileIdentity {
+            device: meta.dev(),
+            inode: meta.ino(),
+        }
+    }
+
+    #[test]
+    fn a_chunk_is_retried_through_failures_then_checkpointed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.mp4");
+        std::fs::write(&path, b"0123456789abcdef").unwrap();
+        let store = Arc::new(MemoryStore::default());
+        *store.failures_left.lock().unwrap() = 3;
+        let checkpoints = MemoryCheckpoints::default();
+        let (mut worker, _keep) = worker(store.clone(), checkpoints.clone());
+        let result = worker.execute(Job::Chunk(ChunkJob {
+            stream: StreamRef {
+                identity: identity_of(&path),
+                stream_id: "a-1".into(),
+            },
+            path: path.clone(),
+            index: 1,
+            offset: 8,
+            len: 8,
+        }));
+        let Outcome::ChunkUploaded(record) = result.outcome else {
+            panic!("{:?}", result.outcome)
+        };
+        assert_eq!(record.key, "p/a-1/chunk-000001");
+        assert_eq!(store.get(&record.key).unwrap(), b"89abcdef");
+        assert_eq!(*store.puts.lock().unwrap(), 4);
+        assert_eq!(checkpoints.chunks.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_shutdown_cancels_retries_and_queued_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.mp4");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let store = Arc::new(MemoryStore::default());
+        *store.failures_left.lock().unwrap() = u32::MAX;
+        let (mut worker, shutdown) = worker(store, MemoryCheckpoints::default());
+        drop(shutdown);
+        let result = worker.execute(Job::Chunk(ChunkJob {
+            stream: StreamRef {
+                identity: identity_of(&path),
+                stream_id: "a-1".into(),
+            },
+            path,
+            index: 0,
+            offset: 0,
+            len: 10,
+        }));
+        assert_eq!(result.outcome, Outcome::Cancelled);
+    }
+
+    #[test]
+    fn finalize_reuploads_changed_chunks_and_writes_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cam.mp4");
+        let chunk = 8u64;
+        std::fs::write(&path, b"AAAAAAAABBBBBBBBCC").unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let checkpoints = MemoryCheckpoints::default();
+        let (mut worker, _keep) = worker(store.clone(), checkpoints.clone());
+        let stream = StreamRef {
+            identity: identity_of(&path),
+            stream_id: "cam-1".into(),
+        };
+        // Chunk 0 was uploaded before the writer patched its first bytes.
+        let stale = ChunkRecord {
+            index: 0,
+            key: "p/cam-1/chunk-000000".into(),
+            offset: 0,
+            size_bytes: chunk,
+            sha256: hex::encode(sha256(b"xxxxxxxx")),
+            uploaded_at: rfc3339(SystemTime::now()),
+        };
+        let facts = StreamFacts {
+            rel_path: "cam.mp4".into(),
+            file_name: "cam.mp4".into(),
+            chunk_size: chunk,
+            started_at: SystemTime::now(),
+            last_change_at: SystemTime::now(),
+            revision: 1,
+        };
+        let result = worker.execute(Job::Finalize(FinalizeJob {
+            stream,
+            path: path.clone(),
+            facts,
+            expected_size: 18,
+            chunks: BTreeMap::from([(0, stale)]),
+        }));
+        assert!(
+            matches!(result.outcome, Outcome::Finalized { size: 18, .. }),
+            "{:?}",
+            result.outcome
+        );
+        let chunks = result.chunks.unwrap();
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(store.get("p/cam-1/chunk-000000").unwrap(), b"AAAAAAAA");
+        assert_eq!(store.get("p/cam-1/chunk-000002").unwrap(), b"CC");
+        let metadata: StreamMetadata =
+            serde_json::from_slice(&store.get("p/cam-1/metadata.json").unwrap()).unwrap();
+        assert_eq!(metadata.status, StreamStatus::Complete);
+        assert_eq!(
+            metadata.sha256.as_deref(),
+            Some(hex::encode(sha256(b"AAAAAAAABBBBBBBBCC")).as_str())
+        );
+        assert_eq!(metadata.check_chunk_layout(), Ok(()));
+        assert_eq!(metadata.media.duration_seconds, None);
+        assert_eq!(checkpoints.completed.lock().unwrap().as_slice(), ["cam-1"]);
+    }
+
+    #[test]
+    fn finalize_of_a_file_that_changed_size_is_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cam.mp4");
+        std::fs::write(&path, b"AAAA").unwrap();
+        let (mut worker, _keep) = worker(
+            Arc::new(MemoryStore::default()),
+            MemoryCheckpoints::default(),
+        );
+        let result = worker.execute(Job::Finalize(FinalizeJob {
+            stream: StreamRef {
+                identity: identity_of(&path),
+                stream_id: "cam-1".into(),
+            },
+            path,
+            facts: StreamFacts {
+                rel_path: "cam.mp4".into(),
+                file_name: "cam.mp4".into(),
+                chunk_size: 8,
+                started_at: SystemTime::now(),
+                last_change_at: SystemTime::now(),
+                revision: 1,
+            },
+            expected_size: 3,
+            chunks: BTreeMap::new(),
+        }));
+        assert_eq!(result.outcome, Outcome::FinalizeInterrupted);
+    }
+}
