@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need, then runs the checks.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh -- NAME    # only tests whose name contains NAME
+#
+# Installs, when missing: redis-server and ffmpeg/ffprobe (apt-get), and the
+# S3 test server s3s-fs 0.14.1 (cargo install). With CI=true a tool that is
+# still missing afterwards is a failure, never a skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+S3S_FS_VERSION=0.14.1
+export PATH="$HOME/.cargo/bin:$PATH"
+
+apt_packages=()
+command -v redis-server >/dev/null || apt_packages+=(redis-server)
+{ command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || apt_packages+=(ffmpeg)
+if ((${#apt_packages[@]})); then
+  if command -v apt-get >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo=sudo
+    echo "==> installing ${apt_packages[*]} with apt-get"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+  else
+    echo "warning: ${apt_packages[*]} missing and no apt-get; install them yourself" >&2
+  fi
+fi
+
+if ! s3s-fs --version 2>/dev/null | grep -qx "s3s-fs $S3S_FS_VERSION"; then
+  echo "==> installing s3s-fs $S3S_FS_VERSION (takes a few minutes once)"
+  cargo install s3s-fs --version "$S3S_FS_VERSION" --locked --features binary
+fi
+
+missing=()
+for tool in redis-server ffmpeg ffprobe s3s-fs; do
+  command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+  if [ "${CI:-}" = true ]; then
+    echo "error: required test tools missing: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "warning: ${missing[*]} missing; the tests that need them will be skipped" >&2
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --check
+echo "==> cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "==> cargo test"
+cargo test --locked "$@"

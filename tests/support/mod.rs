@@ -1,0 +1,546 @@
+//! Test plumbing: real servers as child processes, the real binary, and the
+//! byte-exact check every scenario ends with.
+//!
+//! `redis-server` and `s3s-fs` (with SigV4 keys) are started on free loopback
+//! ports with their own temp dirs. Without them a test is skipped, except when
+//! `CI=true`, where a missing server is a failure.
+
+#![allow(dead_code)] // each test uses a different subset of the helpers
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use chunkstream::config::{S3Config, S3Credentials};
+use chunkstream::metadata::StreamMetadata;
+use chunkstream::store::{ObjectStore, S3Store};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+pub const ACCESS_KEY: &str = "chunkstream-test-access";
+pub const SECRET_KEY: &str = "chunkstream-test-secret-Zq9";
+pub const BUCKET: &str = "test-videos";
+pub const MIB: u64 = 1024 * 1024;
+
+/// Generous: the machine may be slow and busy; conditions are polled.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Finds a tool on PATH or in ~/.cargo/bin.
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The tool's path, or `None` (skip) outside CI; a panic in CI.
+pub fn require_tool(name: &str) -> Option<PathBuf> {
+    match find_tool(name) {
+        Some(path) => Some(path),
+        None if in_ci() => panic!("{name} is required when CI=true; run scripts/test.sh"),
+        None => {
+            eprintln!("skipping: {name} not found (scripts/test.sh installs it)");
+            None
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `condition` every 50 ms until it holds or `DEADLINE` passes.
+pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {DEADLINE:?} waiting for {what}");
+}
+
+fn wait_for_port(port: u16) {
+    wait_for(&format!("port {port} to accept connections"), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+}
+
+fn log_file(dir: &Path, name: &str) -> (File, PathBuf) {
+    let path = dir.join(name);
+    (File::create(&path).expect("log file"), path)
+}
+
+/// A child process that is killed when dropped.
+pub struct Process {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for exit, up to `DEADLINE`.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct RedisServer {
+    pub process: Process,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Option<Self> {
+        let binary = require_tool("redis-server")?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let (log, log_path) = log_file(dir.path(), "redis.log");
+        let child = Command::new(binary)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("redis-server starts");
+        wait_for_port(port);
+        Some(Self {
+            process: Process {
+                child,
+                log: log_path,
+            },
+            port,
+            dir,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|client| client.get_connection())
+            .expect("redis connection")
+    }
+}
+
+pub struct S3Server {
+    pub process: Process,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+impl S3Server {
+    pub fn start() -> Option<Self> {
+        let binary = require_tool("s3s-fs")?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let port = free_port();
+        let (log, log_path) = log_file(dir.path(), "s3s-fs.log");
+        let child = Command::new(binary)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&data)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("s3s-fs starts");
+        wait_for_port(port);
+        Some(Self {
+            process: Process {
+                child,
+                log: log_path,
+            },
+            port,
+            dir,
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Both servers, a watched directory, and a client for the bucket.
+pub struct TestEnv {
+    pub redis: RedisServer,
+    pub s3: S3Server,
+    pub watch: TempDir,
+    /// Outside the watched tree, on the same file system, for atomic drops.
+    pub staging: TempDir,
+    pub store: S3Store,
+    pub prefix: String,
+}
+
+impl TestEnv {
+    /// `None` (skip) when a server binary is missing outside CI.
+    pub fn start() -> Option<Self> {
+        let redis = RedisServer::start()?;
+        let s3 = S3Server::start()?;
+        let watch = tempfile::tempdir().expect("watch dir");
+        let staging = tempfile::tempdir().expect("staging dir");
+        let prefix = "streams/".to_string();
+        let store = S3Store::new(&s3_config(&s3.endpoint(), &prefix)).expect("S3 client");
+        Some(Self {
+            redis,
+            s3,
+            watch,
+            staging,
+            store,
+            prefix,
+        })
+    }
+
+    /// The environment the daemon runs with (short timings for tests).
+    pub fn daemon_env(&self) -> BTreeMap<String, String> {
+        let pairs = [
+            ("WATCH_DIR", self.watch.path().display().to_string()),
+            ("S3_ENDPOINT", self.s3.endpoint()),
+            ("S3_BUCKET", BUCKET.to_string()),
+            ("S3_PREFIX", self.prefix.clone()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
+            ("REDIS_URL", self.redis.url()),
+            ("REDIS_KEY_PREFIX", "cstest".to_string()),
+            ("POLL_INTERVAL", "100ms".to_string()),
+            ("STREAM_TIMEOUT", "2s".to_string()),
+            ("CHUNK_SIZE", "5MiB".to_string()),
+            ("WORKERS", "2".to_string()),
+            ("RETRY_BASE_DELAY", "50ms".to_string()),
+            ("RETRY_MAX_DELAY", "1s".to_string()),
+            ("SHUTDOWN_TIMEOUT", "20s".to_string()),
+            ("LOG_LEVEL", "debug".to_string()),
+        ];
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
+    /// Starts the daemon with `daemon_env` plus `overrides`.
+    pub fn start_daemon(&self, overrides: &[(&str, &str)]) -> Daemon {
+        let mut env = self.daemon_env();
+        for (key, value) in overrides {
+            env.insert(key.to_string(), value.to_string());
+        }
+        Daemon::start(env, self.watch.path())
+    }
+
+    pub fn file(&self, rel: &str) -> PathBuf {
+        self.watch.path().join(rel)
+    }
+
+    /// Writes `bytes` outside the tree, then renames it in: a file that
+    /// appears whole.
+    pub fn drop_file(&self, rel: &str, bytes: &[u8]) -> PathBuf {
+        let staged = self.staging.path().join(rel.replace('/', "_"));
+        std::fs::write(&staged, bytes).expect("write staged file");
+        let target = self.file(rel);
+        std::fs::create_dir_all(target.parent().expect("parent")).expect("dirs");
+        std::fs::rename(&staged, &target).expect("rename into watch dir");
+        target
+    }
+
+    pub fn exists(&self, key: &str) -> bool {
+        match self.store.get(key) {
+            Ok(_) => true,
+            Err(err) if err.is_not_found() => false,
+            Err(err) => panic!("GET {key}: {err}"),
+        }
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        match self.store.list_keys(&self.prefix) {
+            Ok(keys) => keys,
+            // The bucket does not exist until the daemon creates it.
+            Err(err) if err.is_not_found() => Vec::new(),
+            Err(err) => panic!("list: {err}"),
+        }
+    }
+
+    /// Every `metadata.json` in the bucket, parsed.
+    pub fn all_metadata(&self) -> Vec<StreamMetadata> {
+        self.keys()
+            .into_iter()
+            .filter(|key| key.ends_with("/metadata.json"))
+            .map(|key| {
+                let body = self.store.get(&key).expect("metadata");
+                serde_json::from_slice(&body).expect("metadata parses")
+            })
+            .collect()
+    }
+
+    /// The metadata of the stream whose source is `rel`, at least `revision`.
+    pub fn metadata_for(&self, rel: &str) -> Option<StreamMetadata> {
+        self.all_metadata()
+            .into_iter()
+            .filter(|meta| meta.source.path == rel)
+            .max_by_key(|meta| meta.revision)
+    }
+
+    /// Waits until `rel` has complete metadata whose size matches the file.
+    pub fn wait_complete(&self, rel: &str) -> StreamMetadata {
+        let size = std::fs::metadata(self.file(rel)).expect("source").len();
+        let mut found = None;
+        wait_for(&format!("complete metadata for {rel}"), || {
+            found = self.all_metadata().into_iter().find(|meta| {
+                meta.source.path == rel
+                    && meta.status == chunkstream::metadata::StreamStatus::Complete
+                    && meta.total_size_bytes == size
+            });
+            found.is_some()
+        });
+        found.expect("found")
+    }
+
+    /// The end of every scenario: the chunk objects of the stream, listed
+    /// from the bucket and concatenated in index order, equal `source` byte
+    /// for byte (sha256), and agree with the metadata.
+    pub fn assert_byte_exact(&self, meta: &StreamMetadata, source: &Path) {
+        let chunk_prefix = format!("{}{}/chunk-", self.prefix, meta.stream_id);
+        let mut chunk_keys: Vec<String> = self
+            .keys()
+            .into_iter()
+            .filter(|key| key.starts_with(&chunk_prefix))
+            .collect();
+        chunk_keys.sort();
+        assert_eq!(
+            chunk_keys.len(),
+            meta.chunks.len(),
+            "chunk objects in the bucket vs metadata for {}",
+            meta.stream_id
+        );
+        let mut whole = Sha256::new();
+        let mut total = 0u64;
+        for (index, key) in chunk_keys.iter().enumerate() {
+            assert_eq!(key, &meta.chunks[index].key, "chunk order");
+            let body = self.store.get(key).expect("chunk");
+            total += body.len() as u64;
+            whole.update(&body);
+        }
+        let assembled = hex::encode(whole.finalize());
+        let expected = sha256_file(source);
+        assert_eq!(total, std::fs::metadata(source).unwrap().len(), "size");
+        assert_eq!(
+            assembled,
+            expected,
+            "reassembled chunks differ from {}",
+            source.display()
+        );
+        assert_eq!(
+            meta.sha256.as_deref(),
+            Some(expected.as_str()),
+            "metadata sha256"
+        );
+        assert_eq!(meta.check_chunk_layout(), Ok(()));
+    }
+
+    /// Stream ids in the Redis identity index.
+    pub fn registered_stream_ids(&self) -> Vec<String> {
+        let mut connection = self.redis.connection();
+        redis::cmd("HVALS")
+            .arg("cstest:identities")
+            .query(&mut connection)
+            .expect("HVALS")
+    }
+
+    /// How many chunks Redis has checkpointed for a stream.
+    pub fn checkpointed_chunks(&self, stream_id: &str) -> u64 {
+        let mut connection = self.redis.connection();
+        redis::cmd("HLEN")
+            .arg(format!("cstest:stream:{stream_id}:chunks"))
+            .query(&mut connection)
+            .expect("HLEN")
+    }
+
+    /// Runs `chunkstream <args>` as a one-shot command with the daemon env.
+    pub fn command(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_chunkstream"))
+            .env_clear()
+            .envs(self.daemon_env())
+            .args(args)
+            .output()
+            .expect("chunkstream runs")
+    }
+}
+
+pub fn s3_config(endpoint: &str, prefix: &str) -> S3Config {
+    S3Config {
+        endpoint: Some(endpoint.to_string()),
+        region: "us-east-1".into(),
+        bucket: BUCKET.into(),
+        prefix: prefix.into(),
+        path_style: true,
+        request_timeout: Duration::from_secs(30),
+        credentials: Some(S3Credentials {
+            access_key_id: ACCESS_KEY.into(),
+            secret_access_key: SECRET_KEY.into(),
+        }),
+    }
+}
+
+/// The real `chunkstream` binary, running as a daemon.
+pub struct Daemon {
+    pub process: Process,
+    pub metrics_port: u16,
+    _log_dir: TempDir,
+}
+
+impl Daemon {
+    pub fn start(mut env: BTreeMap<String, String>, cwd: &Path) -> Self {
+        let metrics_port = free_port();
+        env.insert("METRICS_ADDR".into(), format!("127.0.0.1:{metrics_port}"));
+        let log_dir = tempfile::tempdir().expect("log dir");
+        let (log, log_path) = log_file(log_dir.path(), "chunkstream.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_chunkstream"))
+            .arg("run")
+            .env_clear()
+            .envs(&env)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("chunkstream starts");
+        let daemon = Self {
+            process: Process {
+                child,
+                log: log_path,
+            },
+            metrics_port,
+            _log_dir: log_dir,
+        };
+        wait_for("the metrics endpoint", || daemon.try_metrics().is_some());
+        daemon
+    }
+
+    pub fn try_metrics(&self) -> Option<String> {
+        ureq::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()
+    }
+
+    /// The value of one sample, e.g. `chunkstream_chunks_uploaded_total` or
+    /// `chunkstream_streams_completed_total{status="complete"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = self.try_metrics().expect("metrics reachable");
+        text.lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse().expect("number"))
+            })
+            .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log_text()
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        self.process.signal("TERM");
+        let status = self.process.wait_exit();
+        (status, self.log())
+    }
+
+    /// SIGKILL: no chance to drain.
+    pub fn kill_hard(mut self) -> String {
+        self.process.kill_hard();
+        self.log()
+    }
+}
+
+/// Deterministic incompressible-looking bytes (xorshift), fast to make.
+pub fn pseudo_random(len: u64, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len as usize);
+    while (out.len() as u64) < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len as usize);
+    out
+}
+
+pub fn append(path: &Path, bytes: &[u8]) {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open for append");
+    file.write_all(bytes).expect("append");
+    file.sync_all().expect("sync");
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut file = File::open(path).expect("open source");
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer).expect("read");
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    hex::encode(hasher.finalize())
+}
