@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,42 +17,17 @@ use log::{debug, error, info, warn};
 use crate::config::Config;
 use crate::error::AppError;
 use crate::events::{Events, Gauges};
+use crate::health::{Dependency, Heartbeat, Readiness};
+use crate::http::{HttpState, StreamsRequest, StreamsSnapshot};
 use crate::metadata::{KeyLayout, new_stream_id};
 use crate::metrics::Metrics;
 use crate::scan::{DirectoryLister, FsLister, Observation};
 use crate::store::{CheckpointStore, ObjectStore, RedisStore, S3Store};
 use crate::stream::state::{Event, Rules, Work};
-use crate::stream::table::{Change, StreamTable, TrackedStream};
+use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream};
 use crate::upload::Worker;
 use crate::upload::job::{ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
 use crate::{http, random_u64};
-
-/// When the coordinator last finished a loop turn, for `/healthz`.
-#[derive(Debug, Default)]
-pub struct Heartbeat {
-    unix_millis: AtomicU64,
-}
-
-impl Heartbeat {
-    pub fn beat(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.unix_millis.store(now, Ordering::Relaxed);
-    }
-
-    /// Time since the last beat (`None` before the first one).
-    pub fn age(&self) -> Option<Duration> {
-        let last = self.unix_millis.load(Ordering::Relaxed);
-        if last == 0 {
-            return None;
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Some(Duration::from_millis(now.saturating_sub(last)))
-    }
-}
 
 /// How a run ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -100,40 +74,54 @@ fn until_ready<T, E: std::fmt::Display>(
     }
 }
 
+/// This process's owner id: host name, pid and a random part.
+pub fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "host".to_string());
+    format!(
+        "{host}-{}-{:06x}",
+        std::process::id(),
+        random_u64() & 0xff_ffff
+    )
+}
+
 /// Runs the daemon until `stop` receives a message (or is disconnected).
 pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     let metrics = Arc::new(Metrics::new());
+    metrics.set_poll_interval(config.poll_interval);
+    let events: Arc<dyn Events> = metrics.clone();
     let heartbeat = Arc::new(Heartbeat::default());
-    let liveness_limit = config.poll_interval * 3 + Duration::from_secs(5);
+    let (streams_tx, streams_rx) = bounded::<StreamsRequest>(8);
     let http = http::HttpServer::start(
         config.metrics_addr,
-        metrics.clone(),
-        heartbeat.clone(),
-        liveness_limit,
+        HttpState {
+            metrics: metrics.clone(),
+            heartbeat: heartbeat.clone(),
+            liveness_limit: config.poll_interval * 3 + Duration::from_secs(5),
+            streams: streams_tx,
+        },
     )?;
+    let instance = instance_id();
     info!(
-        "chunkstream {} starting: watching {} for {:?} every {}, chunk {} B, {} workers, bucket {:?} at {}, redis {:?}, metrics on http://{}",
+        "chunkstream {} starting as {instance}; metrics on http://{}; effective config: {config:?}",
         env!("CARGO_PKG_VERSION"),
-        config.watch_dir.display(),
-        config.file_extensions,
-        humantime::format_duration(config.poll_interval),
-        config.chunk_size,
-        config.workers,
-        config.s3.bucket,
-        config.s3.endpoint_display(),
-        config.redis,
         http.addr
     );
 
     let s3 = S3Store::new(&config.s3)?;
     let bucket_ready = until_ready(&config, &stop, &heartbeat, "checking bucket", || {
-        s3.ensure_bucket().map_err(|err| {
+        let outcome = s3.ensure_bucket().map_err(|err| {
             format!(
                 "bucket {:?} at {}: {err}",
                 config.s3.bucket,
                 config.s3.endpoint_display()
             )
-        })
+        });
+        events.dependency_checked(Dependency::Storage, outcome.clone());
+        outcome
     });
     if bucket_ready.is_none() {
         http.stop();
@@ -142,7 +130,10 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
 
     let mut checkpoints = RedisStore::new(&config.redis)?;
     let Some(stored) = until_ready(&config, &stop, &heartbeat, "loading checkpoints", || {
-        checkpoints.load_streams()
+        let loaded = checkpoints.load_streams();
+        let outcome = loaded.as_ref().map(|_| ()).map_err(|err| err.to_string());
+        events.dependency_checked(Dependency::Redis, outcome);
+        loaded
     }) else {
         http.stop();
         return Ok(RunOutcome::Drained);
@@ -151,8 +142,14 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     let (job_tx, job_rx) = bounded::<Job>(config.workers);
     let (result_tx, result_rx) = bounded::<JobResult>(config.workers * 2);
     let (shutdown_tx, shutdown_rx) = bounded::<()>(1);
+    let probe = spawn_probe(
+        s3.clone(),
+        RedisStore::new(&config.redis)?,
+        events.clone(),
+        config.retry,
+        shutdown_rx.clone(),
+    )?;
     let store: Arc<dyn ObjectStore> = Arc::new(s3);
-    let events: Arc<dyn Events> = metrics.clone();
     let mut workers: Vec<JoinHandle<()>> = Vec::with_capacity(config.workers);
     for number in 0..config.workers {
         let worker = Worker::new(
@@ -179,10 +176,17 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             config.file_extensions.clone(),
         )),
         Box::new(checkpoints),
-        events,
-        job_tx,
-        result_rx,
-        heartbeat,
+        Channels {
+            jobs: job_tx,
+            results: result_rx,
+            streams: streams_rx,
+        },
+        Observers {
+            events,
+            heartbeat,
+            readiness: metrics.readiness(),
+            instance,
+        },
     );
     let resumed = coordinator.resume(stored);
     info!("resumed {resumed} streams from checkpoints");
@@ -192,10 +196,68 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         for worker in workers {
             let _ = worker.join();
         }
+        let _ = probe.join();
     }
     http.stop();
     Ok(outcome)
 }
+
+/// How often the probe checks S3 and Redis while both are up.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps readiness fresh when no real traffic does: pings Redis and lists one
+/// key of the bucket every [`PROBE_INTERVAL`], or at the retry backoff (up to
+/// `RETRY_MAX_DELAY`) while something is down. Ends when `shutdown` closes.
+fn spawn_probe(
+    s3: S3Store,
+    mut redis: RedisStore,
+    events: Arc<dyn Events>,
+    retry: crate::config::RetryPolicy,
+    shutdown: Receiver<()>,
+) -> Result<JoinHandle<()>, AppError> {
+    std::thread::Builder::new()
+        .name("probe".into())
+        .spawn(move || {
+            let mut failures = 0u32;
+            loop {
+                let storage = s3.probe().map_err(|err| err.to_string());
+                let checkpoints = redis.ping().map_err(|err| err.to_string());
+                let healthy = storage.is_ok() && checkpoints.is_ok();
+                events.dependency_checked(Dependency::Storage, storage);
+                events.dependency_checked(Dependency::Redis, checkpoints);
+                let delay = if healthy {
+                    failures = 0;
+                    PROBE_INTERVAL
+                } else {
+                    failures = failures.saturating_add(1);
+                    retry.ceiling(failures)
+                };
+                if stop_requested_within(&shutdown, delay) {
+                    return;
+                }
+            }
+        })
+        .map_err(|err| AppError::Startup(format!("cannot start probe thread: {err}")))
+}
+
+/// The coordinator's channels.
+pub struct Channels {
+    pub jobs: Sender<Job>,
+    pub results: Receiver<JobResult>,
+    pub streams: Receiver<StreamsRequest>,
+}
+
+/// Where the coordinator reports what it does, and who it is.
+pub struct Observers {
+    pub events: Arc<dyn Events>,
+    pub heartbeat: Arc<Heartbeat>,
+    pub readiness: Arc<Readiness>,
+    /// This process's owner id.
+    pub instance: String,
+}
+
+/// How many completed or closed streams `/streams` keeps showing.
+const RECENT_STREAMS: usize = 50;
 
 /// The single owner of the stream table.
 pub struct Coordinator {
@@ -207,6 +269,11 @@ pub struct Coordinator {
     events: Arc<dyn Events>,
     jobs: Option<Sender<Job>>,
     results: Receiver<JobResult>,
+    streams_requests: Receiver<StreamsRequest>,
+    readiness: Arc<Readiness>,
+    instance: String,
+    /// Recently completed or closed streams, newest last.
+    recent: VecDeque<StreamView>,
     /// Close jobs waiting for room in the job channel.
     waiting_closes: VecDeque<Job>,
     /// Stream ids with a job at a worker.
@@ -224,10 +291,8 @@ impl Coordinator {
         config: Config,
         lister: Box<dyn DirectoryLister>,
         checkpoints: Box<dyn CheckpointStore>,
-        events: Arc<dyn Events>,
-        jobs: Sender<Job>,
-        results: Receiver<JobResult>,
-        heartbeat: Arc<Heartbeat>,
+        channels: Channels,
+        observers: Observers,
     ) -> Self {
         let rules = Rules {
             stream_timeout: config.stream_timeout,
@@ -240,13 +305,17 @@ impl Coordinator {
             table: StreamTable::default(),
             lister,
             checkpoints,
-            events,
-            jobs: Some(jobs),
-            results,
+            events: observers.events,
+            jobs: Some(channels.jobs),
+            results: channels.results,
+            streams_requests: channels.streams,
+            readiness: observers.readiness,
+            instance: observers.instance,
+            recent: VecDeque::with_capacity(RECENT_STREAMS),
             waiting_closes: VecDeque::new(),
             in_flight: HashMap::new(),
             retired: HashMap::new(),
-            heartbeat,
+            heartbeat: observers.heartbeat,
             registration_failing: false,
         }
     }
@@ -287,6 +356,11 @@ impl Coordinator {
                 recv(self.results) -> result => {
                     if let Ok(result) = result {
                         self.handle_result(result);
+                    }
+                }
+                recv(self.streams_requests) -> request => {
+                    if let Ok(reply) = request {
+                        let _ = reply.try_send(self.snapshot());
                     }
                 }
                 recv(stop) -> _ => {
@@ -352,7 +426,11 @@ impl Coordinator {
             match change {
                 Change::Discovered(observation) => self.register(&observation, now),
                 Change::Closed(stream, reason) => {
+                    let mut view = stream.view(now);
+                    view.state = "incomplete".to_string();
+                    self.remember(view);
                     warn!(
+                        stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
                         "stream {}: {} was {}; closing it as incomplete",
                         stream.id,
                         stream.rel_path,
@@ -368,16 +446,23 @@ impl Coordinator {
                 }
                 Change::Forgotten(stream) => {
                     info!(
+                        stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
                         "stream {}: {} is gone or replaced; it stays complete in the bucket",
                         stream.id, stream.rel_path
                     );
                     self.retire(stream.identity, &stream.id);
                 }
                 Change::Reopened { id, path } => {
-                    info!("stream {id}: {path} grew after completion; reopened");
+                    info!(
+                        stream_id = id.as_str(), path = path.as_str();
+                        "stream {id}: {path} grew after completion; reopened"
+                    );
                 }
                 Change::Moved { id, from, to } => {
-                    info!("stream {id}: renamed from {from} to {to}");
+                    info!(
+                        stream_id = id.as_str(), path = to.as_str();
+                        "stream {id}: renamed from {from} to {to}"
+                    );
                     if let Err(err) = self.checkpoints.record_path(&id, &to) {
                         warn!("stream {id}: cannot record new path {to}: {err}");
                     }
@@ -434,6 +519,8 @@ impl Coordinator {
                 id
             }
             Err(err) => {
+                self.events
+                    .dependency_checked(Dependency::Redis, Err(err.to_string()));
                 if !self.registration_failing {
                     error!(
                         "cannot register {} in Redis: {err}; new files wait until Redis is back",
@@ -446,6 +533,7 @@ impl Coordinator {
         };
         if id == candidate.id {
             info!(
+                stream_id = id.as_str(), path = observation.rel_path.as_str();
                 "stream {id}: discovered {} ({} bytes)",
                 observation.rel_path, observation.size
             );
@@ -478,6 +566,13 @@ impl Coordinator {
         let Some(jobs) = self.jobs.clone() else {
             return;
         };
+        // The breaker: while S3 or Redis is down, in-flight jobs keep retrying
+        // with backoff, and nothing new goes out until the probe (or one of
+        // those retries) succeeds.
+        if self.readiness.is_down(Dependency::Storage) || self.readiness.is_down(Dependency::Redis)
+        {
+            return;
+        }
         while let Some(job) = self.waiting_closes.pop_front() {
             let stream_id = job.stream().stream_id.clone();
             match jobs.try_send(job) {
@@ -551,12 +646,21 @@ impl Coordinator {
             }
             return;
         };
+        stream.retries += u64::from(result.failed_attempts);
+        if result.last_error.is_some() {
+            stream.last_error = result.last_error;
+        }
+        let job_started = stream.last_dispatch.unwrap_or(now);
         if let Some(chunks) = result.chunks {
+            let before = stream.uploaded_bytes();
             stream.chunks = chunks;
+            let grown = stream.uploaded_bytes().saturating_sub(before);
+            stream.record_upload(grown, job_started);
         }
         let event = match result.outcome {
             Outcome::ChunkUploaded(record) => {
                 let index = record.index;
+                stream.record_upload(record.size_bytes, job_started);
                 stream.chunks.insert(index, record);
                 Event::ChunkUploaded { index }
             }
@@ -575,6 +679,7 @@ impl Coordinator {
             }
             Outcome::FinalizeInterrupted => {
                 info!(
+                    stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
                     "stream {}: {} changed during completion; waiting for it to settle again",
                     stream.id, stream.rel_path
                 );
@@ -582,6 +687,7 @@ impl Coordinator {
             }
             Outcome::Failed(reason) => {
                 warn!(
+                    stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
                     "stream {}: job for {} failed: {reason}; will retry",
                     stream.id, stream.rel_path
                 );
@@ -591,8 +697,39 @@ impl Coordinator {
             Outcome::Closed => return,
         };
         let identity = result.stream.identity;
+        let finalized = matches!(event, Event::Finalized { .. });
         let changes = self.table.apply(identity, event, now, &self.rules);
+        if finalized && let Some(stream) = self.table.get(&identity) {
+            let view = stream.view(now);
+            self.remember(view);
+        }
         self.apply_changes(changes, now);
+    }
+
+    /// Keeps a completed or closed stream visible in `/streams` for a while.
+    fn remember(&mut self, view: StreamView) {
+        self.recent.retain(|old| old.stream_id != view.stream_id);
+        if self.recent.len() == RECENT_STREAMS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(view);
+    }
+
+    /// Active streams (oldest change first), then the recent ones (newest first).
+    fn snapshot(&self) -> StreamsSnapshot {
+        let now = Instant::now();
+        let mut streams: Vec<StreamView> = self
+            .table
+            .iter()
+            .filter(|stream| stream.is_active())
+            .map(|stream| stream.view(now))
+            .collect();
+        streams.sort_by(|a, b| a.path.cmp(&b.path));
+        streams.extend(self.recent.iter().rev().cloned());
+        StreamsSnapshot {
+            instance: self.instance.clone(),
+            streams,
+        }
     }
 
     fn publish_gauges(&self) {

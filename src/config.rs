@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use log::LevelFilter;
 
 use crate::error::ConfigError;
+use crate::logging::LogFormat;
 
 /// S3's smallest multipart part; chunks must be at least this big so that they
 /// can later be assembled server-side.
@@ -45,6 +46,24 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon (the default).
     Run,
+    /// Show what a running instance is uploading, with progress (reads /streams).
+    Status {
+        /// The instance's HTTP address; defaults to METRICS_ADDR on this host.
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the raw /streams JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second (redrawn in place in a terminal).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Exit 0 if a running instance's /healthz is OK, else 1 (for Docker HEALTHCHECK).
+    Healthcheck {
+        /// The instance's HTTP address; defaults to METRICS_ADDR on this host.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Download a stream's chunks, verify every checksum, and write the file.
     Restore {
         /// The stream id (the folder name under S3_PREFIX in the bucket).
@@ -152,6 +171,9 @@ pub struct Settings {
     /// Log level: error, warn, info, debug, trace or off.
     #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
     pub log_level: String,
+    /// Log format: text, or json (one object per line).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
     /// The longest a drain on SIGTERM/SIGINT may take.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "25s", global = true)]
     pub shutdown_timeout: String,
@@ -172,6 +194,7 @@ pub struct Config {
     pub retry: RetryPolicy,
     pub metrics_addr: SocketAddr,
     pub log_level: LevelFilter,
+    pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
 }
 
@@ -315,6 +338,7 @@ impl Config {
             retry,
             metrics_addr,
             log_level: parse_log_level(&settings.log_level)?,
+            log_format: parse_log_format(&settings.log_format)?,
             shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &settings.shutdown_timeout)?,
         })
     }
@@ -477,6 +501,19 @@ pub fn parse_log_level(value: &str) -> Result<LevelFilter, ConfigError> {
     })
 }
 
+/// Validates only the log format, so logging can start before the rest.
+pub fn parse_log_format(value: &str) -> Result<LogFormat, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(ConfigError::bad_value(
+            "LOG_FORMAT",
+            value,
+            "expected text or json",
+        )),
+    }
+}
+
 fn non_empty<'a>(variable: &'static str, value: &'a str) -> Result<&'a str, ConfigError> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
@@ -630,6 +667,7 @@ mod tests {
             ("--redis-url=http://localhost", "REDIS_URL"),
             ("--metrics-addr=localhost", "METRICS_ADDR"),
             ("--log-level=loud", "LOG_LEVEL"),
+            ("--log-format=xml", "LOG_FORMAT"),
             ("--shutdown-timeout=0ms", "SHUTDOWN_TIMEOUT"),
             ("--file-extensions=,", "FILE_EXTENSIONS"),
             ("--retry-base-delay=1m", "RETRY_MAX_DELAY"),

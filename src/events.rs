@@ -4,6 +4,8 @@
 //! and never touch metrics directly (the Vector file-source pattern). The
 //! Prometheus implementation lives in `metrics.rs`; tests pass [`NoEvents`].
 
+use crate::health::Dependency;
+
 /// Things worth counting or timing. Implementations must be cheap and must not
 /// block: they are called from the coordinator loop and the workers.
 pub trait Events: Send + Sync {
@@ -21,6 +23,8 @@ pub trait Events: Send + Sync {
     fn stream_closed(&self, _status: &'static str, _lag_seconds: f64) {}
     /// A directory scan finished.
     fn scan_finished(&self, _seconds: f64, _unix_time: f64) {}
+    /// The outcome of a real request to, or a probe of, a dependency.
+    fn dependency_checked(&self, _dependency: Dependency, _outcome: Result<(), String>) {}
     /// Gauges, refreshed by the coordinator after each loop turn.
     fn gauges(&self, _gauges: &Gauges) {}
 }

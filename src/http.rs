@@ -1,19 +1,49 @@
-//! The HTTP endpoint on `METRICS_ADDR`: `/metrics` and `/healthz`.
+//! The HTTP endpoint on `METRICS_ADDR`: `/metrics`, `/healthz`, `/readyz` and
+//! `/streams`.
 //!
-//! tiny_http on its own thread; handlers only read shared atomics or render
-//! the registry, so they stay trivial (tiny_http has no request timeouts).
+//! tiny_http on its own thread. It has no request timeouts, so handlers stay
+//! trivial: they read shared atomics, render the registry, or ask the
+//! coordinator (the only owner of stream state) for a snapshot over a channel,
+//! waiting at most [`STREAMS_REPLY_TIMEOUT`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crossbeam_channel::{Sender, bounded};
 use log::{info, warn};
+use serde::{Deserialize, Serialize};
 use tiny_http::{Header, Method, Response, Server};
 
-use crate::app::Heartbeat;
 use crate::error::AppError;
+use crate::health::Heartbeat;
 use crate::metrics::Metrics;
+use crate::stream::table::StreamView;
+
+/// How long `/streams` waits for the coordinator before answering 503.
+pub const STREAMS_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The body of `/streams`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamsSnapshot {
+    /// This process's owner id, so a reader can tell instances apart.
+    pub instance: String,
+    /// Active streams first, then recently completed or closed ones.
+    pub streams: Vec<StreamView>,
+}
+
+/// A request for a snapshot: the coordinator answers on the enclosed sender.
+pub type StreamsRequest = Sender<StreamsSnapshot>;
+
+/// What the handlers read.
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    pub heartbeat: Arc<Heartbeat>,
+    /// How old the coordinator's heartbeat may be before `/healthz` fails.
+    pub liveness_limit: Duration,
+    pub streams: Sender<StreamsRequest>,
+}
 
 pub struct HttpServer {
     server: Arc<Server>,
@@ -23,14 +53,7 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Binds and starts serving. `liveness_limit` is how old the coordinator's
-    /// heartbeat may be before `/healthz` answers 503.
-    pub fn start(
-        addr: SocketAddr,
-        metrics: Arc<Metrics>,
-        heartbeat: Arc<Heartbeat>,
-        liveness_limit: Duration,
-    ) -> Result<Self, AppError> {
+    pub fn start(addr: SocketAddr, state: HttpState) -> Result<Self, AppError> {
         let server = Server::http(addr).map_err(|err| {
             AppError::Startup(format!("cannot listen on METRICS_ADDR {addr}: {err}"))
         })?;
@@ -38,19 +61,13 @@ impl HttpServer {
         let bound = server.server_addr().to_ip().ok_or_else(|| {
             AppError::Startup(format!("METRICS_ADDR {addr} is not an IP address"))
         })?;
-        info!("metrics and health endpoints listening on http://{bound}");
+        info!("HTTP endpoints (/metrics /healthz /readyz /streams) listening on http://{bound}");
         let serving = server.clone();
         let thread = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || {
                 for request in serving.incoming_requests() {
-                    let response = respond(
-                        request.method(),
-                        request.url(),
-                        &metrics,
-                        &heartbeat,
-                        liveness_limit,
-                    );
+                    let response = respond(request.method(), request.url(), &state);
                     if let Err(err) = request.respond(response) {
                         warn!("HTTP client went away: {err}");
                     }
@@ -70,37 +87,41 @@ impl HttpServer {
     }
 }
 
+type Reply = Response<std::io::Cursor<Vec<u8>>>;
+
 fn header(name: &str, value: &str) -> Header {
     Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header is valid")
 }
 
-fn text(status: u16, body: impl Into<String>) -> Response<std::io::Cursor<Vec<u8>>> {
+fn text(status: u16, body: impl Into<String>) -> Reply {
     Response::from_string(body)
         .with_status_code(status)
         .with_header(header("Content-Type", "text/plain; charset=utf-8"))
 }
 
-fn respond(
-    method: &Method,
-    url: &str,
-    metrics: &Metrics,
-    heartbeat: &Heartbeat,
-    liveness_limit: Duration,
-) -> Response<std::io::Cursor<Vec<u8>>> {
+fn json(status: u16, body: &impl Serialize) -> Reply {
+    Response::from_string(serde_json::to_string_pretty(body).expect("serializable"))
+        .with_status_code(status)
+        .with_header(header("Content-Type", "application/json"))
+}
+
+const PATHS: [&str; 4] = ["/metrics", "/healthz", "/readyz", "/streams"];
+
+fn respond(method: &Method, url: &str, state: &HttpState) -> Reply {
     let path = url.split('?').next().unwrap_or(url);
-    if !matches!(path, "/metrics" | "/healthz") {
-        return text(404, "not found; try /metrics or /healthz\n");
+    if !PATHS.contains(&path) {
+        return text(404, format!("not found; try {}\n", PATHS.join(" ")));
     }
     if !matches!(method, Method::Get | Method::Head) {
         return text(405, "method not allowed\n").with_header(header("Allow", "GET, HEAD"));
     }
     match path {
         "/metrics" => {
-            let (body, content_type) = metrics.render();
+            let (body, content_type) = state.metrics.render();
             Response::from_string(body).with_header(header("Content-Type", &content_type))
         }
-        _ => match heartbeat.age() {
-            Some(age) if age <= liveness_limit => text(200, "ok\n"),
+        "/healthz" => match state.heartbeat.age() {
+            Some(age) if age <= state.liveness_limit => text(200, "ok\n"),
             Some(age) => text(
                 503,
                 format!(
@@ -110,5 +131,19 @@ fn respond(
             ),
             None => text(503, "starting\n"),
         },
+        "/readyz" => {
+            let report = state.metrics.readiness().report();
+            json(if report.ready() { 200 } else { 503 }, &report)
+        }
+        _ => {
+            let (reply_tx, reply_rx) = bounded(1);
+            if state.streams.try_send(reply_tx).is_err() {
+                return text(503, "coordinator busy\n");
+            }
+            match reply_rx.recv_timeout(STREAMS_REPLY_TIMEOUT) {
+                Ok(snapshot) => json(200, &snapshot),
+                Err(_) => text(503, "coordinator not answering (starting or stalled)\n"),
+            }
+        }
     }
 }

@@ -5,9 +5,11 @@
 //! docs/architecture.md for how the pieces fit.
 
 pub mod app;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod health;
 pub mod http;
 pub mod logging;
 pub mod media;

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use clap::Parser;
 
 use chunkstream::app::{self, RunOutcome};
-use chunkstream::config::{Cli, Command, Config, S3Config, parse_log_level};
+use chunkstream::config::{Cli, Command, Config, S3Config, parse_log_format, parse_log_level};
 use chunkstream::error::AppError;
-use chunkstream::{logging, restore};
+use chunkstream::{client, logging, restore};
 
 fn main() -> ExitCode {
     // rust-s3 and ureq both bring rustls; without an explicit provider the
@@ -35,10 +35,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode, AppError> {
     let level = parse_log_level(&cli.settings.log_level)?;
+    let format = parse_log_format(&cli.settings.log_format)?;
+    let url_or_default = |url: Option<String>| {
+        url.unwrap_or_else(|| client::default_url(&cli.settings.metrics_addr))
+    };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let config = Config::from_settings(&cli.settings)?;
-            logging::init(level);
+            logging::init(level, format);
             let stop = install_signal_handler()?;
             match app::run(config, stop)? {
                 RunOutcome::Drained => Ok(ExitCode::SUCCESS),
@@ -47,7 +51,7 @@ fn run(cli: Cli) -> Result<ExitCode, AppError> {
         }
         Command::Restore { stream_id, output } => {
             let s3 = S3Config::from_settings(&cli.settings)?;
-            logging::init(level);
+            logging::init(level, format);
             let restored = restore::restore(&s3, &stream_id, &output)?;
             println!(
                 "restored {stream_id} to {}: {} bytes in {} chunks, sha256 {}",
@@ -58,6 +62,15 @@ fn run(cli: Cli) -> Result<ExitCode, AppError> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status { url, json, watch } => {
+            client::status(&url_or_default(url), json, watch)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck { url } => Ok(if client::healthcheck(&url_or_default(url)) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
     }
 }
 

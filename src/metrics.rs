@@ -10,7 +10,12 @@ use prometheus::{
     TextEncoder,
 };
 
+use std::sync::Arc;
+
+use log::{info, warn};
+
 use crate::events::{Events, Gauges};
+use crate::health::{Dependency, Readiness};
 
 /// The error kinds reported by `chunkstream_upload_errors_total`.
 pub const UPLOAD_ERROR_KINDS: [&str; 5] = ["timeout", "connect", "http_4xx", "http_5xx", "other"];
@@ -29,6 +34,10 @@ pub struct Metrics {
     inflight_jobs: IntGauge,
     pending_bytes: IntGauge,
     last_scan_timestamp: prometheus::Gauge,
+    storage_up: IntGauge,
+    redis_up: IntGauge,
+    poll_interval: prometheus::Gauge,
+    readiness: Arc<Readiness>,
     chunk_upload_duration: Histogram,
     scan_duration: Histogram,
     completion_lag: Histogram,
@@ -154,6 +163,28 @@ impl Metrics {
                     .expect("unique metric");
                 gauge
             },
+            storage_up: gauge(
+                &registry,
+                "chunkstream_storage_up",
+                "1 if S3 answered at the last check, else 0.",
+            ),
+            redis_up: gauge(
+                &registry,
+                "chunkstream_redis_up",
+                "1 if Redis answered at the last check, else 0.",
+            ),
+            poll_interval: {
+                let gauge = prometheus::Gauge::new(
+                    "chunkstream_poll_interval_seconds",
+                    "The configured POLL_INTERVAL (for scan-staleness alerts).",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(gauge.clone()))
+                    .expect("unique metric");
+                gauge
+            },
+            readiness: Arc::new(Readiness::default()),
             chunk_upload_duration: histogram(
                 &registry,
                 "chunkstream_chunk_upload_duration_seconds",
@@ -176,6 +207,16 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// Publishes the configured poll interval.
+    pub fn set_poll_interval(&self, interval: std::time::Duration) {
+        self.poll_interval.set(interval.as_secs_f64());
+    }
+
+    /// What `/readyz` reports, shared with the coordinator's breaker.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        self.readiness.clone()
     }
 
     /// The Prometheus text exposition and its content type.
@@ -230,6 +271,21 @@ impl Events for Metrics {
     fn scan_finished(&self, seconds: f64, unix_time: f64) {
         self.scan_duration.observe(seconds);
         self.last_scan_timestamp.set(unix_time);
+    }
+
+    fn dependency_checked(&self, dependency: Dependency, outcome: Result<(), String>) {
+        let (gauge, name) = match dependency {
+            Dependency::Storage => (&self.storage_up, "S3"),
+            Dependency::Redis => (&self.redis_up, "Redis"),
+        };
+        gauge.set(i64::from(outcome.is_ok()));
+        let detail = outcome.as_ref().err().cloned();
+        if self.readiness.record(dependency, outcome) {
+            match detail {
+                None => info!("{name} is reachable"),
+                Some(detail) => warn!("{name} is unavailable: {detail}"),
+            }
+        }
     }
 
     fn gauges(&self, gauges: &Gauges) {

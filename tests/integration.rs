@@ -403,3 +403,190 @@ fn help_and_version_work() {
         .unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+/// Pipes exposition text through `promtool check metrics`.
+fn promtool_check_metrics(promtool: &std::path::Path, text: &str) {
+    use std::io::Write;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn i_metrics_health_readiness_streams_status_and_json_logs() {
+    let Some(promtool) = require_tool("promtool") else {
+        return;
+    };
+    let Some(mut env) = TestEnv::start() else {
+        return;
+    };
+    let daemon = env.start_daemon(&[("LOG_FORMAT", "json"), ("STREAM_TIMEOUT", "3s")]);
+    let url = daemon.url();
+
+    assert!(
+        env.command(&["healthcheck", "--url", &url])
+            .status
+            .success()
+    );
+    assert_eq!(daemon.http("GET", "/nope").0, 404);
+    assert_eq!(daemon.http("POST", "/metrics").0, 405);
+    wait_for("ready", || daemon.http("GET", "/readyz").0 == 200);
+    let (_, ready) = daemon.http("GET", "/readyz");
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready, serde_json::json!({"redis": "ok", "s3": "ok"}));
+
+    // A recording in progress: one full chunk up, the tail waiting.
+    let path = env.file("cams/live.mp4");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    append(&path, &pseudo_random(6 * MIB, 11));
+    let mut in_progress = None;
+    wait_for("/streams to show the first chunk", || {
+        let (status, body) = daemon.http("GET", "/streams");
+        let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        in_progress = snapshot["streams"]
+            .as_array()
+            .and_then(|streams| streams.first().cloned())
+            .filter(|s| status == 200 && s["uploaded_bytes"] == 5 * MIB);
+        in_progress.is_some()
+    });
+    let stream = in_progress.unwrap();
+    assert_eq!(stream["path"], "cams/live.mp4");
+    assert_eq!(stream["size_bytes"], 6 * MIB);
+    assert_eq!(stream["chunks_uploaded"], 1);
+    for field in [
+        "stream_id",
+        "state",
+        "last_change_seconds_ago",
+        "retries",
+        "last_error",
+    ] {
+        assert!(stream.get(field).is_some(), "/streams lacks {field}");
+    }
+    promtool_check_metrics(&promtool, &daemon.try_metrics().unwrap());
+
+    let status_json = env.command(&["status", "--json", "--url", &url]);
+    assert!(status_json.status.success());
+    let parsed: serde_json::Value = serde_json::from_slice(&status_json.stdout).unwrap();
+    assert_eq!(parsed["streams"][0]["path"], "cams/live.mp4");
+    let status_text = env.command(&["status", "--url", &url]);
+    let text = String::from_utf8_lossy(&status_text.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "one stream line and a summary:\n{text}");
+    assert!(
+        lines[0].starts_with('[') && lines[0].contains("cams/live.mp4"),
+        "{text}"
+    );
+    assert!(lines[0].contains("83.3%"), "{text}");
+    assert!(lines[1].contains("1 active"), "{text}");
+
+    let meta = env.wait_complete("cams/live.mp4");
+    env.assert_byte_exact(&meta, &path);
+    let text = daemon.try_metrics().unwrap();
+    promtool_check_metrics(&promtool, &text);
+    assert_eq!(
+        daemon.metric("chunkstream_chunks_uploaded_total"),
+        meta.chunks.len() as f64
+    );
+    assert_eq!(
+        daemon.metric("chunkstream_uploaded_bytes_total"),
+        (6 * MIB) as f64
+    );
+    assert_eq!(daemon.metric("chunkstream_streams_discovered_total"), 1.0);
+    assert_eq!(
+        daemon.metric("chunkstream_streams_completed_total{status=\"complete\"}"),
+        1.0
+    );
+    assert_eq!(
+        daemon.metric("chunkstream_stream_completion_lag_seconds_count"),
+        1.0
+    );
+    assert_eq!(daemon.metric("chunkstream_pending_bytes"), 0.0);
+    assert_eq!(daemon.metric("chunkstream_poll_interval_seconds"), 0.1);
+    assert!(text.contains("process_resident_memory_bytes"));
+
+    // S3 goes away: not ready, storage down; back again: ready.
+    env.s3.stop();
+    wait_for("/readyz to report S3", || {
+        daemon.http("GET", "/readyz").0 == 503
+    });
+    let (_, body) = daemon.http("GET", "/readyz");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        report["s3"].as_str().unwrap().starts_with("error: "),
+        "{body}"
+    );
+    assert_eq!(report["redis"], "ok");
+    assert!(!body.contains(support::SECRET_KEY));
+    assert_eq!(daemon.metric("chunkstream_storage_up"), 0.0);
+    assert_eq!(
+        daemon.http("GET", "/healthz").0,
+        200,
+        "alive while S3 is down"
+    );
+    env.s3.restart();
+    wait_for("ready again", || daemon.http("GET", "/readyz").0 == 200);
+    assert_eq!(daemon.metric("chunkstream_storage_up"), 1.0);
+
+    let (status, log) = daemon.terminate();
+    assert!(status.success());
+    let mut with_stream_id = 0;
+    for line in log.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+        assert!(value["ts"].is_string() && value["level"].is_string() && value["msg"].is_string());
+        with_stream_id += usize::from(value.get("stream_id").is_some());
+    }
+    assert!(
+        with_stream_id >= 3,
+        "lifecycle lines carry stream_id:\n{log}"
+    );
+    assert!(!log.contains(support::SECRET_KEY));
+
+    let dead = format!("http://127.0.0.1:{}", support::free_port());
+    let output = env.command(&["healthcheck", "--url", &dead]);
+    assert_eq!(output.status.code(), Some(1));
+    let output = env.command(&["status", "--url", &dead]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no chunkstream listening at"));
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let Some(promtool) = require_tool("promtool") else {
+        return;
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let output = Command::new(&promtool)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool runs");
+        assert!(
+            output.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

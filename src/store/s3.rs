@@ -58,13 +58,10 @@ impl S3Store {
 
     /// Creates the bucket unless it already exists.
     pub fn ensure_bucket(&self) -> Result<(), StorageError> {
-        match self
-            .bucket
-            .list_page(String::new(), None, None, None, Some(1))
-        {
-            Ok(_) => return Ok(()),
-            Err(S3Error::HttpFailWithBody(404, _)) => {}
-            Err(err) => return Err(map_error(err, &self.config, "")),
+        match self.probe() {
+            Ok(()) => return Ok(()),
+            Err(err) if err.is_not_found() => {}
+            Err(err) => return Err(err),
         }
         let region = region(&self.config)?;
         let credentials = credentials(&self.config)?;
@@ -87,6 +84,15 @@ impl S3Store {
             Ok(_) | Err(S3Error::HttpFailWithBody(409, _)) => Ok(()),
             Err(err) => Err(map_error(err, &self.config, "")),
         }
+    }
+
+    /// A cheap request that succeeds only if the bucket is reachable and
+    /// usable with these credentials.
+    pub fn probe(&self) -> Result<(), StorageError> {
+        self.bucket
+            .list_page(String::new(), None, None, None, Some(1))
+            .map(|_| ())
+            .map_err(|err| map_error(err, &self.config, ""))
     }
 
     /// Keys under `prefix` (a listing, paginated by rust-s3).

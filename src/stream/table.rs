@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
+use serde::{Deserialize, Serialize};
+
 use crate::metadata::ChunkRecord;
 use crate::scan::{FileIdentity, Observation, Scan};
 use crate::store::{StoredStatus, StoredStream};
@@ -31,6 +33,30 @@ pub struct TrackedStream {
     pub revision: u32,
     /// When a job was last handed out for it (for fair dispatch).
     pub last_dispatch: Option<Instant>,
+    /// Failed request attempts so far, and the last failure.
+    pub retries: u64,
+    pub last_error: Option<String>,
+    /// Bytes this process uploaded for the stream, since when (for the rate).
+    pub uploaded_this_run: u64,
+    pub first_upload_this_run: Option<Instant>,
+}
+
+/// One stream as `/streams` and `chunkstream status` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamView {
+    pub stream_id: String,
+    pub path: String,
+    /// uploading, active, backoff, missing, finalizing, complete, incomplete.
+    pub state: String,
+    pub size_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub chunks_uploaded: u64,
+    pub last_change_seconds_ago: f64,
+    pub retries: u64,
+    pub last_error: Option<String>,
+    /// Average upload rate of this process for the stream.
+    pub upload_rate_bytes_per_second: f64,
+    pub revision: u32,
 }
 
 impl TrackedStream {
@@ -49,6 +75,10 @@ impl TrackedStream {
             last_change_at: wall,
             revision: 0,
             last_dispatch: None,
+            retries: 0,
+            last_error: None,
+            uploaded_this_run: 0,
+            first_upload_this_run: None,
         }
     }
 
@@ -90,6 +120,10 @@ impl TrackedStream {
             last_change_at: stored.last_change_at,
             revision: stored.revision,
             last_dispatch: None,
+            retries: 0,
+            last_error: None,
+            uploaded_this_run: 0,
+            first_upload_this_run: None,
         })
     }
 
@@ -137,6 +171,47 @@ impl TrackedStream {
 
     pub fn is_active(&self) -> bool {
         matches!(self.state.phase, Phase::Active | Phase::Finalizing)
+    }
+
+    /// Counts bytes this process uploaded, for the rate in the view.
+    pub fn record_upload(&mut self, bytes: u64, job_started: Instant) {
+        self.first_upload_this_run.get_or_insert(job_started);
+        self.uploaded_this_run += bytes;
+    }
+
+    pub fn view(&self, now: Instant) -> StreamView {
+        let state = match self.state.phase {
+            Phase::Active if self.state.in_flight => "uploading",
+            Phase::Active if self.state.missing_since.is_some() => "missing",
+            Phase::Active if self.state.retry_at.is_some_and(|at| at > now) => "backoff",
+            Phase::Active => "active",
+            Phase::Finalizing => "finalizing",
+            Phase::Complete => "complete",
+            Phase::Closed(_) => "incomplete",
+        };
+        let rate = self.first_upload_this_run.map_or(0.0, |since| {
+            let seconds = now.saturating_duration_since(since).as_secs_f64();
+            if seconds > 0.0 {
+                self.uploaded_this_run as f64 / seconds
+            } else {
+                0.0
+            }
+        });
+        StreamView {
+            stream_id: self.id.clone(),
+            path: self.rel_path.clone(),
+            state: state.to_string(),
+            size_bytes: self.state.size,
+            uploaded_bytes: self.uploaded_bytes(),
+            chunks_uploaded: self.chunks.len() as u64,
+            last_change_seconds_ago: now
+                .saturating_duration_since(self.state.last_change)
+                .as_secs_f64(),
+            retries: self.retries,
+            last_error: self.last_error.clone(),
+            upload_rate_bytes_per_second: rate,
+            revision: self.revision,
+        }
     }
 }
 

@@ -106,4 +106,8 @@ pub struct JobResult {
     /// For a finalize job: the chunk records after it ran (verification may
     /// have re-uploaded some), whatever the outcome.
     pub chunks: Option<BTreeMap<u64, ChunkRecord>>,
+    /// Request attempts that failed during the job (each was retried).
+    pub failed_attempts: u32,
+    /// The last of those failures.
+    pub last_error: Option<String>,
 }

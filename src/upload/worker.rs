@@ -10,6 +10,7 @@
 //! worker then finishes the attempt it is in, does not start another, and
 //! reports the job as cancelled; queued jobs are cancelled without starting.
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -24,6 +25,7 @@ use sha2::{Digest, Sha256};
 use crate::config::RetryPolicy;
 use crate::error::{CheckpointError, SourceError, StorageError};
 use crate::events::Events;
+use crate::health::Dependency;
 use crate::media::mp4_duration_seconds;
 use crate::metadata::{
     ChunkRecord, KeyLayout, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, rfc3339,
@@ -76,6 +78,9 @@ pub struct Worker {
     pub events: Arc<dyn Events>,
     /// Reused for every chunk; grows to the chunk size once.
     buffer: Vec<u8>,
+    /// Failed attempts and the last failure during the current job.
+    job_failures: Cell<u32>,
+    job_last_error: RefCell<Option<String>>,
 }
 
 impl Worker {
@@ -95,6 +100,8 @@ impl Worker {
             shutdown,
             events,
             buffer: Vec::new(),
+            job_failures: Cell::new(0),
+            job_last_error: RefCell::new(None),
         }
     }
 
@@ -110,34 +117,37 @@ impl Worker {
 
     pub fn execute(&mut self, job: Job) -> JobResult {
         let stream = job.stream().clone();
-        if self.shutting_down() {
-            return JobResult {
-                stream,
-                outcome: Outcome::Cancelled,
-                chunks: None,
-            };
-        }
-        match job {
-            Job::Chunk(job) => JobResult {
-                stream,
-                outcome: self.upload_chunk(&job),
-                chunks: None,
-            },
-            Job::Finalize(job) => {
-                let mut chunks = job.chunks.clone();
-                let outcome = self.finalize(&job, &mut chunks);
-                JobResult {
-                    stream,
-                    outcome,
-                    chunks: Some(chunks),
+        self.job_failures.set(0);
+        self.job_last_error.replace(None);
+        let (outcome, chunks) = if self.shutting_down() {
+            (Outcome::Cancelled, None)
+        } else {
+            match job {
+                Job::Chunk(job) => (self.upload_chunk(&job), None),
+                Job::Finalize(job) => {
+                    let mut chunks = job.chunks.clone();
+                    let outcome = self.finalize(&job, &mut chunks);
+                    (outcome, Some(chunks))
                 }
+                Job::Close(job) => (self.close(&job), None),
             }
-            Job::Close(job) => JobResult {
-                stream,
-                outcome: self.close(&job),
-                chunks: None,
-            },
+        };
+        JobResult {
+            stream,
+            outcome,
+            chunks,
+            failed_attempts: self.job_failures.get(),
+            last_error: self.job_last_error.take(),
         }
+    }
+
+    /// Counts a failed attempt against the current job and its dependency.
+    fn attempt_failed(&self, dependency: Dependency, error: String) {
+        self.job_failures
+            .set(self.job_failures.get().saturating_add(1));
+        self.events
+            .dependency_checked(dependency, Err(error.clone()));
+        self.job_last_error.replace(Some(error));
     }
 
     fn shutting_down(&self) -> bool {
@@ -182,10 +192,14 @@ impl Worker {
         let mut attempt = 0u32;
         loop {
             match self.store.put(key, body, content_type, digest) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.events.dependency_checked(Dependency::Storage, Ok(()));
+                    return Ok(());
+                }
                 Err(err) => {
                     self.events.upload_error(err.kind());
                     self.log_storage_failure(&err, attempt);
+                    self.attempt_failed(Dependency::Storage, err.to_string());
                 }
             }
             if source.is_some_and(|path| !path.exists()) {
@@ -216,7 +230,10 @@ impl Worker {
         let mut attempt = 0u32;
         loop {
             match write(self.checkpoints.as_mut()) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.events.dependency_checked(Dependency::Redis, Ok(()));
+                    return Ok(());
+                }
                 Err(err) => {
                     self.events.checkpoint_error();
                     if worth_logging(attempt) {
@@ -225,6 +242,7 @@ impl Worker {
                             attempt + 1
                         );
                     }
+                    self.attempt_failed(Dependency::Redis, err.to_string());
                 }
             }
             if !self.wait_before_retry(attempt) {
@@ -265,6 +283,7 @@ impl Worker {
         self.events
             .chunk_uploaded(record.size_bytes, started.elapsed().as_secs_f64(), reupload);
         debug!(
+            stream_id = stream_id, path:% = path.display(), chunk = index;
             "stream {stream_id}: chunk {index} uploaded ({} bytes at offset {offset}, {})",
             record.size_bytes,
             path.display()
@@ -342,6 +361,7 @@ impl Worker {
                     if changed {
                         reuploaded += 1;
                         info!(
+                            stream_id = stream_id, chunk = index;
                             "stream {stream_id}: chunk {index} changed on disk after upload; uploaded again"
                         );
                     }
@@ -404,6 +424,7 @@ impl Worker {
             return Outcome::Cancelled;
         }
         info!(
+            stream_id = stream_id, path = job.facts.rel_path.as_str();
             "stream {stream_id}: complete ({}, {} bytes, {} chunks, {reuploaded} re-uploaded after verification, media {}, revision {})",
             job.facts.rel_path,
             before.size,
@@ -469,6 +490,7 @@ impl Worker {
             return Outcome::Cancelled;
         }
         warn!(
+            stream_id = stream_id, path = job.facts.rel_path.as_str();
             "stream {stream_id}: closed as incomplete ({reason}) for {}, {} bytes uploaded in {} chunks",
             job.facts.rel_path,
             metadata.total_size_bytes,

@@ -190,27 +190,38 @@ impl S3Server {
     pub fn start() -> Option<Self> {
         let binary = require_tool("s3s-fs")?;
         let dir = tempfile::tempdir().expect("temp dir");
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(&data).expect("data dir");
+        std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
         let port = free_port();
-        let (log, log_path) = log_file(dir.path(), "s3s-fs.log");
+        let process = Self::spawn(&binary, dir.path(), port);
+        Some(Self { process, port, dir })
+    }
+
+    fn spawn(binary: &Path, dir: &Path, port: u16) -> Process {
+        let (log, log_path) = log_file(dir, &format!("s3s-fs-{}.log", free_port()));
         let child = Command::new(binary)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(&data)
+            .arg(dir.join("data"))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("s3s-fs starts");
         wait_for_port(port);
-        Some(Self {
-            process: Process {
-                child,
-                log: log_path,
-            },
-            port,
-            dir,
-        })
+        Process {
+            child,
+            log: log_path,
+        }
+    }
+
+    /// Kills the server (its data stays).
+    pub fn stop(&mut self) {
+        self.process.kill_hard();
+    }
+
+    /// Starts it again on the same port and data directory.
+    pub fn restart(&mut self) {
+        let binary = require_tool("s3s-fs").expect("s3s-fs was found before");
+        self.process = Self::spawn(&binary, self.dir.path(), self.port);
     }
 
     pub fn endpoint(&self) -> String {
@@ -475,6 +486,30 @@ impl Daemon {
             .body_mut()
             .read_to_string()
             .ok()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.metrics_port)
+    }
+
+    /// Status and body of a GET (or another method) on the HTTP endpoint.
+    pub fn http(&self, method: &str, path: &str) -> (u16, String) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!("{}{path}", self.url());
+        let mut response = match method {
+            "GET" => agent.get(&url).call(),
+            "POST" => agent.post(&url).send_empty(),
+            other => panic!("unsupported method {other}"),
+        }
+        .expect("HTTP request");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.body_mut().read_to_string().unwrap_or_default(),
+        )
     }
 
     /// The value of one sample, e.g. `chunkstream_chunks_uploaded_total` or

@@ -1,0 +1,155 @@
+//! Liveness and readiness state shared between the coordinator, the workers,
+//! the probe thread and the HTTP thread.
+//!
+//! Liveness (`/healthz`) is the coordinator's heartbeat: the loop finished a
+//! turn recently. Readiness (`/readyz`) is whether Redis and S3 answered at
+//! the last check, from real operations and from a periodic probe. Readiness
+//! also drives the storage breaker: while S3 is down, no new jobs go out.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+fn unix_millis_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// When the coordinator last finished a loop turn.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    unix_millis: AtomicU64,
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        self.unix_millis.store(unix_millis_now(), Ordering::Relaxed);
+    }
+
+    /// Time since the last beat (`None` before the first one).
+    pub fn age(&self) -> Option<Duration> {
+        match self.unix_millis.load(Ordering::Relaxed) {
+            0 => None,
+            last => Some(Duration::from_millis(
+                unix_millis_now().saturating_sub(last),
+            )),
+        }
+    }
+}
+
+/// A dependency chunkstream needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    Redis,
+    Storage,
+}
+
+/// `"ok"` or `"error: …"` per dependency, as `/readyz` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReadinessReport {
+    pub redis: String,
+    pub s3: String,
+}
+
+impl ReadinessReport {
+    pub fn ready(&self) -> bool {
+        self.redis == "ok" && self.s3 == "ok"
+    }
+}
+
+/// The outcome of the last check of each dependency. Starts as unknown
+/// ("error: not checked yet"), so an instance is not ready before it knows.
+#[derive(Debug)]
+pub struct Readiness {
+    redis: Mutex<Option<Result<(), String>>>,
+    storage: Mutex<Option<Result<(), String>>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            redis: Mutex::new(None),
+            storage: Mutex::new(None),
+        }
+    }
+}
+
+impl Readiness {
+    fn slot(&self, dependency: Dependency) -> &Mutex<Option<Result<(), String>>> {
+        match dependency {
+            Dependency::Redis => &self.redis,
+            Dependency::Storage => &self.storage,
+        }
+    }
+
+    /// Records a check. Returns true when this changed the up/down state.
+    pub fn record(&self, dependency: Dependency, outcome: Result<(), String>) -> bool {
+        let mut slot = self.slot(dependency).lock().expect("readiness lock");
+        let was_up = matches!(*slot, Some(Ok(())));
+        let is_up = outcome.is_ok();
+        *slot = Some(outcome);
+        was_up != is_up
+    }
+
+    pub fn is_up(&self, dependency: Dependency) -> bool {
+        matches!(
+            *self.slot(dependency).lock().expect("readiness lock"),
+            Some(Ok(()))
+        )
+    }
+
+    /// Whether the last check of `dependency` failed (unknown is not down).
+    pub fn is_down(&self, dependency: Dependency) -> bool {
+        matches!(
+            *self.slot(dependency).lock().expect("readiness lock"),
+            Some(Err(_))
+        )
+    }
+
+    pub fn report(&self) -> ReadinessReport {
+        let show = |dependency| match &*self.slot(dependency).lock().expect("readiness lock") {
+            Some(Ok(())) => "ok".to_string(),
+            Some(Err(detail)) => format!("error: {detail}"),
+            None => "error: not checked yet".to_string(),
+        };
+        ReadinessReport {
+            redis: show(Dependency::Redis),
+            s3: show(Dependency::Storage),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_both_dependencies_checked_and_up() {
+        let readiness = Readiness::default();
+        assert!(!readiness.report().ready());
+        assert!(
+            !readiness.is_down(Dependency::Storage),
+            "unknown is not down"
+        );
+        assert!(readiness.record(Dependency::Redis, Ok(())));
+        assert!(readiness.record(Dependency::Storage, Ok(())));
+        assert!(readiness.report().ready());
+        assert!(!readiness.record(Dependency::Storage, Ok(())), "no change");
+        assert!(readiness.record(Dependency::Storage, Err("connection refused".into())));
+        let report = readiness.report();
+        assert_eq!(report.s3, "error: connection refused");
+        assert_eq!(report.redis, "ok");
+        assert!(readiness.is_down(Dependency::Storage));
+    }
+
+    #[test]
+    fn heartbeat_age_is_none_before_the_first_beat() {
+        let heartbeat = Heartbeat::default();
+        assert_eq!(heartbeat.age(), None);
+        heartbeat.beat();
+        assert!(heartbeat.age().unwrap() < Duration::from_secs(5));
+    }
+}
