@@ -51,5 +51,7 @@ echo "==> cargo fmt --check"
 cargo fmt --check
 echo "==> cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "==> cargo build --release (the container-equivalent smoke test runs it)"
+cargo build --release --locked
 echo "==> cargo test"
 cargo test --locked "$@"

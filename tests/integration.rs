@@ -590,3 +590,228 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
         );
     }
 }
+
+// ---- The Compose configuration ---------------------------------------------
+
+fn repo_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
+}
+
+/// `docker-compose.yml`'s `services.app.environment`, values as written.
+fn compose_app_environment() -> std::collections::BTreeMap<String, String> {
+    let text = std::fs::read_to_string(repo_file("docker-compose.yml")).unwrap();
+    let compose: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let environment = compose["services"]["app"]["environment"]
+        .as_mapping()
+        .expect("app.environment is a mapping");
+    environment
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                serde_yaml_ng::Value::String(text) => text.clone(),
+                serde_yaml_ng::Value::Null => String::new(),
+                other => serde_yaml_ng::to_string(other).unwrap().trim().to_string(),
+            };
+            (key.as_str().unwrap().to_string(), value)
+        })
+        .collect()
+}
+
+/// What Compose substitutes when no variable is set: `${VAR:-default}` →
+/// `default`, `${VAR}` → empty.
+fn with_compose_defaults(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("closed ${") + start;
+        let inner = &rest[start + 2..end];
+        if let Some((_, default)) = inner.split_once(":-") {
+            out.push_str(default);
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn names_in_help() -> std::collections::BTreeSet<String> {
+    let output = Command::new(env!("CARGO_BIN_EXE_chunkstream"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    text.split("[env: ")
+        .skip(1)
+        .map(|rest| rest.split(['=', ']']).next().unwrap().trim().to_string())
+        .collect()
+}
+
+fn names_in_sample_env() -> std::collections::BTreeSet<String> {
+    std::fs::read_to_string(repo_file("sample.env"))
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| line.split('=').next().unwrap().to_string())
+        .collect()
+}
+
+/// The names in the first column of the main table of docs/configuration.md.
+fn names_in_configuration_doc() -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(repo_file("docs/configuration.md")).unwrap();
+    let main_table = text.split("## Compose-only").next().unwrap();
+    main_table
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .map(|rest| rest.split('`').next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_four_lists_of_settings_are_identical() {
+    let help = names_in_help();
+    assert!(help.len() >= 20, "--help lists env names: {help:?}");
+    let compose: std::collections::BTreeSet<String> =
+        compose_app_environment().into_keys().collect();
+    assert_eq!(names_in_sample_env(), help, "sample.env vs --help");
+    assert_eq!(
+        compose, help,
+        "docker-compose.yml app.environment vs --help"
+    );
+    assert_eq!(
+        names_in_configuration_doc(),
+        help,
+        "docs/configuration.md vs --help"
+    );
+}
+
+#[test]
+fn compose_defaults_match_the_binary_defaults_except_container_wiring() {
+    let sample: std::collections::BTreeMap<String, String> =
+        std::fs::read_to_string(repo_file("sample.env"))
+            .unwrap()
+            .lines()
+            .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+            .map(|line| {
+                let (key, value) = line.split_once('=').unwrap();
+                (key.to_string(), value.to_string())
+            })
+            .collect();
+    // Values that differ on purpose: where the container finds its inputs
+    // and services, and the bundled MinIO's credentials.
+    let wiring = [
+        "WATCH_DIR",
+        "S3_ENDPOINT",
+        "REDIS_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ];
+    for (key, value) in compose_app_environment() {
+        if !wiring.contains(&key.as_str()) {
+            assert_eq!(with_compose_defaults(&value), sample[&key], "{key}");
+        }
+    }
+}
+
+/// The release build the container would ship, built by scripts/test.sh.
+fn release_binary() -> Option<std::path::PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo_file("target"));
+    let binary = target.join("release/chunkstream");
+    if binary.is_file() {
+        return Some(binary);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} is missing; scripts/test.sh builds it",
+        binary.display()
+    );
+    eprintln!("skipping: no release build (cargo build --release --locked)");
+    None
+}
+
+#[test]
+fn container_equivalent_smoke_test_with_the_compose_environment() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(binary) = release_binary() else {
+        return;
+    };
+    let compose = compose_app_environment();
+    let mut env_map: std::collections::BTreeMap<String, String> = compose
+        .iter()
+        .map(|(key, value)| (key.clone(), with_compose_defaults(value)))
+        .collect();
+    let Some(mut env) = TestEnv::start_with_keys(
+        &env_map["AWS_ACCESS_KEY_ID"],
+        &env_map["AWS_SECRET_ACCESS_KEY"],
+    ) else {
+        return;
+    };
+
+    // Map the Compose service names to this test's servers; nothing else changes.
+    assert_eq!(env_map["S3_ENDPOINT"], "http://minio:9000");
+    env_map.insert("S3_ENDPOINT".into(), env.s3.endpoint());
+    assert!(env_map["REDIS_URL"].starts_with("redis://redis:6379/"));
+    let redis_url =
+        env_map["REDIS_URL"].replace("redis:6379", &format!("127.0.0.1:{}", env.redis.port));
+    env_map.insert("REDIS_URL".into(), redis_url);
+    assert_eq!(env_map["WATCH_DIR"], "/input-videos");
+    let text = std::fs::read_to_string(repo_file("docker-compose.yml")).unwrap();
+    assert!(text.contains("${INPUT_DIR:-./input-videos}:/input-videos:ro"));
+    let input = tempfile::tempdir().unwrap();
+    env_map.insert("WATCH_DIR".into(), input.path().display().to_string());
+    assert_eq!(
+        env_map["METRICS_ADDR"], "0.0.0.0:9102",
+        "mapped to a free loopback port"
+    );
+
+    // What the test reads back uses the same bucket, prefix and keys.
+    env.prefix = env_map["S3_PREFIX"].clone();
+    env.store = chunkstream::store::S3Store::new(&chunkstream::config::S3Config {
+        bucket: env_map["S3_BUCKET"].clone(),
+        ..support::s3_config(
+            &env.s3.endpoint(),
+            &env.prefix,
+            &env_map["AWS_ACCESS_KEY_ID"],
+            &env_map["AWS_SECRET_ACCESS_KEY"],
+        )
+    })
+    .unwrap();
+
+    // A read-only input directory, as mounted with :ro.
+    let source = input.path().join("camera-7.mp4");
+    std::fs::write(&source, pseudo_random(12 * MIB + 1, 77)).unwrap();
+    std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(input.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+
+    // The image runs as uid/gid 10001.
+    let user = support::running_as_root().then_some(10001);
+    let daemon =
+        support::Daemon::start_binary(&binary, env_map.clone(), std::path::Path::new("/"), user);
+    let meta = env.wait_complete_at(&source, "camera-7.mp4");
+    env.assert_byte_exact(&meta, &source);
+    assert_eq!(
+        meta.chunk_size_bytes,
+        10 * MIB,
+        "the Compose default CHUNK_SIZE"
+    );
+
+    // The image's HEALTHCHECK command, with the same environment.
+    let health = Command::new(&binary)
+        .arg("healthcheck")
+        .env_clear()
+        .envs(&env_map)
+        .arg("--url")
+        .arg(daemon.url())
+        .status()
+        .unwrap();
+    assert!(health.success());
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        !log.contains(&env_map["AWS_SECRET_ACCESS_KEY"]),
+        "secret in logs"
+    );
+}

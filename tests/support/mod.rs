@@ -184,23 +184,30 @@ pub struct S3Server {
     pub process: Process,
     pub port: u16,
     pub dir: TempDir,
+    keys: (String, String),
 }
 
 impl S3Server {
-    pub fn start() -> Option<Self> {
+    pub fn start(access_key: &str, secret_key: &str) -> Option<Self> {
         let binary = require_tool("s3s-fs")?;
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
         let port = free_port();
-        let process = Self::spawn(&binary, dir.path(), port);
-        Some(Self { process, port, dir })
+        let keys = (access_key.to_string(), secret_key.to_string());
+        let process = Self::spawn(&binary, dir.path(), port, &keys);
+        Some(Self {
+            process,
+            port,
+            dir,
+            keys,
+        })
     }
 
-    fn spawn(binary: &Path, dir: &Path, port: u16) -> Process {
+    fn spawn(binary: &Path, dir: &Path, port: u16, keys: &(String, String)) -> Process {
         let (log, log_path) = log_file(dir, &format!("s3s-fs-{}.log", free_port()));
         let child = Command::new(binary)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .args(["--access-key", &keys.0, "--secret-key", &keys.1])
             .arg(dir.join("data"))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -221,7 +228,7 @@ impl S3Server {
     /// Starts it again on the same port and data directory.
     pub fn restart(&mut self) {
         let binary = require_tool("s3s-fs").expect("s3s-fs was found before");
-        self.process = Self::spawn(&binary, self.dir.path(), self.port);
+        self.process = Self::spawn(&binary, self.dir.path(), self.port, &self.keys);
     }
 
     pub fn endpoint(&self) -> String {
@@ -243,12 +250,18 @@ pub struct TestEnv {
 impl TestEnv {
     /// `None` (skip) when a server binary is missing outside CI.
     pub fn start() -> Option<Self> {
+        Self::start_with_keys(ACCESS_KEY, SECRET_KEY)
+    }
+
+    /// Like `start`, with the S3 server requiring these SigV4 keys.
+    pub fn start_with_keys(access_key: &str, secret_key: &str) -> Option<Self> {
         let redis = RedisServer::start()?;
-        let s3 = S3Server::start()?;
+        let s3 = S3Server::start(access_key, secret_key)?;
         let watch = tempfile::tempdir().expect("watch dir");
         let staging = tempfile::tempdir().expect("staging dir");
         let prefix = "streams/".to_string();
-        let store = S3Store::new(&s3_config(&s3.endpoint(), &prefix)).expect("S3 client");
+        let store = S3Store::new(&s3_config(&s3.endpoint(), &prefix, access_key, secret_key))
+            .expect("S3 client");
         Some(Self {
             redis,
             s3,
@@ -345,7 +358,12 @@ impl TestEnv {
 
     /// Waits until `rel` has complete metadata whose size matches the file.
     pub fn wait_complete(&self, rel: &str) -> StreamMetadata {
-        let size = std::fs::metadata(self.file(rel)).expect("source").len();
+        self.wait_complete_at(&self.file(rel), rel)
+    }
+
+    /// Like `wait_complete`, for a source file outside `self.watch`.
+    pub fn wait_complete_at(&self, source: &Path, rel: &str) -> StreamMetadata {
+        let size = std::fs::metadata(source).expect("source").len();
         let mut found = None;
         wait_for(&format!("complete metadata for {rel}"), || {
             found = self.all_metadata().into_iter().find(|meta| {
@@ -429,7 +447,7 @@ impl TestEnv {
     }
 }
 
-pub fn s3_config(endpoint: &str, prefix: &str) -> S3Config {
+pub fn s3_config(endpoint: &str, prefix: &str, access_key: &str, secret_key: &str) -> S3Config {
     S3Config {
         endpoint: Some(endpoint.to_string()),
         region: "us-east-1".into(),
@@ -438,8 +456,8 @@ pub fn s3_config(endpoint: &str, prefix: &str) -> S3Config {
         path_style: true,
         request_timeout: Duration::from_secs(30),
         credentials: Some(S3Credentials {
-            access_key_id: ACCESS_KEY.into(),
-            secret_access_key: SECRET_KEY.into(),
+            access_key_id: access_key.into(),
+            secret_access_key: secret_key.into(),
         }),
     }
 }
@@ -452,21 +470,36 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(mut env: BTreeMap<String, String>, cwd: &Path) -> Self {
+    pub fn start(env: BTreeMap<String, String>, cwd: &Path) -> Self {
+        Self::start_binary(Path::new(env!("CARGO_BIN_EXE_chunkstream")), env, cwd, None)
+    }
+
+    /// Runs `binary run` with exactly `env` (plus a free loopback
+    /// `METRICS_ADDR`), optionally as another user.
+    pub fn start_binary(
+        binary: &Path,
+        mut env: BTreeMap<String, String>,
+        cwd: &Path,
+        uid_gid: Option<u32>,
+    ) -> Self {
+        use std::os::unix::process::CommandExt;
         let metrics_port = free_port();
         env.insert("METRICS_ADDR".into(), format!("127.0.0.1:{metrics_port}"));
         let log_dir = tempfile::tempdir().expect("log dir");
         let (log, log_path) = log_file(log_dir.path(), "chunkstream.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_chunkstream"))
+        let mut command = Command::new(binary);
+        command
             .arg("run")
             .env_clear()
             .envs(&env)
             .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("chunkstream starts");
+            .stderr(log);
+        if let Some(id) = uid_gid {
+            command.uid(id).gid(id);
+        }
+        let child = command.spawn().expect("chunkstream starts");
         let daemon = Self {
             process: Process {
                 child,
@@ -578,4 +611,17 @@ pub fn sha256_file(path: &Path) -> String {
         hasher.update(&buffer[..read]);
     }
     hex::encode(hasher.finalize())
+}
+
+/// Whether this process runs as root (then tests run the binary as 10001).
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("Uid:"))
+                .and_then(|line| line.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
 }
