@@ -38,6 +38,13 @@ pub enum RunOutcome {
     DrainTimedOut(Vec<String>),
 }
 
+fn is_power_of_ten(mut n: u32) -> bool {
+    while n >= 10 && n.is_multiple_of(10) {
+        n /= 10;
+    }
+    n == 1
+}
+
 /// Waits `delay`, or less if a stop is requested. True if a stop was requested.
 fn stop_requested_within(stop: &Receiver<()>, delay: Duration) -> bool {
     !matches!(
@@ -284,6 +291,8 @@ pub struct Coordinator {
     heartbeat: Arc<Heartbeat>,
     /// Whether the last registration failed (to log an outage once).
     registration_failing: bool,
+    /// Redis recoveries already answered with a write-back.
+    redis_recoveries_handled: u64,
 }
 
 impl Coordinator {
@@ -317,6 +326,7 @@ impl Coordinator {
             retired: HashMap::new(),
             heartbeat: observers.heartbeat,
             registration_failing: false,
+            redis_recoveries_handled: 0,
         }
     }
 
@@ -348,6 +358,7 @@ impl Coordinator {
                 self.scan(now);
                 next_scan = now + self.config.poll_interval;
             }
+            self.write_back_after_redis_recovery();
             self.dispatch(Instant::now());
             self.publish_gauges();
             self.heartbeat.beat();
@@ -468,6 +479,34 @@ impl Coordinator {
                     }
                 }
             }
+        }
+    }
+
+    /// After Redis was down, it may have restarted without its data: write
+    /// back every stream whose record is gone, so that a later restart of
+    /// chunkstream still resumes them. Retried on the next turn if it fails.
+    fn write_back_after_redis_recovery(&mut self) {
+        let recoveries = self.readiness.redis_recoveries();
+        if recoveries == self.redis_recoveries_handled {
+            return;
+        }
+        let mut restored = 0;
+        for stream in self.table.iter() {
+            match self.checkpoints.restore_stream(&stream.to_stored()) {
+                Ok(written) => restored += usize::from(written),
+                Err(err) => {
+                    warn!("Redis is back but writing checkpoints back failed: {err}; retrying");
+                    return;
+                }
+            }
+        }
+        self.redis_recoveries_handled = recoveries;
+        if restored > 0 {
+            warn!(
+                "Redis had lost {restored} stream records (restarted without persistence?); wrote them back"
+            );
+        } else {
+            info!("Redis is back with every checkpoint intact");
         }
     }
 
@@ -686,11 +725,18 @@ impl Coordinator {
                 Event::FinalizeInterrupted
             }
             Outcome::Failed(reason) => {
-                warn!(
-                    stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
-                    "stream {}: job for {} failed: {reason}; will retry",
-                    stream.id, stream.rel_path
-                );
+                self.events.source_error();
+                // The 1st, 10th, 100th, … failure in a row: a permanent
+                // problem (permissions) is warned about once, and stays
+                // visible in the logs without a line per retry.
+                let failures_in_a_row = stream.state.failures + 1;
+                if failures_in_a_row == 1 || is_power_of_ten(failures_in_a_row) {
+                    warn!(
+                        stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
+                        "stream {}: job for {} failed ({failures_in_a_row} in a row): {reason}; retrying with backoff",
+                        stream.id, stream.rel_path
+                    );
+                }
                 Event::JobFailed
             }
             Outcome::Cancelled => Event::JobCancelled,
@@ -743,5 +789,23 @@ impl Coordinator {
             gauges.pending_bytes += stream.state.size.saturating_sub(stream.uploaded_bytes());
         }
         self.events.gauges(&gauges);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn powers_of_ten_pace_the_repeated_warnings() {
+        let warned: Vec<u32> = (1..=1000).filter(|&n| is_power_of_ten(n)).collect();
+        assert_eq!(warned, vec![1, 10, 100, 1000]);
+    }
+
+    #[test]
+    fn instance_ids_are_unique_per_process_and_name_the_host() {
+        let (a, b) = (instance_id(), instance_id());
+        assert_ne!(a, b);
+        assert!(a.contains(&format!("-{}-", std::process::id())), "{a}");
     }
 }

@@ -16,6 +16,8 @@ pub trait Events: Send + Sync {
     fn chunk_uploaded(&self, _bytes: u64, _seconds: f64, _reupload: bool) {}
     /// One failed attempt of an S3 request, by error kind.
     fn upload_error(&self, _kind: &'static str) {}
+    /// A job failed on the source file (unreadable, read error, gone).
+    fn source_error(&self) {}
     /// One failed attempt to write a checkpoint.
     fn checkpoint_error(&self) {}
     /// A stream was closed: `complete` or `incomplete`. `lag_seconds` is the

@@ -62,19 +62,13 @@ impl ReadinessReport {
 
 /// The outcome of the last check of each dependency. Starts as unknown
 /// ("error: not checked yet"), so an instance is not ready before it knows.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Readiness {
     redis: Mutex<Option<Result<(), String>>>,
     storage: Mutex<Option<Result<(), String>>>,
-}
-
-impl Default for Readiness {
-    fn default() -> Self {
-        Self {
-            redis: Mutex::new(None),
-            storage: Mutex::new(None),
-        }
-    }
+    /// How many times Redis came back after being down; the coordinator then
+    /// writes back whatever Redis may have lost.
+    redis_recoveries: AtomicU64,
 }
 
 impl Readiness {
@@ -89,9 +83,18 @@ impl Readiness {
     pub fn record(&self, dependency: Dependency, outcome: Result<(), String>) -> bool {
         let mut slot = self.slot(dependency).lock().expect("readiness lock");
         let was_up = matches!(*slot, Some(Ok(())));
+        let was_down = matches!(*slot, Some(Err(_)));
         let is_up = outcome.is_ok();
         *slot = Some(outcome);
+        if dependency == Dependency::Redis && was_down && is_up {
+            self.redis_recoveries.fetch_add(1, Ordering::SeqCst);
+        }
         was_up != is_up
+    }
+
+    /// Times Redis came back after a failed check.
+    pub fn redis_recoveries(&self) -> u64 {
+        self.redis_recoveries.load(Ordering::SeqCst)
     }
 
     pub fn is_up(&self, dependency: Dependency) -> bool {
@@ -143,6 +146,10 @@ mod tests {
         assert_eq!(report.s3, "error: connection refused");
         assert_eq!(report.redis, "ok");
         assert!(readiness.is_down(Dependency::Storage));
+        assert_eq!(readiness.redis_recoveries(), 0);
+        readiness.record(Dependency::Redis, Err("broken pipe".into()));
+        readiness.record(Dependency::Redis, Ok(()));
+        assert_eq!(readiness.redis_recoveries(), 1);
     }
 
     #[test]

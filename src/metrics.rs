@@ -29,6 +29,7 @@ pub struct Metrics {
     streams_completed: IntCounterVec,
     upload_errors: IntCounterVec,
     checkpoint_errors: IntCounter,
+    source_errors: IntCounter,
     streams_active: IntGauge,
     files_tracked: IntGauge,
     inflight_jobs: IntGauge,
@@ -131,6 +132,11 @@ impl Metrics {
                 &registry,
                 "chunkstream_checkpoint_errors_total",
                 "Failed checkpoint writes to Redis.",
+            ),
+            source_errors: counter(
+                &registry,
+                "chunkstream_source_errors_total",
+                "Jobs that failed on the source file (permissions, read errors); retried with backoff.",
             ),
             streams_active: gauge(
                 &registry,
@@ -259,6 +265,10 @@ impl Events for Metrics {
 
     fn checkpoint_error(&self) {
         self.checkpoint_errors.inc();
+    }
+
+    fn source_error(&self) {
+        self.source_errors.inc();
     }
 
     fn stream_closed(&self, status: &'static str, lag_seconds: f64) {

@@ -815,3 +815,532 @@ fn container_equivalent_smoke_test_with_the_compose_environment() {
         "secret in logs"
     );
 }
+
+// ---- Resilience ------------------------------------------------------------
+
+#[test]
+fn r1_an_s3_outage_mid_stream_is_ridden_out_without_operator_action() {
+    let Some(mut env) = TestEnv::start() else {
+        return;
+    };
+    let daemon = env.start_daemon(&[("STREAM_TIMEOUT", "3s")]);
+    let path = env.file("outage.mp4");
+    append(&path, &pseudo_random(6 * MIB, 21));
+    wait_for("chunk 0", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") >= 1.0
+    });
+
+    env.s3.stop();
+    append(&path, &pseudo_random(9 * MIB, 22));
+    wait_for("/readyz to report the outage", || {
+        daemon.http("GET", "/readyz").0 == 503
+    });
+    wait_for("several failed attempts, counted by kind", || {
+        daemon.metric_sum("chunkstream_upload_errors_total") >= 3.0
+    });
+    assert!(daemon.metric("chunkstream_upload_errors_total{kind=\"connect\"}") >= 1.0);
+    // Several backoff periods (RETRY_MAX_DELAY is 1 s here) pass with S3 down.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(daemon.metric("chunkstream_storage_up"), 0.0);
+
+    env.s3.restart();
+    append(&path, &pseudo_random(4321, 23));
+    let meta = env.wait_complete("outage.mp4");
+    env.assert_byte_exact(&meta, &path);
+    wait_for("ready again", || daemon.http("GET", "/readyz").0 == 200);
+}
+
+#[test]
+fn r2_a_hung_s3_times_out_and_uploads_continue_after_sigcont() {
+    let Some(env) = TestEnv::start() else { return };
+    let daemon = env.start_daemon(&[("S3_REQUEST_TIMEOUT", "2s"), ("STREAM_TIMEOUT", "3s")]);
+    let path = env.file("hung.mp4");
+    append(&path, &pseudo_random(6 * MIB, 31));
+    wait_for("chunk 0", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") >= 1.0
+    });
+
+    env.s3.process.signal("STOP");
+    append(&path, &pseudo_random(9 * MIB, 32));
+    wait_for("a request timeout", || {
+        daemon.metric("chunkstream_upload_errors_total{kind=\"timeout\"}") >= 1.0
+    });
+    env.s3.process.signal("CONT");
+
+    let meta = env.wait_complete("hung.mp4");
+    env.assert_byte_exact(&meta, &path);
+}
+
+#[test]
+fn r3_redis_restarts_with_and_without_its_data_lose_nothing() {
+    let Some(mut env) = TestEnv::start() else {
+        return;
+    };
+    let daemon = env.start_daemon(&[("STREAM_TIMEOUT", "3s")]);
+    let path = env.file("redis-bounce.mp4");
+    append(&path, &pseudo_random(6 * MIB, 41));
+    wait_for("chunk 0", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") >= 1.0
+    });
+
+    // With persistence: the checkpoints are still there.
+    env.redis.crash_and_restart(true);
+    append(&path, &pseudo_random(5 * MIB, 42));
+    wait_for("chunk 1", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") >= 2.0
+    });
+    let ids = env.registered_stream_ids();
+    assert_eq!(ids.len(), 1);
+    wait_for("both checkpoints", || env.checkpointed_chunks(&ids[0]) == 2);
+
+    // Without: every key is gone; chunkstream writes back what it knows.
+    env.redis.crash_and_restart(false);
+    append(&path, &pseudo_random(5 * MIB + 1234, 43));
+    let meta = env.wait_complete("redis-bounce.mp4");
+    assert_eq!(meta.stream_id, ids[0]);
+    env.assert_byte_exact(&meta, &path);
+    wait_for("the lost records written back", || {
+        env.registered_stream_ids() == ids
+            && env.checkpointed_chunks(&ids[0]) == meta.chunks.len() as u64
+    });
+    let (status, log) = daemon.terminate();
+    assert!(status.success());
+    assert!(log.contains("lost 1 stream records"), "{log}");
+
+    // So a restart of chunkstream finds the stream complete: nothing again.
+    let daemon = env.start_daemon(&[]);
+    wait_for("the stream resumed as complete", || {
+        daemon.metric("chunkstream_files_tracked") == 1.0
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(daemon.metric("chunkstream_chunks_uploaded_total"), 0.0);
+    assert_eq!(daemon.metric("chunkstream_streams_active"), 0.0);
+}
+
+/// The (stream id, chunk) pairs a JSON log says were uploaded.
+fn uploads_in_log(log: &str) -> Vec<(String, u64)> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|entry| {
+            entry["msg"]
+                .as_str()
+                .is_some_and(|msg| msg.contains(" uploaded ("))
+        })
+        .filter_map(|entry| {
+            Some((
+                entry["stream_id"].as_str()?.to_string(),
+                entry["chunk"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn r4_kill_9_at_ten_random_moments_loses_nothing_and_repeats_no_checkpointed_chunk() {
+    let Some(env) = TestEnv::start() else { return };
+    let settings = [("STREAM_TIMEOUT", "4s"), ("LOG_FORMAT", "json")];
+    let rels = ["k/one.mp4", "k/two.mp4", "three.mp4"];
+    std::fs::create_dir_all(env.file("k")).unwrap();
+    let paths: Vec<_> = rels.iter().map(|rel| env.file(rel)).collect();
+
+    // Three recordings grow in the background, in 1 MiB bursts.
+    let writer_paths = paths.clone();
+    let writer = std::thread::spawn(move || {
+        for round in 0..24u64 {
+            for (n, path) in writer_paths.iter().enumerate() {
+                append(path, &pseudo_random(MIB, round * 10 + n as u64));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        for (n, path) in writer_paths.iter().enumerate() {
+            append(path, &pseudo_random(1000 + n as u64, 999));
+        }
+    });
+
+    let mut rng = 0x5eed_u64;
+    let mut next_pause = || {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        Duration::from_millis(200 + (rng >> 33) % 1300)
+    };
+    let mut uploads_seen = 0;
+    for kill in 0..10 {
+        let checkpointed_before = env.checkpointed_indices();
+        let daemon = env.start_daemon(&settings);
+        std::thread::sleep(next_pause());
+        let log = daemon.kill_hard();
+        let uploads = uploads_in_log(&log);
+        uploads_seen += uploads.len();
+        for upload in uploads {
+            assert!(
+                !checkpointed_before.contains(&upload),
+                "run {kill} uploaded checkpointed chunk {upload:?} again"
+            );
+        }
+    }
+    writer.join().unwrap();
+
+    let checkpointed_before = env.checkpointed_indices();
+    let daemon = env.start_daemon(&settings);
+    let ids_before = env.registered_stream_ids();
+    assert_eq!(ids_before.len(), 3, "stream ids survive every crash");
+    for (rel, path) in rels.iter().zip(&paths) {
+        let meta = env.wait_complete(rel);
+        assert!(ids_before.contains(&meta.stream_id));
+        env.assert_byte_exact(&meta, path);
+    }
+    let (status, log) = daemon.terminate();
+    assert!(status.success());
+    let uploads = uploads_in_log(&log);
+    uploads_seen += uploads.len();
+    for upload in uploads {
+        assert!(
+            !checkpointed_before.contains(&upload),
+            "final run repeated {upload:?}"
+        );
+    }
+    assert!(
+        uploads_seen >= 15,
+        "the logs show the uploads ({uploads_seen})"
+    );
+}
+
+#[test]
+fn r5_sigterm_mid_chunk_drains_and_exits_0_then_a_restart_completes() {
+    let Some(env) = TestEnv::start() else { return };
+    let daemon = env.start_daemon(&[("STREAM_TIMEOUT", "3s"), ("SHUTDOWN_TIMEOUT", "20s")]);
+    let path = env.drop_file("big.mp4", &pseudo_random(40 * MIB + 9, 51));
+    wait_for("the first chunk", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") >= 1.0
+    });
+    let (status, log) = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("shutdown requested"), "{log}");
+    assert!(log.contains("drained:"), "{log}");
+
+    let daemon = env.start_daemon(&[("STREAM_TIMEOUT", "3s")]);
+    let meta = env.wait_complete("big.mp4");
+    env.assert_byte_exact(&meta, &path);
+    assert!(daemon.metric("chunkstream_chunks_uploaded_total") < meta.chunks.len() as f64);
+}
+
+#[test]
+fn r6_a_drain_past_shutdown_timeout_exits_1_and_a_second_signal_exits_at_once() {
+    let Some(env) = TestEnv::start() else { return };
+    let settings = [
+        ("S3_REQUEST_TIMEOUT", "60s"),
+        ("SHUTDOWN_TIMEOUT", "2s"),
+        ("STREAM_TIMEOUT", "3s"),
+    ];
+    let daemon = env.start_daemon(&settings);
+    wait_for("ready", || daemon.http("GET", "/readyz").0 == 200);
+    // S3 hangs with a chunk PUT in flight.
+    env.s3.process.signal("STOP");
+    let path = env.drop_file("stuck.mp4", &pseudo_random(7 * MIB, 61));
+    wait_for("a job in flight", || {
+        daemon.metric("chunkstream_inflight_jobs") >= 1.0
+    });
+    let (status, log) = daemon.terminate();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let ids = env.registered_stream_ids();
+    assert!(
+        log.contains("SHUTDOWN_TIMEOUT") && log.contains(&ids[0]),
+        "{log}"
+    );
+
+    // Still hung: this one blocks in its start-up bucket check. The first
+    // SIGTERM asks for a drain; the second ends it at once.
+    let mut daemon = env.start_daemon(&[("SHUTDOWN_TIMEOUT", "60s")]);
+    daemon.process.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.process.signal("TERM");
+    assert_eq!(daemon.process.wait_exit().code(), Some(130));
+
+    env.s3.process.signal("CONT");
+    let _daemon = env.start_daemon(&[("STREAM_TIMEOUT", "3s")]);
+    let meta = env.wait_complete("stuck.mp4");
+    env.assert_byte_exact(&meta, &path);
+}
+
+#[test]
+fn r7_secrets_never_appear_in_output() {
+    let redis_password = "RedisPassw0rd-Zx81q";
+    let wrong_secret = "WrongS3Secret-Qk47v";
+    let Some(redis) = support::RedisServer::start_with_args(&["--requirepass", redis_password])
+    else {
+        return;
+    };
+    let Some(env) = TestEnv::start() else { return };
+
+    // Wrong S3 secret: the bucket check fails and is retried.
+    let daemon = env.start_daemon(&[("AWS_SECRET_ACCESS_KEY", wrong_secret)]);
+    wait_for("two failed bucket checks", || {
+        daemon.log().matches("checking bucket failed").count() >= 2
+    });
+    let (_, readyz) = daemon.http("GET", "/readyz");
+    let log = daemon.kill_hard();
+    assert!(
+        log.contains(support::BUCKET) && log.contains(&env.s3.endpoint()),
+        "{log}"
+    );
+    assert!(
+        !log.contains(wrong_secret) && !readyz.contains(wrong_secret),
+        "{log}"
+    );
+
+    // Wrong Redis password: loading checkpoints fails and is retried.
+    let url = format!("redis://:{redis_password}-wrong@127.0.0.1:{}/0", redis.port);
+    let daemon = env.start_daemon(&[("REDIS_URL", &url)]);
+    wait_for("two failed checkpoint loads", || {
+        daemon.log().matches("loading checkpoints failed").count() >= 2
+    });
+    let (_, readyz) = daemon.http("GET", "/readyz");
+    let log = daemon.kill_hard();
+    assert!(
+        log.contains(":***@127.0.0.1"),
+        "the URL is shown redacted: {log}"
+    );
+    assert!(
+        !log.contains(redis_password) && !readyz.contains(redis_password),
+        "{log}"
+    );
+
+    // And a config error mentioning the URL does not show it either.
+    let output = env.command(&[
+        "--redis-url",
+        &format!("redis://:{redis_password}@[bad"),
+        "run",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!all.contains(redis_password), "{all}");
+    let help = env.command(&["--help"]);
+    assert!(!String::from_utf8_lossy(&help.stdout).contains(support::SECRET_KEY));
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Lines of the log that mention `needle`.
+fn mentions(log: &str, needle: &str) -> usize {
+    log.lines().filter(|line| line.contains(needle)).count()
+}
+
+#[test]
+fn r8_bad_input_is_handled_row_by_row_and_the_other_streams_go_on() {
+    let Some(ffmpeg) = require_tool("ffmpeg") else {
+        return;
+    };
+    let Some(env) = TestEnv::start() else { return };
+    let watch = env.watch.path();
+    // Run as a non-root uid so that file permissions apply.
+    set_mode(watch, 0o755);
+    let user = support::running_as_root().then_some(10001);
+    let mut daemon_env = env.daemon_env();
+    daemon_env.insert("STREAM_TIMEOUT".into(), "3s".into());
+
+    // Rows that are ignored.
+    std::fs::create_dir_all(watch.join("dir.mp4")).unwrap();
+    std::fs::write(watch.join(".hidden.mp4"), b"hidden").unwrap();
+    std::fs::write(watch.join("rec.mp4.tmp"), b"temp").unwrap();
+    std::os::unix::fs::symlink(watch.join("nowhere"), watch.join("broken.mp4")).unwrap();
+    std::fs::create_dir_all(watch.join("loop")).unwrap();
+    std::os::unix::fs::symlink(watch, watch.join("loop/again")).unwrap();
+    // Rows that must be uploaded byte-exact.
+    std::fs::write(watch.join("empty.mp4"), b"").unwrap();
+    std::fs::write(watch.join("not-video.mp4"), pseudo_random(MIB, 81)).unwrap();
+    let status = Command::new(&ffmpeg)
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi"])
+        .args([
+            "-i",
+            "testsrc=size=320x240:rate=25:duration=2",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+        ])
+        .arg(env.staging.path().join("full.mp4"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let video = std::fs::read(env.staging.path().join("full.mp4")).unwrap();
+    std::fs::write(watch.join("truncated.mp4"), &video[..video.len() / 2]).unwrap();
+    let long_name = format!("{}.mp4", "very-long-name ".repeat(16));
+    let odd_names = ["name with spaces ünïcödé.mp4", long_name.as_str()];
+    for (n, name) in odd_names.iter().enumerate() {
+        std::fs::write(watch.join(name), pseudo_random(1000 + n as u64, 82)).unwrap();
+    }
+    for dir in ["a", "b"] {
+        std::fs::create_dir_all(watch.join(dir)).unwrap();
+        std::fs::write(watch.join(dir).join("same.mp4"), pseudo_random(2000, 83)).unwrap();
+    }
+    let future = watch.join("future.mp4");
+    std::fs::write(&future, pseudo_random(3000, 84)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&future)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(50 * 365 * 86400))
+        .unwrap();
+    let unreadable = watch.join("unreadable.mp4");
+    std::fs::write(&unreadable, pseudo_random(4000, 85)).unwrap();
+    set_mode(&unreadable, 0o000);
+    std::fs::write(watch.join("rec.mp4.part"), pseudo_random(5000, 86)).unwrap();
+
+    let daemon = support::Daemon::start_binary(
+        std::path::Path::new(env!("CARGO_BIN_EXE_chunkstream")),
+        daemon_env,
+        watch,
+        user,
+    );
+    let uploaded = [
+        "not-video.mp4",
+        "truncated.mp4",
+        "a/same.mp4",
+        "b/same.mp4",
+        "future.mp4",
+        odd_names[0],
+        odd_names[1],
+    ];
+    for rel in uploaded {
+        let meta = env.wait_complete(rel);
+        env.assert_byte_exact(&meta, &env.file(rel));
+        assert_eq!(
+            meta.media.duration_seconds, None,
+            "{rel} is no readable MP4"
+        );
+        assert_eq!(meta.source.file_name, rel.rsplit('/').next().unwrap());
+        let chunk_key = &meta.chunks[0].key;
+        assert!(
+            chunk_key.len() <= 1024 && chunk_key.is_ascii(),
+            "{chunk_key}"
+        );
+    }
+    let same: Vec<String> = ["a/same.mp4", "b/same.mp4"]
+        .iter()
+        .map(|rel| env.metadata_for(rel).unwrap().stream_id)
+        .collect();
+    assert_ne!(same[0], same[1], "same name, two streams");
+    let log = daemon.log();
+    assert_eq!(
+        mentions(&log, "not-video.mp4 is not a readable MP4"),
+        1,
+        "{log}"
+    );
+
+    // The unreadable file: warned once with its path, counted, retried.
+    wait_for("read failures to be counted", || {
+        daemon.metric("chunkstream_source_errors_total") >= 3.0
+    });
+    assert_eq!(
+        mentions(&daemon.log(), "unreadable.mp4 failed"),
+        1,
+        "{}",
+        daemon.log()
+    );
+    set_mode(&unreadable, 0o644);
+    let meta = env.wait_complete("unreadable.mp4");
+    env.assert_byte_exact(&meta, &unreadable);
+
+    // The zero-byte file is tracked but never completed, until it has bytes.
+    assert!(env.metadata_for("empty.mp4").is_none());
+    append(&watch.join("empty.mp4"), &pseudo_random(6000, 87));
+    let meta = env.wait_complete("empty.mp4");
+    env.assert_byte_exact(&meta, &watch.join("empty.mp4"));
+
+    // A .part renamed to its final name is picked up.
+    std::fs::rename(watch.join("rec.mp4.part"), watch.join("rec.mp4")).unwrap();
+    let meta = env.wait_complete("rec.mp4");
+    env.assert_byte_exact(&meta, &watch.join("rec.mp4"));
+
+    // Ignored rows never became streams; symlinks were warned about once.
+    for ignored in ["dir.mp4", ".hidden.mp4", "rec.mp4.tmp", "broken.mp4"] {
+        assert!(env.metadata_for(ignored).is_none(), "{ignored}");
+    }
+    let log = daemon.log();
+    assert_eq!(mentions(&log, "broken.mp4"), 1, "{log}");
+    assert!(mentions(&log, "loop") <= 1, "{log}");
+    assert_eq!(
+        daemon.metric("chunkstream_streams_completed_total{status=\"incomplete\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn r9_renames_within_the_tree_and_a_vanishing_watch_dir() {
+    let Some(env) = TestEnv::start() else { return };
+    let daemon = env.start_daemon(&[("STREAM_TIMEOUT", "3s")]);
+    let watch = env.watch.path();
+    // Renamed inside the tree while growing: one stream, final path recorded.
+    let moving = watch.join("moving.mp4");
+    append(&moving, &pseudo_random(6 * MIB, 91));
+    wait_for("chunk 0", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") >= 1.0
+    });
+    std::fs::create_dir_all(watch.join("done")).unwrap();
+    std::fs::rename(&moving, watch.join("done/moved.mp4")).unwrap();
+    append(&watch.join("done/moved.mp4"), &pseudo_random(MIB, 92));
+    let meta = env.wait_complete("done/moved.mp4");
+    env.assert_byte_exact(&meta, &watch.join("done/moved.mp4"));
+    assert_eq!(daemon.metric("chunkstream_streams_discovered_total"), 1.0);
+
+    // Renamed away and back within the grace period: the stream continues.
+    let back = watch.join("back.mp4");
+    append(&back, &pseudo_random(2 * MIB, 93));
+    wait_for("back.mp4 discovered", || {
+        daemon.metric("chunkstream_streams_discovered_total") == 2.0
+    });
+    std::fs::rename(&back, watch.join("back.mov")).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    std::fs::rename(watch.join("back.mov"), &back).unwrap();
+    let meta = env.wait_complete("back.mp4");
+    env.assert_byte_exact(&meta, &back);
+    assert_eq!(daemon.metric("chunkstream_streams_discovered_total"), 2.0);
+
+    // The whole watch directory goes away (an unmount) for longer than the
+    // grace period: nothing is treated as deleted, and it resumes after.
+    let recording = watch.join("while-away.mp4");
+    let uploaded = daemon.metric("chunkstream_chunks_uploaded_total");
+    append(&recording, &pseudo_random(6 * MIB, 94));
+    wait_for("its chunk 0", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") > uploaded
+    });
+    let away = env.staging.path().join("away");
+    std::fs::rename(watch, &away).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    std::fs::rename(&away, watch).unwrap();
+    append(&recording, &pseudo_random(MIB, 95));
+    let meta = env.wait_complete("while-away.mp4");
+    env.assert_byte_exact(&meta, &recording);
+    assert_eq!(
+        daemon.metric("chunkstream_streams_completed_total{status=\"incomplete\"}"),
+        0.0
+    );
+    assert_eq!(
+        mentions(&daemon.log(), "is not readable"),
+        1,
+        "{}",
+        daemon.log()
+    );
+
+    // Renamed to an extension we do not watch: closed as vanished.
+    let gone = watch.join("gone.mp4");
+    let uploaded = daemon.metric("chunkstream_chunks_uploaded_total");
+    append(&gone, &pseudo_random(6 * MIB, 96));
+    wait_for("its chunk 0", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") > uploaded
+    });
+    std::fs::rename(&gone, watch.join("gone.mov")).unwrap();
+    wait_for("gone.mp4 closed as vanished", || {
+        env.all_metadata()
+            .iter()
+            .any(|m| m.source.path == "gone.mp4" && m.reason.as_deref() == Some("vanished"))
+    });
+}

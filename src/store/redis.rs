@@ -122,6 +122,11 @@ pub trait CheckpointStore: Send {
     /// Marks the stream incomplete, with the reason. Idempotent.
     fn mark_incomplete(&mut self, stream_id: &str, reason: &str) -> Result<(), CheckpointError>;
 
+    /// Writes the stream back (record, chunks, identity mapping) if its record
+    /// is missing, as after a Redis restart that lost its data. Returns
+    /// whether anything was written.
+    fn restore_stream(&mut self, stream: &StoredStream) -> Result<bool, CheckpointError>;
+
     /// Removes the identity → stream mapping if it still points to `stream_id`.
     fn forget_identity(
         &mut self,
@@ -162,6 +167,27 @@ end
 return ARGV[2]
 ";
 
+/// Write a stream back if its record is gone (no `id` field): the record
+/// fields, the chunk records and the identity mapping, each only where
+/// missing, so that anything a worker wrote since Redis came back wins.
+const RESTORE_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[2], 'id') == 1 then
+  return 0
+end
+if not redis.call('HGET', KEYS[1], ARGV[1]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+local fields = tonumber(ARGV[3])
+local first_chunk = 4 + fields * 2
+for i = 4, first_chunk - 1, 2 do
+  redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+for i = first_chunk, #ARGV, 2 do
+  redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+return 1
+";
+
 /// Delete the identity mapping only if it still points at this stream.
 const FORGET_LUA: &str = r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
@@ -178,6 +204,7 @@ pub struct RedisStore {
     timeout: Duration,
     shown_url: String,
     register: Script,
+    restore: Script,
     forget: Script,
 }
 
@@ -197,6 +224,7 @@ impl RedisStore {
             timeout: config.timeout,
             shown_url,
             register: Script::new(REGISTER_LUA),
+            restore: Script::new(RESTORE_LUA),
             forget: Script::new(FORGET_LUA),
         })
     }
@@ -436,6 +464,29 @@ impl CheckpointStore for RedisStore {
                 .arg("reason")
                 .arg(reason)
                 .query(con)
+        })
+    }
+
+    fn restore_stream(&mut self, stream: &StoredStream) -> Result<bool, CheckpointError> {
+        let restore = self.restore.clone();
+        let fields = stream_fields(stream);
+        self.with_connection(|con, keys| {
+            let mut invocation = restore.key(keys.identities());
+            invocation
+                .key(keys.stream(&stream.id))
+                .key(keys.chunks(&stream.id))
+                .arg(stream.identity.key())
+                .arg(&stream.id)
+                .arg(fields.len());
+            for (name, value) in &fields {
+                invocation.arg(*name).arg(value);
+            }
+            for (index, chunk) in &stream.chunks {
+                invocation
+                    .arg(index)
+                    .arg(serde_json::to_string(chunk).expect("chunk records serialize"));
+            }
+            invocation.invoke::<i64>(con).map(|written| written == 1)
         })
     }
 

@@ -127,8 +127,18 @@ impl TrackedStream {
         })
     }
 
-    /// The record to register in the checkpoint store.
+    /// The record as the checkpoint store should hold it.
     pub fn to_stored(&self) -> StoredStream {
+        let (status, (completed_size, completed_mtime_ns)) = match self.state.phase {
+            Phase::Complete => (
+                StoredStatus::Complete,
+                self.state
+                    .completed
+                    .unwrap_or((self.state.size, self.state.mtime_ns)),
+            ),
+            Phase::Closed(_) => (StoredStatus::Incomplete, (0, 0)),
+            Phase::Active | Phase::Finalizing => (StoredStatus::Active, (0, 0)),
+        };
         StoredStream {
             id: self.id.clone(),
             identity: self.identity,
@@ -137,10 +147,10 @@ impl TrackedStream {
             chunk_size: self.state.chunk_size,
             started_at: self.started_at,
             last_change_at: self.last_change_at,
-            status: StoredStatus::Active,
+            status,
             revision: self.revision,
-            completed_size: 0,
-            completed_mtime_ns: 0,
+            completed_size,
+            completed_mtime_ns,
             chunks: self.chunks.clone(),
         }
     }

@@ -614,6 +614,9 @@ mod tests {
         fn mark_incomplete(&mut self, _: &str, _: &str) -> Result<(), CheckpointError> {
             Ok(())
         }
+        fn restore_stream(&mut self, _: &StoredStream) -> Result<bool, CheckpointError> {
+            Ok(false)
+        }
         fn forget_identity(&mut self, _: FileIdentity, _: &str) -> Result<(), CheckpointError> {
             Ok(())
         }

@@ -141,32 +141,73 @@ pub struct RedisServer {
     pub process: Process,
     pub port: u16,
     dir: TempDir,
+    /// Extra arguments (for example a password).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Option<Self> {
+        Self::start_with_args(&[])
+    }
+
+    /// Starts redis-server with AOF persistence (`appendfsync always`, so a
+    /// kill -9 loses nothing) plus `extra_args`.
+    pub fn start_with_args(extra_args: &[&str]) -> Option<Self> {
         let binary = require_tool("redis-server")?;
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
-        let (log, log_path) = log_file(dir.path(), "redis.log");
+        let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
+        let process = Self::spawn(&binary, dir.path(), port, &extra_args);
+        Some(Self {
+            process,
+            port,
+            dir,
+            extra_args,
+        })
+    }
+
+    fn spawn(binary: &Path, dir: &Path, port: u16, extra_args: &[String]) -> Process {
+        let (log, log_path) = log_file(dir, &format!("redis-{}.log", free_port()));
         let child = Command::new(binary)
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
+            .args(extra_args)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("redis-server starts");
         wait_for_port(port);
-        Some(Self {
-            process: Process {
-                child,
-                log: log_path,
-            },
-            port,
-            dir,
-        })
+        Process {
+            child,
+            log: log_path,
+        }
+    }
+
+    /// kill -9, then a new server on the same port: with the data directory
+    /// (persistence) or with an emptied one (data lost).
+    pub fn crash_and_restart(&mut self, keep_data: bool) {
+        self.process.kill_hard();
+        if !keep_data {
+            for entry in std::fs::read_dir(self.dir.path()).expect("redis dir") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path).expect("clear redis data");
+                } else if !path.to_string_lossy().ends_with(".log") {
+                    std::fs::remove_file(&path).expect("clear redis data");
+                }
+            }
+        }
+        let binary = require_tool("redis-server").expect("redis-server was found before");
+        self.process = Self::spawn(&binary, self.dir.path(), self.port, &self.extra_args);
     }
 
     pub fn url(&self) -> String {
@@ -427,6 +468,20 @@ impl TestEnv {
             .expect("HVALS")
     }
 
+    /// The chunk indices Redis has checkpointed, per registered stream.
+    pub fn checkpointed_indices(&self) -> std::collections::BTreeSet<(String, u64)> {
+        let mut connection = self.redis.connection();
+        let mut all = std::collections::BTreeSet::new();
+        for id in self.registered_stream_ids() {
+            let indices: Vec<u64> = redis::cmd("HKEYS")
+                .arg(format!("cstest:stream:{id}:chunks"))
+                .query(&mut connection)
+                .expect("HKEYS");
+            all.extend(indices.into_iter().map(|index| (id.clone(), index)));
+        }
+        all
+    }
+
     /// How many chunks Redis has checkpointed for a stream.
     pub fn checkpointed_chunks(&self, stream_id: &str) -> u64 {
         let mut connection = self.redis.connection();
@@ -555,6 +610,19 @@ impl Daemon {
                 (name == sample).then(|| value.parse().expect("number"))
             })
             .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+    }
+
+    /// The sum of every sample of a metric across its labels.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        let text = self.try_metrics().expect("metrics reachable");
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (sample, value) = line.rsplit_once(' ')?;
+                let metric = sample.split('{').next()?;
+                (metric == name).then(|| value.parse::<f64>().expect("number"))
+            })
+            .sum()
     }
 
     pub fn log(&self) -> String {
