@@ -26,7 +26,7 @@ use crate::store::{CheckpointStore, ObjectStore, RedisStore, S3Store};
 use crate::stream::state::{Event, Rules, Work};
 use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream};
 use crate::upload::Worker;
-use crate::upload::job::{ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
+use crate::upload::job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
 use crate::{http, random_u64};
 
 /// How a run ended.
@@ -307,6 +307,7 @@ impl Coordinator {
             stream_timeout: config.stream_timeout,
             vanish_grace: config.stream_timeout,
             retry: config.retry,
+            assemble: config.assemble,
         };
         Self {
             config,
@@ -335,7 +336,12 @@ impl Coordinator {
         let now = Instant::now();
         let mut resumed = 0;
         for stream in stored {
-            if let Some(tracked) = TrackedStream::from_stored(stream, &self.config.watch_dir, now) {
+            if let Some(tracked) = TrackedStream::from_stored(
+                stream,
+                &self.config.watch_dir,
+                now,
+                self.config.assemble,
+            ) {
                 debug!(
                     "stream {}: resumed for {} ({} chunks checkpointed)",
                     tracked.id,
@@ -583,9 +589,12 @@ impl Coordinator {
         // Someone registered this file first: continue their stream.
         match self.checkpoints.load_stream(&id) {
             Ok(Some(stored)) => {
-                if let Some(tracked) =
-                    TrackedStream::from_stored(stored, &self.config.watch_dir, now)
-                {
+                if let Some(tracked) = TrackedStream::from_stored(
+                    stored,
+                    &self.config.watch_dir,
+                    now,
+                    self.config.assemble,
+                ) {
                     info!(
                         "stream {id}: {} already registered; continuing it",
                         observation.rel_path
@@ -658,6 +667,10 @@ impl Coordinator {
                     expected_size: size,
                     chunks: stream.chunks.clone(),
                 }),
+                Work::Assemble => Job::Assemble(AssembleJob {
+                    stream: stream.stream_ref(),
+                    revision: stream.revision,
+                }),
             };
             let stream_id = stream.id.clone();
             match jobs.try_send(job) {
@@ -665,6 +678,7 @@ impl Coordinator {
                     let kind = match work {
                         Work::Upload { .. } => "chunk",
                         Work::Finalize { .. } => "finalize",
+                        Work::Assemble => "assemble",
                     };
                     self.in_flight.insert(stream_id, kind);
                     self.table
@@ -738,6 +752,10 @@ impl Coordinator {
                     );
                 }
                 Event::JobFailed
+            }
+            Outcome::Assembled { revision } => {
+                stream.assembled_revision = stream.assembled_revision.max(revision);
+                Event::Assembled
             }
             Outcome::Cancelled => Event::JobCancelled,
             Outcome::Closed => return,

@@ -70,6 +70,27 @@ pub enum Command {
         stream_id: String,
         /// Where to write the restored file; it appears only once verified.
         output: PathBuf,
+        /// Download the assembled object instead of the chunks (still verified).
+        #[arg(long)]
+        from_assembled: bool,
+    },
+    /// List the streams in the bucket (from their metadata.json), oldest completion first.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check streams in the bucket: chunks present with their sizes; --deep also checks every checksum.
+    Verify {
+        /// The stream to check.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        stream_id: Option<String>,
+        /// Check every stream in the bucket.
+        #[arg(long)]
+        all: bool,
+        /// Download and check every chunk's sha256, the whole stream's, and the assembled object.
+        #[arg(long)]
+        deep: bool,
     },
 }
 
@@ -119,6 +140,9 @@ pub struct Settings {
     /// Path-style addressing (needed for MinIO); false for virtual-hosted style.
     #[arg(long, env = "S3_PATH_STYLE", default_value = "true", global = true)]
     pub s3_path_style: String,
+    /// Assemble a playable single object per stream server-side (UploadPartCopy) at completion.
+    #[arg(long, env = "ASSEMBLE", default_value = "false", global = true)]
+    pub assemble: String,
     /// Timeout for each whole S3 request; a timeout is retried.
     #[arg(long, env = "S3_REQUEST_TIMEOUT", default_value = "60s", global = true)]
     pub s3_request_timeout: String,
@@ -189,6 +213,8 @@ pub struct Config {
     pub stream_timeout: Duration,
     pub chunk_size: u64,
     pub workers: usize,
+    /// Assemble `{prefix}{stream_id}/{file_name}` from the chunks at completion.
+    pub assemble: bool,
     pub s3: S3Config,
     pub redis: RedisConfig,
     pub retry: RetryPolicy,
@@ -333,6 +359,7 @@ impl Config {
             stream_timeout: parse_duration("STREAM_TIMEOUT", &settings.stream_timeout)?,
             chunk_size,
             workers,
+            assemble: parse_bool("ASSEMBLE", &settings.assemble)?,
             s3: S3Config::from_settings(settings)?,
             redis: RedisConfig::from_settings(settings)?,
             retry,
@@ -664,6 +691,7 @@ mod tests {
             ("--s3-endpoint=minio:9000", "S3_ENDPOINT"),
             ("--s3-bucket=Bad_Bucket", "S3_BUCKET"),
             ("--s3-path-style=maybe", "S3_PATH_STYLE"),
+            ("--assemble=sometimes", "ASSEMBLE"),
             ("--redis-url=http://localhost", "REDIS_URL"),
             ("--metrics-addr=localhost", "METRICS_ADDR"),
             ("--log-level=loud", "LOG_LEVEL"),

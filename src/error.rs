@@ -55,6 +55,11 @@ impl StorageError {
         }
     }
 
+    /// A 4xx answer: the request itself was refused, so the store is up.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, StorageError::Http { status, .. } if (400..500).contains(status))
+    }
+
     /// Whether the object is definitely absent (as opposed to unreachable).
     pub fn is_not_found(&self) -> bool {
         matches!(self, StorageError::Http { status: 404, .. })

@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod http;
+pub mod inventory;
 pub mod logging;
 pub mod media;
 pub mod metadata;

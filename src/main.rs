@@ -12,7 +12,9 @@ use clap::Parser;
 use chunkstream::app::{self, RunOutcome};
 use chunkstream::config::{Cli, Command, Config, S3Config, parse_log_format, parse_log_level};
 use chunkstream::error::AppError;
-use chunkstream::{client, logging, restore};
+use chunkstream::metadata::KeyLayout;
+use chunkstream::store::S3Store;
+use chunkstream::{client, inventory, logging, restore};
 
 fn main() -> ExitCode {
     // rust-s3 and ureq both bring rustls; without an explicit provider the
@@ -49,10 +51,14 @@ fn run(cli: Cli) -> Result<ExitCode, AppError> {
                 RunOutcome::DrainTimedOut(_) => Ok(ExitCode::FAILURE),
             }
         }
-        Command::Restore { stream_id, output } => {
+        Command::Restore {
+            stream_id,
+            output,
+            from_assembled,
+        } => {
             let s3 = S3Config::from_settings(&cli.settings)?;
             logging::init(level, format);
-            let restored = restore::restore(&s3, &stream_id, &output)?;
+            let restored = restore::restore(&s3, &stream_id, &output, from_assembled)?;
             println!(
                 "restored {stream_id} to {}: {} bytes in {} chunks, sha256 {}",
                 output.display(),
@@ -61,6 +67,59 @@ fn run(cli: Cli) -> Result<ExitCode, AppError> {
                 restored.sha256
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::List { json } => {
+            let s3 = S3Config::from_settings(&cli.settings)?;
+            logging::init(level, format);
+            let store = S3Store::new(&s3)?;
+            let streams = inventory::all_metadata(&store, &s3.prefix)?;
+            if json {
+                let summaries: Vec<inventory::StreamSummary> =
+                    streams.iter().map(inventory::StreamSummary::from).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summaries).expect("serializable")
+                );
+            } else {
+                print!("{}", inventory::render_list(&streams));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            stream_id,
+            all,
+            deep,
+        } => {
+            let s3 = S3Config::from_settings(&cli.settings)?;
+            logging::init(level, format);
+            let store = S3Store::new(&s3)?;
+            let layout = KeyLayout::new(&s3.prefix);
+            let ids: Vec<String> = if all {
+                inventory::all_metadata(&store, &s3.prefix)?
+                    .into_iter()
+                    .map(|meta| meta.stream_id)
+                    .collect()
+            } else {
+                stream_id.into_iter().collect()
+            };
+            let mut problems = 0;
+            for id in &ids {
+                for problem in inventory::verify_stream(&store, &layout, id, deep) {
+                    println!("{problem}");
+                    problems += 1;
+                }
+            }
+            let depth = if deep { "deep" } else { "shallow" };
+            if problems == 0 {
+                println!("verified {} streams ({depth}): all good", ids.len());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!(
+                    "verified {} streams ({depth}): {problems} problems",
+                    ids.len()
+                );
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Status { url, json, watch } => {
             client::status(&url_or_default(url), json, watch)?;

@@ -34,6 +34,12 @@ impl KeyLayout {
         format!("{}{stream_id}/chunk-{index:06}", self.prefix)
     }
 
+    /// `{prefix}{stream_id}/{file_name}`: the whole file, assembled
+    /// server-side from the chunks.
+    pub fn assembled(&self, stream_id: &str, file_name: &str) -> String {
+        format!("{}{stream_id}/{file_name}", self.prefix)
+    }
+
     /// `{prefix}{stream_id}/metadata.json`.
     pub fn metadata(&self, stream_id: &str) -> String {
         format!("{}{stream_id}/metadata.json", self.prefix)
@@ -100,6 +106,29 @@ pub struct Media {
     pub duration_seconds: Option<f64>,
 }
 
+/// The single object assembled from the chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assembled {
+    pub key: String,
+    pub size_bytes: u64,
+    pub etag: String,
+}
+
+/// The Content-Type of an assembled file, from its extension.
+pub fn content_type_for(file_name: &str) -> &'static str {
+    let extension = file_name
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+        .unwrap_or_default();
+    match extension.as_str() {
+        "mp4" | "m4v" => "video/mp4",
+        "mov" => "video/quicktime",
+        "mkv" => "video/x-matroska",
+        "ts" => "video/mp2t",
+        _ => "application/octet-stream",
+    }
+}
+
 /// `complete` or `incomplete`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -131,6 +160,9 @@ pub struct StreamMetadata {
     pub completed_at: String,
     pub stream_duration_seconds: f64,
     pub media: Media,
+    /// The playable single object, once assembled (`ASSEMBLE=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assembled: Option<Assembled>,
 }
 
 impl StreamMetadata {
@@ -203,7 +235,15 @@ mod tests {
             media: Media {
                 duration_seconds: None,
             },
+            assembled: None,
         }
+    }
+
+    #[test]
+    fn content_types_follow_the_extension() {
+        assert_eq!(content_type_for("cam.MP4"), "video/mp4");
+        assert_eq!(content_type_for("cam.mov"), "video/quicktime");
+        assert_eq!(content_type_for("cam"), "application/octet-stream");
     }
 
     #[test]

@@ -25,9 +25,20 @@ pub struct Restored {
     pub sha256: String,
 }
 
-pub fn restore(s3: &S3Config, stream_id: &str, output: &Path) -> Result<Restored, AppError> {
+pub fn restore(
+    s3: &S3Config,
+    stream_id: &str,
+    output: &Path,
+    from_assembled: bool,
+) -> Result<Restored, AppError> {
     let store = S3Store::new(s3)?;
-    restore_from(&store, &KeyLayout::new(&s3.prefix), stream_id, output)
+    restore_from(
+        &store,
+        &KeyLayout::new(&s3.prefix),
+        stream_id,
+        output,
+        from_assembled,
+    )
 }
 
 /// Reads the stream's metadata.
@@ -53,6 +64,7 @@ pub fn restore_from(
     layout: &KeyLayout,
     stream_id: &str,
     output: &Path,
+    from_assembled: bool,
 ) -> Result<Restored, AppError> {
     if output.exists() {
         return Err(AppError::Integrity(format!(
@@ -72,7 +84,11 @@ pub fn restore_from(
         );
     }
     let partial = partial_path(output);
-    let result = write_verified(store, &metadata, &partial);
+    let result = if from_assembled {
+        write_assembled(store, &metadata, &partial)
+    } else {
+        write_verified(store, &metadata, &partial)
+    };
     match result {
         Ok(restored) => {
             std::fs::rename(&partial, output).map_err(|source| AppError::Output {
@@ -92,6 +108,65 @@ fn partial_path(output: &Path) -> PathBuf {
     let mut name = output.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
     output.with_file_name(name)
+}
+
+/// Downloads the assembled object in chunk-sized ranges and checks it against
+/// the stream's size and sha256.
+fn write_assembled(
+    store: &dyn ObjectStore,
+    metadata: &StreamMetadata,
+    partial: &Path,
+) -> Result<Restored, AppError> {
+    let assembled = metadata.assembled.as_ref().ok_or_else(|| {
+        AppError::Integrity(format!(
+            "stream {} has no assembled object; restore without --from-assembled",
+            metadata.stream_id
+        ))
+    })?;
+    let expected = metadata.sha256.as_ref().ok_or_else(|| {
+        AppError::Integrity(format!(
+            "stream {} has no sha256 to check against",
+            metadata.stream_id
+        ))
+    })?;
+    let output_error = |source| AppError::Output {
+        path: partial.to_path_buf(),
+        source,
+    };
+    let mut file: File = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(partial)
+        .map_err(output_error)?;
+    let mut whole = Sha256::new();
+    let mut offset = 0;
+    let size = metadata.total_size_bytes;
+    while offset < size {
+        let end = (offset + metadata.chunk_size_bytes).min(size) - 1;
+        let body = store.get_range(&assembled.key, offset, end)?;
+        if body.len() as u64 != end - offset + 1 {
+            return Err(AppError::Integrity(format!(
+                "assembled {} is shorter than the {size} bytes of the stream",
+                assembled.key
+            )));
+        }
+        whole.update(&body);
+        file.write_all(&body).map_err(output_error)?;
+        offset = end + 1;
+    }
+    let digest = hex::encode(whole.finalize());
+    if &digest != expected {
+        return Err(AppError::Integrity(format!(
+            "assembled {} sha256 {digest} does not match metadata {expected}",
+            assembled.key
+        )));
+    }
+    file.sync_all().map_err(output_error)?;
+    Ok(Restored {
+        bytes: size,
+        chunks: metadata.chunks.len(),
+        sha256: digest,
+    })
 }
 
 fn write_verified(

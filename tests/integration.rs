@@ -699,8 +699,10 @@ fn compose_defaults_match_the_binary_defaults_except_container_wiring() {
             })
             .collect();
     // Values that differ on purpose: where the container finds its inputs
-    // and services, and the bundled MinIO's credentials.
+    // and services, the bundled MinIO's credentials, and assembly (on for
+    // the bundled setup).
     let wiring = [
+        "ASSEMBLE",
         "WATCH_DIR",
         "S3_ENDPOINT",
         "REDIS_URL",
@@ -1343,4 +1345,232 @@ fn r9_renames_within_the_tree_and_a_vanishing_watch_dir() {
             .iter()
             .any(|m| m.source.path == "gone.mp4" && m.reason.as_deref() == Some("vanished"))
     });
+}
+
+// ---- Server-side assembly, list and verify --------------------------------
+
+/// The sha256 of an object, read in ranges.
+fn object_sha256(env: &TestEnv, key: &str, size: u64) -> String {
+    chunkstream::inventory::sha256_of_object(&env.store, key, size, 5 * MIB).unwrap()
+}
+
+/// Waits for metadata of `rel` that carries an assembled object of `revision`.
+fn wait_assembled(
+    env: &TestEnv,
+    rel: &str,
+    revision: u32,
+) -> chunkstream::metadata::StreamMetadata {
+    let mut found = None;
+    wait_for(&format!("{rel} assembled at revision {revision}"), || {
+        found = env
+            .all_metadata()
+            .into_iter()
+            .find(|m| m.source.path == rel && m.revision == revision && m.assembled.is_some());
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+fn redis_field(env: &TestEnv, stream_id: &str, field: &str) -> Option<String> {
+    let mut connection = env.redis.connection();
+    redis::cmd("HGET")
+        .arg(format!("cstest:stream:{stream_id}"))
+        .arg(field)
+        .query(&mut connection)
+        .unwrap()
+}
+
+#[test]
+fn s1_assembly_of_three_chunks_one_chunk_and_a_reopened_stream() {
+    let Some(env) = TestEnv::start() else { return };
+    let _daemon = env.start_daemon(&[("ASSEMBLE", "true")]);
+    let three = env.drop_file("three chunks.mp4", &pseudo_random(12 * MIB + 7, 101));
+    let one = env.drop_file("one.mp4", &pseudo_random(1234, 102));
+    for (rel, path, chunks) in [("three chunks.mp4", &three, 3), ("one.mp4", &one, 1)] {
+        let meta = wait_assembled(&env, rel, 1);
+        env.assert_byte_exact(&meta, path);
+        assert_eq!(meta.chunks.len(), chunks);
+        let assembled = meta.assembled.clone().unwrap();
+        assert_eq!(
+            assembled.key,
+            format!("{}{}/{rel}", env.prefix, meta.stream_id)
+        );
+        assert_eq!(assembled.size_bytes, meta.total_size_bytes);
+        assert_eq!(
+            object_sha256(&env, &assembled.key, assembled.size_bytes),
+            support::sha256_file(path)
+        );
+        assert_eq!(
+            redis_field(&env, &meta.stream_id, "assembly"),
+            None,
+            "no upload left open"
+        );
+    }
+
+    // The file grows after completion: revision 2 is assembled again.
+    append(&one, &pseudo_random(6 * MIB, 103));
+    let meta = wait_assembled(&env, "one.mp4", 2);
+    env.assert_byte_exact(&meta, &one);
+    let assembled = meta.assembled.unwrap();
+    assert_eq!(assembled.size_bytes, 6 * MIB + 1234);
+    assert_eq!(
+        object_sha256(&env, &assembled.key, assembled.size_bytes),
+        support::sha256_file(&one)
+    );
+
+    // restore --from-assembled reads the single object, still verified.
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("one.mp4");
+    let output = env.command(&[
+        "restore",
+        "--from-assembled",
+        &meta.stream_id,
+        target.to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(support::sha256_file(&target), support::sha256_file(&one));
+}
+
+#[test]
+fn s2_kill_9_mid_assembly_resumes_and_leaves_no_upload_open() {
+    let Some(env) = TestEnv::start() else { return };
+    let daemon = env.start_daemon(&[("ASSEMBLE", "true")]);
+    let path = env.drop_file("long.mp4", &pseudo_random(100 * MIB, 111));
+    let meta = env.wait_complete("long.mp4");
+    // Catch the assembly in progress, freeze S3 so it cannot move on, and
+    // kill chunkstream there.
+    let mut progress = None;
+    wait_for("the assembly to start", || {
+        progress = redis_field(&env, &meta.stream_id, "assembly");
+        progress.is_some()
+            || redis_field(&env, &meta.stream_id, "assembled_revision").as_deref() == Some("1")
+    });
+    env.s3.process.signal("STOP");
+    daemon.kill_hard();
+    env.s3.process.signal("CONT");
+    let recorded: Option<chunkstream::store::AssemblyProgress> =
+        redis_field(&env, &meta.stream_id, "assembly")
+            .map(|json| serde_json::from_str(&json).unwrap());
+    if let Some(recorded) = &recorded {
+        assert!(recorded.parts.len() < 20, "killed mid-assembly");
+    }
+
+    let _daemon = env.start_daemon(&[("ASSEMBLE", "true")]);
+    let meta = wait_assembled(&env, "long.mp4", 1);
+    env.assert_byte_exact(&meta, &path);
+    let assembled = meta.assembled.unwrap();
+    assert_eq!(
+        object_sha256(&env, &assembled.key, assembled.size_bytes),
+        support::sha256_file(&path)
+    );
+    // s3s-fs cannot list multipart uploads (501), so check chunkstream's own
+    // record: nothing left in progress, revision 1 assembled.
+    assert_eq!(redis_field(&env, &meta.stream_id, "assembly"), None);
+    assert_eq!(
+        redis_field(&env, &meta.stream_id, "assembled_revision").as_deref(),
+        Some("1")
+    );
+}
+
+#[test]
+fn s3_verify_and_list_report_what_is_in_the_bucket() {
+    let Some(env) = TestEnv::start() else { return };
+    let daemon = env.start_daemon(&[("ASSEMBLE", "true")]);
+    let good = env.drop_file("good.mp4", &pseudo_random(11 * MIB, 121));
+    let broken = env.drop_file("broken.mp4", &pseudo_random(11 * MIB, 122));
+    let good_meta = wait_assembled(&env, "good.mp4", 1);
+    let broken_meta = wait_assembled(&env, "broken.mp4", 1);
+    env.assert_byte_exact(&good_meta, &good);
+    env.assert_byte_exact(&broken_meta, &broken);
+    drop(daemon);
+
+    let listed = env.command(&["list", "--json"]);
+    assert!(listed.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let mut ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stream_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut expected = vec![good_meta.stream_id.as_str(), broken_meta.stream_id.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    for entry in listed.as_array().unwrap() {
+        assert_eq!(entry["status"], "complete");
+        assert_eq!(entry["chunks"], 3);
+        assert_eq!(entry["size_bytes"], 11 * MIB);
+        assert!(entry["assembled_key"].as_str().unwrap().ends_with(".mp4"));
+    }
+    let table = env.command(&["list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&table.stdout).lines().count(),
+        3,
+        "header + 2 streams"
+    );
+
+    let verify = |args: &[&str]| {
+        let output = env.command(args);
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+        )
+    };
+    let (ok, text) = verify(&["verify", "--all", "--deep"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("verified 2 streams (deep): all good"),
+        "{text}"
+    );
+
+    // Tamper with chunk 1 of one stream (same length), delete chunk 2 of it.
+    let tampered = &broken_meta.chunks[1];
+    let mut bytes = env.store.get(&tampered.key).unwrap();
+    bytes[7] ^= 1;
+    let digest: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        &bytes,
+    ))
+    .into();
+    env.store
+        .put(&tampered.key, &bytes, "application/octet-stream", &digest)
+        .unwrap();
+    let (ok, text) = verify(&["verify", &broken_meta.stream_id]);
+    assert!(ok, "a shallow check sees sizes only: {text}");
+    let (ok, text) = verify(&["verify", &broken_meta.stream_id, "--deep"]);
+    assert!(!ok);
+    assert!(
+        text.contains("chunk 1") && text.contains("does not match"),
+        "{text}"
+    );
+    let deleted = &broken_meta.chunks[2];
+    std::fs::remove_file(
+        env.s3
+            .dir
+            .path()
+            .join("data")
+            .join(support::BUCKET)
+            .join(&deleted.key),
+    )
+    .unwrap();
+    let (ok, text) = verify(&["verify", "--all"]);
+    assert!(!ok);
+    assert!(
+        text.contains(&format!(
+            "{}: chunk 2 ({}) is missing",
+            broken_meta.stream_id, deleted.key
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&good_meta.stream_id),
+        "the good stream has no problem: {text}"
+    );
+    let (ok, _) = verify(&["verify", &good_meta.stream_id, "--deep"]);
+    assert!(ok);
 }

@@ -7,5 +7,5 @@
 pub mod redis;
 pub mod s3;
 
-pub use self::redis::{CheckpointStore, RedisStore, StoredStatus, StoredStream};
-pub use self::s3::{ObjectStore, S3Store};
+pub use self::redis::{AssemblyProgress, CheckpointStore, RedisStore, StoredStatus, StoredStream};
+pub use self::s3::{ObjectInfo, ObjectStore, S3Store};

@@ -69,7 +69,21 @@ pub struct StoredStream {
     /// Size and mtime at the last completion.
     pub completed_size: u64,
     pub completed_mtime_ns: i128,
+    /// The revision whose assembled object exists (0: none).
+    pub assembled_revision: u32,
     pub chunks: BTreeMap<u64, ChunkRecord>,
+}
+
+/// A server-side assembly in progress, checkpointed after every part so a
+/// crash resumes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AssemblyProgress {
+    /// The stream revision being assembled.
+    pub revision: u32,
+    pub key: String,
+    pub upload_id: String,
+    /// Part number → ETag of the parts copied so far.
+    pub parts: BTreeMap<u32, String>,
 }
 
 /// The facts written when a stream completes.
@@ -126,6 +140,24 @@ pub trait CheckpointStore: Send {
     /// is missing, as after a Redis restart that lost its data. Returns
     /// whether anything was written.
     fn restore_stream(&mut self, stream: &StoredStream) -> Result<bool, CheckpointError>;
+
+    /// The assembly in progress for the stream, if any.
+    fn load_assembly(
+        &mut self,
+        stream_id: &str,
+    ) -> Result<Option<AssemblyProgress>, CheckpointError>;
+
+    /// Records assembly progress (absolute: the whole record is replaced),
+    /// or with `None` forgets it.
+    fn save_assembly(
+        &mut self,
+        stream_id: &str,
+        progress: Option<&AssemblyProgress>,
+    ) -> Result<(), CheckpointError>;
+
+    /// Atomically records that `revision` is assembled (or, with
+    /// `revision` 0, that nothing is) and drops the progress record.
+    fn finish_assembly(&mut self, stream_id: &str, revision: u32) -> Result<(), CheckpointError>;
 
     /// Removes the identity → stream mapping if it still points to `stream_id`.
     fn forget_identity(
@@ -298,6 +330,7 @@ fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)> {
         ("revision", stream.revision.to_string()),
         ("completed_size", stream.completed_size.to_string()),
         ("completed_mtime_ns", stream.completed_mtime_ns.to_string()),
+        ("assembled_revision", stream.assembled_revision.to_string()),
     ]
 }
 
@@ -329,6 +362,9 @@ fn parse_stream(
         completed_size: number("completed_size").unwrap_or(0),
         completed_mtime_ns: get("completed_mtime_ns")
             .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        assembled_revision: number("assembled_revision")
+            .and_then(|r| u32::try_from(r).ok())
             .unwrap_or(0),
         chunks,
     })
@@ -490,6 +526,50 @@ impl CheckpointStore for RedisStore {
         })
     }
 
+    fn load_assembly(
+        &mut self,
+        stream_id: &str,
+    ) -> Result<Option<AssemblyProgress>, CheckpointError> {
+        let json: Option<String> = self.with_connection(|con, keys| {
+            redis::cmd("HGET")
+                .arg(keys.stream(stream_id))
+                .arg("assembly")
+                .query(con)
+        })?;
+        Ok(json.and_then(|json| serde_json::from_str(&json).ok()))
+    }
+
+    fn save_assembly(
+        &mut self,
+        stream_id: &str,
+        progress: Option<&AssemblyProgress>,
+    ) -> Result<(), CheckpointError> {
+        let json = progress.map(|p| serde_json::to_string(p).expect("progress serializes"));
+        self.with_connection(|con, keys| match &json {
+            Some(json) => redis::cmd("HSET")
+                .arg(keys.stream(stream_id))
+                .arg("assembly")
+                .arg(json)
+                .query(con),
+            None => redis::cmd("HDEL")
+                .arg(keys.stream(stream_id))
+                .arg("assembly")
+                .query(con),
+        })
+    }
+
+    fn finish_assembly(&mut self, stream_id: &str, revision: u32) -> Result<(), CheckpointError> {
+        self.with_connection(|con, keys| {
+            redis::pipe()
+                .atomic()
+                .hset(keys.stream(stream_id), "assembled_revision", revision)
+                .ignore()
+                .hdel(keys.stream(stream_id), "assembly")
+                .ignore()
+                .query(con)
+        })
+    }
+
     fn forget_identity(
         &mut self,
         identity: FileIdentity,
@@ -528,6 +608,7 @@ mod tests {
             revision: 2,
             completed_size: 12,
             completed_mtime_ns: -5,
+            assembled_revision: 1,
             chunks: BTreeMap::from([(
                 0,
                 ChunkRecord {

@@ -29,6 +29,82 @@ pub trait ObjectStore: Send + Sync {
 
     /// The whole object at `key` (callers only fetch chunk-sized objects).
     fn get(&self, key: &str) -> Result<Vec<u8>, StorageError>;
+
+    /// Bytes `[start, end]` (inclusive) of the object at `key`.
+    fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StorageError>;
+
+    /// The object's size and ETag, or `None` if there is no object at `key`.
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError>;
+
+    /// Starts a multipart upload; returns its upload id.
+    fn initiate_multipart(&self, key: &str, content_type: &str) -> Result<String, StorageError>;
+
+    /// Copies the whole object `source_key` (same bucket) into part
+    /// `part_number` server-side (UploadPartCopy); returns the part's ETag.
+    fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        source_key: &str,
+    ) -> Result<String, StorageError>;
+
+    /// Completes the upload from `(part number, ETag)` pairs; returns the
+    /// object's ETag.
+    fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<String, StorageError>;
+
+    /// Aborts the upload (its parts are discarded).
+    fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError>;
+}
+
+/// What HEAD tells about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    pub etag: String,
+}
+
+/// The value of the first `<tag>…</tag>` in an XML body, unescaped.
+fn xml_value(body: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let start = body.find(&open)? + open.len();
+    let end = body[start..].find(&format!("</{tag}>"))? + start;
+    Some(
+        body[start..end]
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&"),
+    )
+}
+
+/// Percent-encodes a query parameter value (SigV4 URI encoding).
+fn encode_query_value(value: &str) -> String {
+    let mut encoded = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+/// Percent-encodes an object key for `x-amz-copy-source` (keeps `/`).
+fn encode_copy_source(key: &str) -> String {
+    let mut encoded = String::with_capacity(key.len());
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~/".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 /// An S3 or S3-compatible bucket.
@@ -134,6 +210,146 @@ impl ObjectStore for S3Store {
             .map(|response| response.to_vec())
             .map_err(|err| map_error(err, &self.config, key))
     }
+
+    fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StorageError> {
+        self.bucket
+            .get_object_range(key, start, Some(end))
+            .map(|response| response.to_vec())
+            .map_err(|err| map_error(err, &self.config, key))
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        match self.bucket.head_object(key) {
+            Ok((head, _)) => Ok(Some(ObjectInfo {
+                size: head
+                    .content_length
+                    .and_then(|len| u64::try_from(len).ok())
+                    .unwrap_or(0),
+                etag: head.e_tag.unwrap_or_default(),
+            })),
+            Err(S3Error::HttpFailWithBody(404, _)) => Ok(None),
+            Err(err) => Err(map_error(err, &self.config, key)),
+        }
+    }
+
+    fn initiate_multipart(&self, key: &str, content_type: &str) -> Result<String, StorageError> {
+        self.bucket
+            .initiate_multipart_upload(key, content_type)
+            .map(|response| response.upload_id)
+            .map_err(|err| map_error(err, &self.config, key))
+    }
+
+    /// rust-s3 has no UploadPartCopy, so this presigns the PUT with rust-s3
+    /// (the signer, with `x-amz-copy-source` as a signed header and the part
+    /// number and upload id as signed query parameters) and sends it with
+    /// ureq. No hand-written SigV4.
+    fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        source_key: &str,
+    ) -> Result<String, StorageError> {
+        let copy_source = format!("/{}/{}", self.config.bucket, encode_copy_source(source_key));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-amz-copy-source",
+            HeaderValue::from_str(&copy_source).map_err(|err| StorageError::Other {
+                key: key.to_string(),
+                detail: format!("copy source {copy_source:?}: {err}"),
+            })?,
+        );
+        let queries = std::collections::HashMap::from([
+            ("partNumber".to_string(), part_number.to_string()),
+            ("uploadId".to_string(), upload_id.to_string()),
+        ]);
+        let url = self
+            .bucket
+            .presign_put(key, 3600, Some(headers), Some(queries))
+            .map_err(|err| map_error(err, &self.config, key))?;
+        // rust-s3 0.38 signs the custom query parameters but leaves them out
+        // of the URL it returns; add them (unless a fixed version did).
+        let url = if url.contains("partNumber=") {
+            url
+        } else {
+            format!(
+                "{url}&partNumber={part_number}&uploadId={}",
+                encode_query_value(upload_id)
+            )
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(self.config.request_timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut response = agent
+            .put(&url)
+            .header("x-amz-copy-source", &copy_source)
+            .send_empty()
+            .map_err(|err| map_ureq_error(err, &self.config, key))?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|err| map_ureq_error(err, &self.config, key))?;
+        // S3 may answer 200 with an error document for a copy.
+        if status != 200 || body.contains("<Error>") {
+            return Err(StorageError::Http {
+                status: if status == 200 { 500 } else { status },
+                key: key.to_string(),
+                body: summarize_body(&body),
+            });
+        }
+        xml_value(&body, "ETag").ok_or_else(|| StorageError::Other {
+            key: key.to_string(),
+            detail: "UploadPartCopy answer has no ETag".to_string(),
+        })
+    }
+
+    fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<String, StorageError> {
+        let parts = parts
+            .iter()
+            .map(|(part_number, etag)| s3::serde_types::Part {
+                part_number: *part_number,
+                etag: etag.clone(),
+            })
+            .collect();
+        let response = self
+            .bucket
+            .complete_multipart_upload(key, upload_id, parts)
+            .map_err(|err| map_error(err, &self.config, key))?;
+        let body = String::from_utf8_lossy(response.as_slice()).to_string();
+        Ok(xml_value(&body, "ETag").unwrap_or_default())
+    }
+
+    fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
+        match self.bucket.abort_upload(key, upload_id) {
+            Ok(()) | Err(S3Error::HttpFailWithBody(404, _)) => Ok(()),
+            Err(err) => Err(map_error(err, &self.config, key)),
+        }
+    }
+}
+
+fn map_ureq_error(err: ureq::Error, config: &S3Config, key: &str) -> StorageError {
+    match err {
+        ureq::Error::Timeout(_) => StorageError::Timeout {
+            key: key.to_string(),
+        },
+        ureq::Error::Io(io) => map_error(S3Error::Io(io), config, key),
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => StorageError::Connect {
+            endpoint: config.endpoint_display(),
+            detail: err.to_string(),
+        },
+        other => StorageError::Other {
+            key: key.to_string(),
+            detail: other.to_string(),
+        },
+    }
 }
 
 fn region(config: &S3Config) -> Result<Region, StorageError> {
@@ -234,6 +450,20 @@ fn summarize_body(body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_sources_are_percent_encoded_but_keep_slashes() {
+        assert_eq!(
+            encode_copy_source("p/cam-1/chunk-000001"),
+            "p/cam-1/chunk-000001"
+        );
+        assert_eq!(encode_copy_source("a b/ü+x"), "a%20b/%C3%BC%2Bx");
+        assert_eq!(encode_query_value("a/b+c=d"), "a%2Fb%2Bc%3Dd");
+        assert_eq!(
+            xml_value("<R><ETag>&quot;abc-3&quot;</ETag></R>", "ETag").as_deref(),
+            Some("\"abc-3\"")
+        );
+    }
 
     #[test]
     fn error_bodies_are_summarized() {

@@ -64,6 +64,8 @@ pub enum Event {
     Finalized { size: u64, mtime_ns: i128 },
     /// The finalize job stopped because the file changed while it ran.
     FinalizeInterrupted,
+    /// The assembly job finished (or found nothing to do).
+    Assembled,
     /// A job failed for a reason the worker could not retry away (for example
     /// a read error); the stream backs off and tries again.
     JobFailed,
@@ -79,6 +81,8 @@ pub enum Work {
     /// Upload the tail, verify every chunk against the file, write metadata,
     /// and mark the stream complete. `size` is the size it expects.
     Finalize { size: u64 },
+    /// Assemble the complete stream into one object server-side.
+    Assemble,
 }
 
 /// What the coordinator must do as a consequence of an event.
@@ -104,6 +108,8 @@ pub struct Rules {
     pub vanish_grace: Duration,
     /// Back-off after failed jobs (the ceiling is used, without jitter).
     pub retry: RetryPolicy,
+    /// Whether complete streams are assembled into one object.
+    pub assemble: bool,
 }
 
 /// The state of one stream. Only `step` changes it.
@@ -125,6 +131,8 @@ pub struct StreamState {
     pub retry_at: Option<Instant>,
     /// The size and mtime the last completion covered, if any.
     pub completed: Option<(u64, i128)>,
+    /// The last completion still has to be assembled into one object.
+    pub assembly_pending: bool,
 }
 
 impl StreamState {
@@ -143,6 +151,7 @@ impl StreamState {
             failures: 0,
             retry_at: None,
             completed: None,
+            assembly_pending: false,
         }
     }
 
@@ -163,11 +172,16 @@ impl StreamState {
 
     /// The job this stream needs now, if any. Pure: it only reads.
     pub fn wanted(&self, now: Instant, rules: &Rules) -> Option<Work> {
-        if self.phase != Phase::Active
-            || self.in_flight
+        if self.in_flight
             || self.missing_since.is_some()
             || self.retry_at.is_some_and(|at| now < at)
         {
+            return None;
+        }
+        if self.phase == Phase::Complete && self.assembly_pending && rules.assemble {
+            return Some(Work::Assemble);
+        }
+        if self.phase != Phase::Active {
             return None;
         }
         if self.full_chunks_done < self.full_chunks_available() {
@@ -194,6 +208,8 @@ impl StreamState {
 
     fn reopen(&mut self, now: Instant) -> Vec<Action> {
         self.phase = Phase::Active;
+        // The next completion is assembled instead.
+        self.assembly_pending = false;
         self.last_change = now;
         // A partial tail chunk from the last completion is no longer a full
         // chunk's worth: it is uploaded again once it is full.
@@ -289,6 +305,7 @@ impl StreamState {
                 self.full_chunks_done = size / self.chunk_size;
                 if self.size == size && self.mtime_ns == mtime_ns {
                     self.phase = Phase::Complete;
+                    self.assembly_pending = rules.assemble;
                     Vec::new()
                 } else if self.size < size {
                     // Shrank while finalizing: the next poll restarts it.
@@ -315,6 +332,15 @@ impl StreamState {
                     self.phase = Phase::Active;
                 }
                 self.back_off(now, rules);
+                Vec::new()
+            }
+
+            (_, Event::Assembled) => {
+                self.in_flight = false;
+                self.succeeded();
+                if self.phase == Phase::Complete {
+                    self.assembly_pending = false;
+                }
                 Vec::new()
             }
 
@@ -352,6 +378,7 @@ mod tests {
                 base_delay: Duration::from_secs(1),
                 max_delay: Duration::from_secs(8),
             },
+            assemble: false,
         }
     }
 
@@ -657,6 +684,66 @@ mod tests {
         );
     }
 
+    #[test]
+    fn with_assembly_on_a_completed_stream_is_assembled_once() {
+        let clock = Clock(Instant::now());
+        let rules = Rules {
+            assemble: true,
+            ..rules()
+        };
+        let mut s = StreamState::new(CHUNK, 5, 5, clock.at(0));
+        let work = s.wanted(clock.at(30), &rules).unwrap();
+        s.step(Event::Dispatched(work), clock.at(30), &rules);
+        s.step(
+            Event::Finalized {
+                size: 5,
+                mtime_ns: 5,
+            },
+            clock.at(31),
+            &rules,
+        );
+        assert_eq!(s.wanted(clock.at(31), &rules), Some(Work::Assemble));
+        s.step(Event::Dispatched(Work::Assemble), clock.at(31), &rules);
+        s.step(Event::JobFailed, clock.at(32), &rules);
+        assert_eq!(s.wanted(clock.at(32), &rules), None, "backs off");
+        assert_eq!(
+            s.wanted(clock.at(34), &rules),
+            Some(Work::Assemble),
+            "retried"
+        );
+        s.step(Event::Dispatched(Work::Assemble), clock.at(34), &rules);
+        s.step(Event::Assembled, clock.at(35), &rules);
+        assert_eq!(s.phase, Phase::Complete);
+        assert_eq!(s.wanted(clock.at(100), &rules), None);
+        // Growing again reopens; the next completion is assembled again.
+        assert_eq!(
+            s.step(observed(8), clock.at(101), &rules),
+            vec![Action::Reopened]
+        );
+        assert!(!s.assembly_pending);
+    }
+
+    #[test]
+    fn without_assembly_nothing_is_wanted_after_completion() {
+        let clock = Clock(Instant::now());
+        let rules = rules();
+        let mut s = StreamState::new(CHUNK, 5, 5, clock.at(0));
+        s.step(
+            Event::Dispatched(Work::Finalize { size: 5 }),
+            clock.at(30),
+            &rules,
+        );
+        s.step(
+            Event::Finalized {
+                size: 5,
+                mtime_ns: 5,
+            },
+            clock.at(31),
+            &rules,
+        );
+        assert_eq!(s.wanted(clock.at(31), &rules), None);
+    }
+
     /// A tiny deterministic generator so the property test needs no crate.
     struct Lcg(u64);
     impl Lcg {
@@ -706,6 +793,7 @@ mod tests {
                                 mtime_ns: size as i128,
                             },
                         },
+                        Some(Work::Assemble) => Event::Assembled,
                         None => observed(size),
                     },
                 };

@@ -31,6 +31,8 @@ pub struct TrackedStream {
     pub last_change_at: SystemTime,
     /// Completed revisions so far.
     pub revision: u32,
+    /// The revision whose assembled object exists (0: none).
+    pub assembled_revision: u32,
     /// When a job was last handed out for it (for fair dispatch).
     pub last_dispatch: Option<Instant>,
     /// Failed request attempts so far, and the last failure.
@@ -74,6 +76,7 @@ impl TrackedStream {
             started_at: wall,
             last_change_at: wall,
             revision: 0,
+            assembled_revision: 0,
             last_dispatch: None,
             retries: 0,
             last_error: None,
@@ -83,15 +86,26 @@ impl TrackedStream {
     }
 
     /// A stream resumed from its checkpoint. Closed streams are not resumed.
-    pub fn from_stored(stored: StoredStream, watch_dir: &Path, now: Instant) -> Option<Self> {
+    /// With `assemble`, a complete stream whose last revision has no
+    /// assembled object yet wants one.
+    pub fn from_stored(
+        stored: StoredStream,
+        watch_dir: &Path,
+        now: Instant,
+        assemble: bool,
+    ) -> Option<Self> {
         let state = match stored.status {
             StoredStatus::Incomplete => return None,
-            StoredStatus::Complete => StreamState::completed(
-                stored.chunk_size,
-                stored.completed_size,
-                stored.completed_mtime_ns,
-                now,
-            ),
+            StoredStatus::Complete => {
+                let mut state = StreamState::completed(
+                    stored.chunk_size,
+                    stored.completed_size,
+                    stored.completed_mtime_ns,
+                    now,
+                );
+                state.assembly_pending = assemble && stored.assembled_revision < stored.revision;
+                state
+            }
             StoredStatus::Active => {
                 let mut state = StreamState::new(stored.chunk_size, 0, 0, now);
                 // What was checkpointed tells how far the file had got; a
@@ -119,6 +133,7 @@ impl TrackedStream {
             started_at: stored.started_at,
             last_change_at: stored.last_change_at,
             revision: stored.revision,
+            assembled_revision: stored.assembled_revision,
             last_dispatch: None,
             retries: 0,
             last_error: None,
@@ -151,6 +166,7 @@ impl TrackedStream {
             revision: self.revision,
             completed_size,
             completed_mtime_ns,
+            assembled_revision: self.assembled_revision,
             chunks: self.chunks.clone(),
         }
     }
@@ -424,6 +440,7 @@ mod tests {
                 base_delay: Duration::from_secs(1),
                 max_delay: Duration::from_secs(8),
             },
+            assemble: false,
         }
     }
 
@@ -568,10 +585,12 @@ mod tests {
             revision: 0,
             completed_size: 0,
             completed_mtime_ns: 0,
+            assembled_revision: 0,
             chunks: BTreeMap::from([(0, chunk(0, CHUNK)), (1, chunk(1, CHUNK)), (2, chunk(2, 4))]),
         };
         let resumed =
-            TrackedStream::from_stored(stored.clone(), Path::new("/w"), Instant::now()).unwrap();
+            TrackedStream::from_stored(stored.clone(), Path::new("/w"), Instant::now(), false)
+                .unwrap();
         assert_eq!(resumed.state.full_chunks_done, 2);
         assert_eq!(resumed.state.size, 24);
         assert_eq!(resumed.abs_path, PathBuf::from("/w/cam.mp4"));
@@ -579,6 +598,8 @@ mod tests {
             status: StoredStatus::Incomplete,
             ..stored
         };
-        assert!(TrackedStream::from_stored(closed, Path::new("/w"), Instant::now()).is_none());
+        assert!(
+            TrackedStream::from_stored(closed, Path::new("/w"), Instant::now(), false).is_none()
+        );
     }
 }

@@ -60,11 +60,20 @@ pub struct CloseJob {
     pub chunks: BTreeMap<u64, ChunkRecord>,
 }
 
+/// Assemble a complete stream's chunks into one object server-side.
+#[derive(Debug, Clone)]
+pub struct AssembleJob {
+    pub stream: StreamRef,
+    /// The completed revision to assemble.
+    pub revision: u32,
+}
+
 #[derive(Debug, Clone)]
 pub enum Job {
     Chunk(ChunkJob),
     Finalize(FinalizeJob),
     Close(CloseJob),
+    Assemble(AssembleJob),
 }
 
 impl Job {
@@ -73,6 +82,7 @@ impl Job {
             Job::Chunk(job) => &job.stream,
             Job::Finalize(job) => &job.stream,
             Job::Close(job) => &job.stream,
+            Job::Assemble(job) => &job.stream,
         }
     }
 }
@@ -93,6 +103,9 @@ pub enum Outcome {
     FinalizeInterrupted,
     /// The close job recorded the stream as incomplete.
     Closed,
+    /// The assembly job is done: `revision` is assembled, or 0 when there was
+    /// nothing to assemble (superseded, or too many chunks for S3).
+    Assembled { revision: u32 },
     /// The job could not be done now (the reason is already logged).
     Failed(String),
     /// Abandoned because the process is shutting down.

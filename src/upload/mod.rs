@@ -9,5 +9,5 @@
 pub mod job;
 pub mod worker;
 
-pub use job::{ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome, StreamRef};
+pub use job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome, StreamRef};
 pub use worker::Worker;

@@ -28,11 +28,29 @@ use crate::events::Events;
 use crate::health::Dependency;
 use crate::media::mp4_duration_seconds;
 use crate::metadata::{
-    ChunkRecord, KeyLayout, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, rfc3339,
+    Assembled, ChunkRecord, KeyLayout, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus,
+    content_type_for, rfc3339,
 };
-use crate::store::redis::Completion;
+use crate::store::redis::{AssemblyProgress, Completion};
 use crate::store::{CheckpointStore, ObjectStore};
-use crate::upload::job::{ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome, StreamFacts};
+use crate::upload::job::{
+    AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome, StreamFacts,
+};
+
+/// S3's limit on the parts of one multipart upload.
+const MAX_MULTIPART_PARTS: usize = 10_000;
+
+/// Makes a refused request (4xx: upload gone, chunk missing, access
+/// denied) a final answer for `storage_retry`: the assembly then starts over
+/// later with backoff, instead of retrying the same request forever.
+fn client_error_is_final<T>(
+    result: Result<T, StorageError>,
+) -> Result<Result<T, StorageError>, StorageError> {
+    match result {
+        Err(err) if err.is_client_error() => Ok(Err(err)),
+        other => other.map(Ok),
+    }
+}
 
 /// Why a retry loop gave up.
 enum Stop {
@@ -130,6 +148,7 @@ impl Worker {
                     (outcome, Some(chunks))
                 }
                 Job::Close(job) => (self.close(&job), None),
+                Job::Assemble(job) => (self.assemble(&job), None),
             }
         };
         JobResult {
@@ -141,12 +160,10 @@ impl Worker {
         }
     }
 
-    /// Counts a failed attempt against the current job and its dependency.
-    fn attempt_failed(&self, dependency: Dependency, error: String) {
+    /// Counts a failed attempt against the current job.
+    fn attempt_failed(&self, error: String) {
         self.job_failures
             .set(self.job_failures.get().saturating_add(1));
-        self.events
-            .dependency_checked(dependency, Err(error.clone()));
         self.job_last_error.replace(Some(error));
     }
 
@@ -179,27 +196,36 @@ impl Worker {
             })
     }
 
-    /// PUTs the buffer's contents at `key`, retrying while `source` exists
-    /// (or always, when `source` is `None`).
-    fn put_with_retry(
+    /// Runs an S3 operation until it succeeds, retrying with backoff while
+    /// `source` exists (or always, when `source` is `None`). An operation
+    /// that must not be retried for some errors returns them inside `Ok`.
+    fn storage_retry<T>(
         &self,
-        key: &str,
-        content_type: &str,
-        body: &[u8],
-        digest: &[u8; 32],
         source: Option<&Path>,
-    ) -> Result<(), Stop> {
+        mut operation: impl FnMut() -> Result<T, StorageError>,
+    ) -> Result<T, Stop> {
         let mut attempt = 0u32;
         loop {
-            match self.store.put(key, body, content_type, digest) {
-                Ok(()) => {
+            match operation() {
+                Ok(value) => {
                     self.events.dependency_checked(Dependency::Storage, Ok(()));
-                    return Ok(());
+                    return Ok(value);
                 }
                 Err(err) => {
                     self.events.upload_error(err.kind());
-                    self.log_storage_failure(&err, attempt);
-                    self.attempt_failed(Dependency::Storage, err.to_string());
+                    if worth_logging(attempt) {
+                        warn!(
+                            "S3 request failed (attempt {}): {err}; retrying with backoff",
+                            attempt + 1
+                        );
+                    }
+                    self.attempt_failed(err.to_string());
+                    // A refused request (4xx) means S3 is up; the probe tells
+                    // whether the bucket itself is usable.
+                    if !err.is_client_error() {
+                        self.events
+                            .dependency_checked(Dependency::Storage, Err(err.to_string()));
+                    }
                 }
             }
             if source.is_some_and(|path| !path.exists()) {
@@ -212,27 +238,30 @@ impl Worker {
         }
     }
 
-    fn log_storage_failure(&self, err: &StorageError, attempt: u32) {
-        if worth_logging(attempt) {
-            warn!(
-                "S3 request failed (attempt {}): {err}; retrying with backoff",
-                attempt + 1
-            );
-        }
+    /// PUTs `body` at `key`, retrying while `source` exists.
+    fn put_with_retry(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: &[u8],
+        digest: &[u8; 32],
+        source: Option<&Path>,
+    ) -> Result<(), Stop> {
+        self.storage_retry(source, || self.store.put(key, body, content_type, digest))
     }
 
-    /// Runs a checkpoint write until it succeeds or a shutdown starts.
-    fn checkpoint_with_retry(
+    /// Runs a checkpoint operation until it succeeds or a shutdown starts.
+    fn checkpoint_with_retry<T>(
         &mut self,
         what: &str,
-        mut write: impl FnMut(&mut dyn CheckpointStore) -> Result<(), CheckpointError>,
-    ) -> Result<(), Stop> {
+        mut operation: impl FnMut(&mut dyn CheckpointStore) -> Result<T, CheckpointError>,
+    ) -> Result<T, Stop> {
         let mut attempt = 0u32;
         loop {
-            match write(self.checkpoints.as_mut()) {
-                Ok(()) => {
+            match operation(self.checkpoints.as_mut()) {
+                Ok(value) => {
                     self.events.dependency_checked(Dependency::Redis, Ok(()));
-                    return Ok(());
+                    return Ok(value);
                 }
                 Err(err) => {
                     self.events.checkpoint_error();
@@ -242,7 +271,9 @@ impl Worker {
                             attempt + 1
                         );
                     }
-                    self.attempt_failed(Dependency::Redis, err.to_string());
+                    self.attempt_failed(err.to_string());
+                    self.events
+                        .dependency_checked(Dependency::Redis, Err(err.to_string()));
                 }
             }
             if !self.wait_before_retry(attempt) {
@@ -396,6 +427,7 @@ impl Worker {
             media: Media {
                 duration_seconds: mp4_duration_seconds(path),
             },
+            assembled: None,
         };
         if metadata.media.duration_seconds.is_none() {
             warn!(
@@ -449,6 +481,190 @@ impl Worker {
         self.put_with_retry(&key, "application/json", &body, &sha256(&body), None)
     }
 
+    /// Assembles the complete stream into `{prefix}{id}/{file_name}` with a
+    /// multipart upload of UploadPartCopy parts, one per chunk: no byte is
+    /// uploaded twice. Progress is checkpointed after every part, so a crash
+    /// resumes; an upload left from an older revision is aborted.
+    fn assemble(&mut self, job: &AssembleJob) -> Outcome {
+        let stream_id = job.stream.stream_id.as_str();
+        let metadata_key = self.layout.metadata(stream_id);
+        let Ok(body) = self.storage_retry(None, || self.store.get(&metadata_key)) else {
+            return Outcome::Cancelled;
+        };
+        let mut metadata: StreamMetadata = match serde_json::from_slice(&body) {
+            Ok(metadata) => metadata,
+            Err(err) => return Outcome::Failed(format!("{metadata_key} is unreadable: {err}")),
+        };
+        if metadata.revision != job.revision || metadata.status != StreamStatus::Complete {
+            // Superseded by a newer revision, which gets its own assembly.
+            return Outcome::Assembled { revision: 0 };
+        }
+        if metadata.chunks.len() > MAX_MULTIPART_PARTS {
+            warn!(
+                stream_id = stream_id;
+                "stream {stream_id}: {} chunks exceed the S3 limit of {MAX_MULTIPART_PARTS} parts; not assembled (use a larger CHUNK_SIZE)",
+                metadata.chunks.len()
+            );
+            return Outcome::Assembled { revision: 0 };
+        }
+        let key = self.layout.assembled(stream_id, &metadata.source.file_name);
+        let Ok(recorded) =
+            self.checkpoint_with_retry("assembly", |store| store.load_assembly(stream_id))
+        else {
+            return Outcome::Cancelled;
+        };
+        let mut progress = match recorded {
+            Some(progress) if progress.revision == metadata.revision && progress.key == key => {
+                info!(
+                    stream_id = stream_id;
+                    "stream {stream_id}: resuming the assembly of {key} ({} of {} parts done)",
+                    progress.parts.len(),
+                    metadata.chunks.len()
+                );
+                progress
+            }
+            stale => {
+                if let Some(stale) = stale {
+                    // Best effort: an unfinished upload costs storage, nothing else.
+                    match self.store.abort_multipart(&stale.key, &stale.upload_id) {
+                        Ok(()) => info!(
+                            "stream {stream_id}: aborted the stale multipart upload of revision {}",
+                            stale.revision
+                        ),
+                        Err(err) => warn!(
+                            "stream {stream_id}: cannot abort a stale multipart upload: {err}"
+                        ),
+                    }
+                }
+                let content_type = content_type_for(&metadata.source.file_name);
+                let Ok(upload_id) =
+                    self.storage_retry(None, || self.store.initiate_multipart(&key, content_type))
+                else {
+                    return Outcome::Cancelled;
+                };
+                let progress = AssemblyProgress {
+                    revision: metadata.revision,
+                    key: key.clone(),
+                    upload_id,
+                    parts: BTreeMap::new(),
+                };
+                if self
+                    .checkpoint_with_retry("assembly", |store| {
+                        store.save_assembly(stream_id, Some(&progress))
+                    })
+                    .is_err()
+                {
+                    return Outcome::Cancelled;
+                }
+                progress
+            }
+        };
+
+        for chunk in &metadata.chunks {
+            let part_number = u32::try_from(chunk.index + 1).expect("at most 10,000 parts");
+            if progress.parts.contains_key(&part_number) {
+                continue;
+            }
+            if self.shutting_down() {
+                return Outcome::Cancelled;
+            }
+            let copied = self.storage_retry(None, || {
+                client_error_is_final(self.store.upload_part_copy(
+                    &key,
+                    &progress.upload_id,
+                    part_number,
+                    &chunk.key,
+                ))
+            });
+            match copied {
+                Ok(Ok(etag)) => {
+                    progress.parts.insert(part_number, etag);
+                    if self
+                        .checkpoint_with_retry("assembly", |store| {
+                            store.save_assembly(stream_id, Some(&progress))
+                        })
+                        .is_err()
+                    {
+                        return Outcome::Cancelled;
+                    }
+                }
+                Ok(Err(missing)) => return self.restart_assembly(stream_id, &missing),
+                Err(_) => return Outcome::Cancelled,
+            }
+        }
+
+        let parts: Vec<(u32, String)> = progress
+            .parts
+            .iter()
+            .map(|(number, etag)| (*number, etag.clone()))
+            .collect();
+        let completed = self.storage_retry(None, || {
+            client_error_is_final(
+                self.store
+                    .complete_multipart(&key, &progress.upload_id, &parts),
+            )
+        });
+        let etag = match completed {
+            Ok(Ok(etag)) => Some(etag),
+            // A retried complete whose first attempt succeeded finds no upload.
+            Ok(Err(_)) => None,
+            Err(_) => return Outcome::Cancelled,
+        };
+        let Ok(head) = self.storage_retry(None, || self.store.head(&key)) else {
+            return Outcome::Cancelled;
+        };
+        let object = match head {
+            Some(object) if object.size == metadata.total_size_bytes => object,
+            other => {
+                let problem = StorageError::Other {
+                    key: key.clone(),
+                    detail: format!(
+                        "assembled object has {:?} bytes, expected {}",
+                        other.map(|o| o.size),
+                        metadata.total_size_bytes
+                    ),
+                };
+                return self.restart_assembly(stream_id, &problem);
+            }
+        };
+        metadata.assembled = Some(Assembled {
+            key: key.clone(),
+            size_bytes: object.size,
+            etag: etag.filter(|e| !e.is_empty()).unwrap_or(object.etag),
+        });
+        if self.write_metadata(&metadata).is_err() {
+            return Outcome::Cancelled;
+        }
+        let revision = metadata.revision;
+        if self
+            .checkpoint_with_retry("assembly", |store| {
+                store.finish_assembly(stream_id, revision)
+            })
+            .is_err()
+        {
+            return Outcome::Cancelled;
+        }
+        info!(
+            stream_id = stream_id;
+            "stream {stream_id}: assembled {key} ({} bytes from {} chunks, server-side)",
+            object.size,
+            metadata.chunks.len()
+        );
+        Outcome::Assembled { revision }
+    }
+
+    /// Forgets a multipart upload that cannot be finished (gone, or wrong),
+    /// so the next attempt starts a fresh one.
+    fn restart_assembly(&mut self, stream_id: &str, problem: &StorageError) -> Outcome {
+        if self
+            .checkpoint_with_retry("assembly", |store| store.save_assembly(stream_id, None))
+            .is_err()
+        {
+            return Outcome::Cancelled;
+        }
+        Outcome::Failed(format!("assembly starts over: {problem}"))
+    }
+
     fn close(&mut self, job: &CloseJob) -> Outcome {
         let stream_id = job.stream.stream_id.as_str();
         // Only the contiguous run from chunk 0 is a usable prefix of the file.
@@ -478,6 +694,7 @@ impl Worker {
             media: Media {
                 duration_seconds: None,
             },
+            assembled: None,
         };
         if self.write_metadata(&metadata).is_err() {
             return Outcome::Cancelled;
@@ -531,6 +748,18 @@ mod tests {
         objects: Mutex<BTreeMap<String, Vec<u8>>>,
         failures_left: Mutex<u32>,
         puts: Mutex<u32>,
+        uploads: Mutex<BTreeMap<String, MemoryUpload>>,
+    }
+
+    /// An upload in progress: (key, part number → bytes), by upload id.
+    type MemoryUpload = (String, BTreeMap<u32, Vec<u8>>);
+
+    fn missing(key: &str) -> StorageError {
+        StorageError::Http {
+            status: 404,
+            key: key.into(),
+            body: String::new(),
+        }
     }
 
     impl ObjectStore for MemoryStore {
@@ -564,11 +793,65 @@ mod tests {
                 .unwrap()
                 .get(key)
                 .cloned()
-                .ok_or(StorageError::Http {
-                    status: 404,
-                    key: key.into(),
-                    body: String::new(),
-                })
+                .ok_or_else(|| missing(key))
+        }
+        fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StorageError> {
+            let all = self.get(key)?;
+            Ok(all[start as usize..=(end as usize).min(all.len() - 1)].to_vec())
+        }
+        fn head(&self, key: &str) -> Result<Option<crate::store::ObjectInfo>, StorageError> {
+            Ok(self
+                .objects
+                .lock()
+                .unwrap()
+                .get(key)
+                .map(|body| crate::store::ObjectInfo {
+                    size: body.len() as u64,
+                    etag: "\"memory\"".into(),
+                }))
+        }
+        fn initiate_multipart(&self, key: &str, _: &str) -> Result<String, StorageError> {
+            let mut uploads = self.uploads.lock().unwrap();
+            let id = format!("upload-{}", uploads.len());
+            uploads.insert(id.clone(), (key.into(), BTreeMap::new()));
+            Ok(id)
+        }
+        fn upload_part_copy(
+            &self,
+            key: &str,
+            id: &str,
+            part: u32,
+            source: &str,
+        ) -> Result<String, StorageError> {
+            let body = self.get(source)?;
+            let mut uploads = self.uploads.lock().unwrap();
+            let upload = uploads
+                .get_mut(id)
+                .filter(|u| u.0 == key)
+                .ok_or_else(|| missing(key))?;
+            upload.1.insert(part, body);
+            Ok(format!("\"part-{part}\""))
+        }
+        fn complete_multipart(
+            &self,
+            key: &str,
+            id: &str,
+            parts: &[(u32, String)],
+        ) -> Result<String, StorageError> {
+            let (_, copied) = self
+                .uploads
+                .lock()
+                .unwrap()
+                .remove(id)
+                .ok_or_else(|| missing(key))?;
+            assert_eq!(parts.len(), copied.len());
+            let body: Vec<u8> = copied.into_values().flatten().collect();
+            self.objects.lock().unwrap().insert(key.into(), body);
+            Ok("\"whole-1\"".into())
+        }
+        fn abort_multipart(&self, _: &str, id: &str) -> Result<(), StorageError> {
+            self.uploads.lock().unwrap().remove(id);
+            Ok(())
         }
     }
 
@@ -577,6 +860,8 @@ mod tests {
     struct MemoryCheckpoints {
         chunks: Arc<Mutex<Vec<(String, ChunkRecord)>>>,
         completed: Arc<Mutex<Vec<String>>>,
+        assembly: Arc<Mutex<Option<AssemblyProgress>>>,
+        assembled_revision: Arc<Mutex<u32>>,
     }
 
     impl CheckpointStore for MemoryCheckpoints {
@@ -616,6 +901,22 @@ mod tests {
         }
         fn restore_stream(&mut self, _: &StoredStream) -> Result<bool, CheckpointError> {
             Ok(false)
+        }
+        fn load_assembly(&mut self, _: &str) -> Result<Option<AssemblyProgress>, CheckpointError> {
+            Ok(self.assembly.lock().unwrap().clone())
+        }
+        fn save_assembly(
+            &mut self,
+            _: &str,
+            progress: Option<&AssemblyProgress>,
+        ) -> Result<(), CheckpointError> {
+            *self.assembly.lock().unwrap() = progress.cloned();
+            Ok(())
+        }
+        fn finish_assembly(&mut self, _: &str, revision: u32) -> Result<(), CheckpointError> {
+            *self.assembled_revision.lock().unwrap() = revision;
+            *self.assembly.lock().unwrap() = None;
+            Ok(())
         }
         fn forget_identity(&mut self, _: FileIdentity, _: &str) -> Result<(), CheckpointError> {
             Ok(())
@@ -781,5 +1082,63 @@ mod tests {
             chunks: BTreeMap::new(),
         }));
         assert_eq!(result.outcome, Outcome::FinalizeInterrupted);
+    }
+
+    #[test]
+    fn assembly_copies_the_chunks_server_side_and_records_it_in_the_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cam.mp4");
+        std::fs::write(&path, b"AAAAAAAABBBBBBBBCC").unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let checkpoints = MemoryCheckpoints::default();
+        let (mut worker, _keep) = worker(store.clone(), checkpoints.clone());
+        let stream = StreamRef {
+            identity: identity_of(&path),
+            stream_id: "cam-1".into(),
+        };
+        let facts = StreamFacts {
+            rel_path: "cam.mp4".into(),
+            file_name: "cam.mp4".into(),
+            chunk_size: 8,
+            started_at: SystemTime::now(),
+            last_change_at: SystemTime::now(),
+            revision: 1,
+        };
+        let finalized = worker.execute(Job::Finalize(FinalizeJob {
+            stream: stream.clone(),
+            path,
+            facts,
+            expected_size: 18,
+            chunks: BTreeMap::new(),
+        }));
+        assert!(matches!(finalized.outcome, Outcome::Finalized { .. }));
+        // A stale upload of an older revision is aborted first.
+        let stale = store
+            .initiate_multipart("p/cam-1/cam.mp4", "video/mp4")
+            .unwrap();
+        *checkpoints.assembly.lock().unwrap() = Some(AssemblyProgress {
+            revision: 0,
+            key: "p/cam-1/cam.mp4".into(),
+            upload_id: stale.clone(),
+            parts: BTreeMap::new(),
+        });
+
+        let result = worker.execute(Job::Assemble(AssembleJob {
+            stream,
+            revision: 1,
+        }));
+        assert_eq!(result.outcome, Outcome::Assembled { revision: 1 });
+        assert_eq!(store.get("p/cam-1/cam.mp4").unwrap(), b"AAAAAAAABBBBBBBBCC");
+        assert!(
+            !store.uploads.lock().unwrap().contains_key(&stale),
+            "stale upload aborted"
+        );
+        let metadata: StreamMetadata =
+            serde_json::from_slice(&store.get("p/cam-1/metadata.json").unwrap()).unwrap();
+        let assembled = metadata.assembled.expect("assembled recorded");
+        assert_eq!(assembled.key, "p/cam-1/cam.mp4");
+        assert_eq!(assembled.size_bytes, 18);
+        assert_eq!(*checkpoints.assembled_revision.lock().unwrap(), 1);
+        assert!(checkpoints.assembly.lock().unwrap().is_none());
     }
 }

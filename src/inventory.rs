@@ -1,0 +1,214 @@
+//! `chunkstream list` and `chunkstream verify`: what is in the bucket, and
+//! whether it is intact.
+//!
+//! Both work from the bucket alone (each stream's `metadata.json`), so they
+//! answer for any instance, running or not. `verify` checks that every chunk
+//! exists with its recorded size; `--deep` also downloads the chunks (one at a
+//! time, so memory stays at one chunk) and checks every sha256, the whole
+//! stream's sha256, and the assembled object if there is one.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::AppError;
+use crate::metadata::{KeyLayout, StreamMetadata, StreamStatus};
+use crate::restore::fetch_metadata;
+use crate::store::{ObjectStore, S3Store};
+
+/// One line of `list`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StreamSummary {
+    pub stream_id: String,
+    pub status: StreamStatus,
+    pub path: String,
+    pub size_bytes: u64,
+    pub chunks: usize,
+    pub media_duration_seconds: Option<f64>,
+    pub completed_at: String,
+    pub revision: u32,
+    pub assembled_key: Option<String>,
+}
+
+impl From<&StreamMetadata> for StreamSummary {
+    fn from(meta: &StreamMetadata) -> Self {
+        Self {
+            stream_id: meta.stream_id.clone(),
+            status: meta.status,
+            path: meta.source.path.clone(),
+            size_bytes: meta.total_size_bytes,
+            chunks: meta.chunks.len(),
+            media_duration_seconds: meta.media.duration_seconds,
+            completed_at: meta.completed_at.clone(),
+            revision: meta.revision,
+            assembled_key: meta.assembled.as_ref().map(|a| a.key.clone()),
+        }
+    }
+}
+
+/// Every stream's metadata under `prefix`, oldest completion first.
+pub fn all_metadata(store: &S3Store, prefix: &str) -> Result<Vec<StreamMetadata>, AppError> {
+    let mut streams = Vec::new();
+    for key in store.list_keys(prefix)? {
+        let Some(stream_id) = key
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix("/metadata.json"))
+            .filter(|id| !id.contains('/'))
+        else {
+            continue;
+        };
+        match fetch_metadata(store, &KeyLayout::new(prefix), stream_id) {
+            Ok(meta) => streams.push(meta),
+            Err(err) => log::warn!("skipping {key}: {err}"),
+        }
+    }
+    // RFC 3339 in UTC sorts as text.
+    streams.sort_by(|a, b| a.completed_at.cmp(&b.completed_at));
+    Ok(streams)
+}
+
+/// The `list` table: a header, then one line per stream.
+pub fn render_list(streams: &[StreamMetadata]) -> String {
+    let mut out = format!(
+        "{:<40} {:<10} {:>14} {:>6} {:>10} {:<24} {}\n",
+        "STREAM", "STATUS", "BYTES", "CHUNKS", "DURATION", "COMPLETED", "ASSEMBLED"
+    );
+    for meta in streams {
+        let summary = StreamSummary::from(meta);
+        out.push_str(&format!(
+            "{:<40} {:<10} {:>14} {:>6} {:>10} {:<24} {}\n",
+            summary.stream_id,
+            match summary.status {
+                StreamStatus::Complete => "complete",
+                StreamStatus::Incomplete => "incomplete",
+            },
+            summary.size_bytes,
+            summary.chunks,
+            summary
+                .media_duration_seconds
+                .map_or("-".to_string(), |s| format!("{s:.2}s")),
+            summary.completed_at,
+            summary.assembled_key.as_deref().unwrap_or("-"),
+        ));
+    }
+    out
+}
+
+/// Checks one stream; returns one line per problem (empty: all good).
+pub fn verify_stream(
+    store: &dyn ObjectStore,
+    layout: &KeyLayout,
+    stream_id: &str,
+    deep: bool,
+) -> Vec<String> {
+    let metadata = match fetch_metadata(store, layout, stream_id) {
+        Ok(metadata) => metadata,
+        Err(err) => return vec![format!("{stream_id}: {err}")],
+    };
+    let mut problems = Vec::new();
+    let mut problem = |text: String| problems.push(format!("{stream_id}: {text}"));
+    if let Err(layout_problem) = metadata.check_chunk_layout() {
+        problem(layout_problem);
+    }
+    let mut whole = Sha256::new();
+    let mut whole_readable = true;
+    for chunk in &metadata.chunks {
+        if deep {
+            match store.get(&chunk.key) {
+                Ok(body) => {
+                    if body.len() as u64 != chunk.size_bytes {
+                        problem(format!(
+                            "chunk {} ({}) has {} bytes, metadata says {}",
+                            chunk.index,
+                            chunk.key,
+                            body.len(),
+                            chunk.size_bytes
+                        ));
+                    }
+                    let digest = hex::encode(Sha256::digest(&body));
+                    if digest != chunk.sha256 {
+                        problem(format!(
+                            "chunk {} ({}) sha256 {digest} does not match metadata {}",
+                            chunk.index, chunk.key, chunk.sha256
+                        ));
+                    }
+                    whole.update(&body);
+                }
+                Err(err) if err.is_not_found() => {
+                    whole_readable = false;
+                    problem(format!("chunk {} ({}) is missing", chunk.index, chunk.key));
+                }
+                Err(err) => {
+                    whole_readable = false;
+                    problem(format!("chunk {} ({}): {err}", chunk.index, chunk.key));
+                }
+            }
+        } else {
+            match store.head(&chunk.key) {
+                Ok(Some(object)) if object.size == chunk.size_bytes => {}
+                Ok(Some(object)) => problem(format!(
+                    "chunk {} ({}) has {} bytes, metadata says {}",
+                    chunk.index, chunk.key, object.size, chunk.size_bytes
+                )),
+                Ok(None) => problem(format!("chunk {} ({}) is missing", chunk.index, chunk.key)),
+                Err(err) => problem(format!("chunk {} ({}): {err}", chunk.index, chunk.key)),
+            }
+        }
+    }
+    if deep
+        && whole_readable
+        && let Some(expected) = &metadata.sha256
+    {
+        let digest = hex::encode(whole.finalize());
+        if &digest != expected {
+            problem(format!(
+                "the chunks' sha256 {digest} does not match metadata {expected}"
+            ));
+        }
+    }
+    if let Some(assembled) = &metadata.assembled {
+        match store.head(&assembled.key) {
+            Ok(Some(object)) if object.size == assembled.size_bytes => {
+                if deep {
+                    match sha256_of_object(
+                        store,
+                        &assembled.key,
+                        object.size,
+                        metadata.chunk_size_bytes,
+                    ) {
+                        Ok(digest) if Some(&digest) == metadata.sha256.as_ref() => {}
+                        Ok(digest) => problem(format!(
+                            "assembled {} sha256 {digest} does not match metadata {}",
+                            assembled.key,
+                            metadata.sha256.as_deref().unwrap_or("(none)")
+                        )),
+                        Err(err) => problem(format!("assembled {}: {err}", assembled.key)),
+                    }
+                }
+            }
+            Ok(Some(object)) => problem(format!(
+                "assembled {} has {} bytes, metadata says {}",
+                assembled.key, object.size, assembled.size_bytes
+            )),
+            Ok(None) => problem(format!("assembled {} is missing", assembled.key)),
+            Err(err) => problem(format!("assembled {}: {err}", assembled.key)),
+        }
+    }
+    problems
+}
+
+/// The sha256 of a large object, read in `piece`-sized ranges.
+pub fn sha256_of_object(
+    store: &dyn ObjectStore,
+    key: &str,
+    size: u64,
+    piece: u64,
+) -> Result<String, crate::error::StorageError> {
+    let mut hasher = Sha256::new();
+    let mut offset = 0;
+    while offset < size {
+        let end = (offset + piece).min(size) - 1;
+        hasher.update(store.get_range(key, offset, end)?);
+        offset = end + 1;
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
