@@ -266,6 +266,13 @@ fn f_restore_round_trips_and_rejects_a_tampered_chunk() {
         &bytes,
     ))
     .into();
+    // The server checks x-amz-checksum-sha256: a body that does not match
+    // the checksum chunkstream computed is refused, not stored.
+    let refused = env
+        .store
+        .put(&victim.key, &bytes, "application/octet-stream", &[0u8; 32])
+        .expect_err("a wrong checksum is rejected");
+    assert!(refused.is_client_error(), "{refused}");
     env.store
         .put(&victim.key, &bytes, "application/octet-stream", &digest)
         .unwrap();

@@ -193,9 +193,7 @@ if current and current ~= ARGV[2] and current ~= ARGV[3] then
   return current
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-for i = 4, #ARGV, 2 do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-end
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 return ARGV[2]
 ";
 
@@ -444,15 +442,13 @@ impl CheckpointStore for RedisStore {
         stream_id: &str,
         chunk: &ChunkRecord,
     ) -> Result<(), CheckpointError> {
+        // One command: atomic by itself, one round trip per chunk.
         let json = serde_json::to_string(chunk).expect("chunk records serialize");
-        let now = unix_millis(SystemTime::now()).to_string();
         self.with_connection(|con, keys| {
-            redis::pipe()
-                .atomic()
-                .hset(keys.chunks(stream_id), chunk.index, &json)
-                .ignore()
-                .hset(keys.stream(stream_id), "checkpointed_at_ms", &now)
-                .ignore()
+            redis::cmd("HSET")
+                .arg(keys.chunks(stream_id))
+                .arg(chunk.index)
+                .arg(&json)
                 .query(con)
         })
     }

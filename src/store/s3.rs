@@ -62,6 +62,9 @@ pub trait ObjectStore: Send + Sync {
     fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError>;
 }
 
+/// Lifetime of a presigned URL: used at once, so only clock skew matters.
+const PRESIGNED_URL_SECONDS: u32 = 3600;
+
 /// What HEAD tells about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -112,6 +115,9 @@ fn encode_copy_source(key: &str) -> String {
 pub struct S3Store {
     bucket: Box<Bucket>,
     config: S3Config,
+    /// For requests rust-s3 presigns: chunk PUTs and UploadPartCopy. It keeps
+    /// connections alive (rust-s3 opens one per request).
+    agent: ureq::Agent,
 }
 
 impl S3Store {
@@ -126,9 +132,15 @@ impl S3Store {
             bucket
         };
         bucket.set_request_timeout(Some(config.request_timeout));
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(config.request_timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
         Ok(Self {
             bucket,
             config: config.clone(),
+            agent,
         })
     }
 
@@ -185,6 +197,11 @@ impl S3Store {
 }
 
 impl ObjectStore for S3Store {
+    /// A PUT through a URL that rust-s3 presigns, sent by ureq straight from
+    /// the caller's buffer. rust-s3's own PUT copies the body and hashes it
+    /// twice more (SigV4 payload hash and Content-MD5); the presigned request
+    /// is UNSIGNED-PAYLOAD, and integrity comes from `x-amz-checksum-sha256`,
+    /// a signed header the server checks against the body.
     fn put(
         &self,
         key: &str,
@@ -192,16 +209,37 @@ impl ObjectStore for S3Store {
         content_type: &str,
         sha256: &[u8; 32],
     ) -> Result<(), StorageError> {
-        let mut headers = HeaderMap::new();
         let checksum = base64::engine::general_purpose::STANDARD.encode(sha256);
-        headers.insert(
-            "x-amz-checksum-sha256",
-            HeaderValue::from_str(&checksum).expect("base64 is a valid header value"),
-        );
-        self.bucket
-            .put_object_with_content_type_and_headers(key, body, content_type, Some(headers))
-            .map(|_| ())
-            .map_err(|err| map_error(err, &self.config, key))
+        let header_value = |value: &str| {
+            HeaderValue::from_str(value).map_err(|err| StorageError::Other {
+                key: key.to_string(),
+                detail: format!("header value {value:?}: {err}"),
+            })
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("x-amz-checksum-sha256", header_value(&checksum)?);
+        headers.insert("content-type", header_value(content_type)?);
+        let url = self
+            .bucket
+            .presign_put(key, PRESIGNED_URL_SECONDS, Some(headers), None)
+            .map_err(|err| map_error(err, &self.config, key))?;
+        let mut response = self
+            .agent
+            .put(&url)
+            .header("x-amz-checksum-sha256", &checksum)
+            .header("content-type", content_type)
+            .send(body)
+            .map_err(|err| map_ureq_error(err, &self.config, key))?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        Err(StorageError::Http {
+            status,
+            key: key.to_string(),
+            body: summarize_body(&body),
+        })
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
@@ -265,7 +303,7 @@ impl ObjectStore for S3Store {
         ]);
         let url = self
             .bucket
-            .presign_put(key, 3600, Some(headers), Some(queries))
+            .presign_put(key, PRESIGNED_URL_SECONDS, Some(headers), Some(queries))
             .map_err(|err| map_error(err, &self.config, key))?;
         // rust-s3 0.38 signs the custom query parameters but leaves them out
         // of the URL it returns; add them (unless a fixed version did).
@@ -277,12 +315,8 @@ impl ObjectStore for S3Store {
                 encode_query_value(upload_id)
             )
         };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(self.config.request_timeout))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut response = agent
+        let mut response = self
+            .agent
             .put(&url)
             .header("x-amz-copy-source", &copy_source)
             .send_empty()

@@ -58,6 +58,15 @@ pub fn require_tool(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// The binary under test: Cargo's for integration tests, the release build
+/// for the benchmark (which is an example, where Cargo names no binary).
+pub fn chunkstream_binary() -> PathBuf {
+    option_env!("CARGO_BIN_EXE_chunkstream").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/chunkstream"),
+        PathBuf::from,
+    )
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -66,15 +75,20 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `condition` every 50 ms until it holds or `DEADLINE` passes.
-pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
+pub fn wait_for(what: &str, condition: impl FnMut() -> bool) {
+    wait_for_long(what, DEADLINE, condition);
+}
+
+/// Polls `condition` every 50 ms until it holds or `limit` passes.
+pub fn wait_for_long(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if condition() {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("timed out after {DEADLINE:?} waiting for {what}");
+    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 fn wait_for_port(port: u16) {
@@ -493,7 +507,7 @@ impl TestEnv {
 
     /// Runs `chunkstream <args>` as a one-shot command with the daemon env.
     pub fn command(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_chunkstream"))
+        Command::new(chunkstream_binary())
             .env_clear()
             .envs(self.daemon_env())
             .args(args)
@@ -526,7 +540,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(env: BTreeMap<String, String>, cwd: &Path) -> Self {
-        Self::start_binary(Path::new(env!("CARGO_BIN_EXE_chunkstream")), env, cwd, None)
+        Self::start_binary(&chunkstream_binary(), env, cwd, None)
     }
 
     /// Runs `binary run` with exactly `env` (plus a free loopback

@@ -1,0 +1,516 @@
+//! The benchmark harness behind `scripts/bench.sh`: chunkstream against
+//! rclone on the same loopback S3 server, plus memory, polling and Redis cost.
+//!
+//! It reuses the integration tests' plumbing (real `redis-server` and
+//! `s3s-fs`, the release binary) and prints figures; it never fails on speed.
+//! With `--write-doc` it replaces the results section of docs/benchmarks.md.
+//! `--quick` shrinks every data set (for trying the harness, not for figures).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use support::{BUCKET, Daemon, MIB, TestEnv, pseudo_random};
+
+/// One row of the results table.
+struct Figure {
+    name: String,
+    value: String,
+    target: String,
+    met: Option<bool>,
+}
+
+struct Bench {
+    env: TestEnv,
+    binary: PathBuf,
+    quick: bool,
+    figures: Vec<Figure>,
+    notes: Vec<String>,
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let index = ((values.len() - 1) as f64 * p).round() as usize;
+    values[index]
+}
+
+/// Peak resident set size of a live process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// CPU time (user + system) of a live process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// Records every command Redis receives (`redis-cli MONITOR`) until stopped.
+struct RedisMonitor {
+    child: std::process::Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisMonitor {
+    fn start(env: &TestEnv) -> Self {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = dir.path().join("monitor.log");
+        let child = Command::new("redis-cli")
+            .args(["-p", &env.redis.port.to_string(), "MONITOR"])
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("redis-cli MONITOR");
+        std::thread::sleep(Duration::from_millis(200));
+        Self {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// (round trips, commands by name). A command a Lua script runs is
+    /// tagged `[lua]` and is no round trip of its own.
+    fn stop(mut self) -> (u64, BTreeMap<String, u64>) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut round_trips = 0;
+        let mut by_name = BTreeMap::new();
+        for line in text.lines().filter(|l| l.contains("] \"")) {
+            let name = line
+                .split("] \"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or("?")
+                .to_ascii_uppercase();
+            if !line.contains(" lua]") {
+                round_trips += 1;
+                *by_name.entry(name).or_insert(0) += 1;
+            }
+        }
+        (round_trips, by_name)
+    }
+}
+
+impl Bench {
+    /// A daemon on `watch` with benchmark settings plus `overrides`; its
+    /// state (Redis keys, S3 prefix) is fresh, named by `run`.
+    fn daemon(&self, watch: &Path, run: &str, overrides: &[(&str, &str)]) -> Daemon {
+        let mut env = self.env.daemon_env();
+        env.insert("WATCH_DIR".into(), watch.display().to_string());
+        env.insert("S3_PREFIX".into(), format!("{run}/"));
+        env.insert("REDIS_KEY_PREFIX".into(), format!("bench-{run}"));
+        env.insert("LOG_LEVEL".into(), "warn".into());
+        for (key, value) in [
+            ("STREAM_TIMEOUT", "1s"),
+            ("POLL_INTERVAL", "200ms"),
+            ("WORKERS", "4"),
+            ("CHUNK_SIZE", "10MiB"),
+        ] {
+            env.insert(key.into(), value.into());
+        }
+        for (key, value) in overrides {
+            env.insert(key.to_string(), value.to_string());
+        }
+        Daemon::start_binary(&self.binary, env, watch, None)
+    }
+
+    fn completed(daemon: &Daemon) -> f64 {
+        daemon.metric("chunkstream_streams_completed_total{status=\"complete\"}")
+    }
+
+    fn wait_completed(daemon: &Daemon, count: f64) {
+        support::wait_for_long(
+            &format!("{count} completed streams"),
+            Duration::from_secs(1800),
+            || Self::completed(daemon) >= count,
+        );
+    }
+
+    fn files(&self, name: &str, count: usize, size: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("data dir");
+        let block = pseudo_random(MIB, 7);
+        for n in 0..count {
+            let path = dir.path().join(format!("{name}-{n:03}.mp4"));
+            let mut file = std::fs::File::create(&path).expect("create");
+            let mut written = 0;
+            while written < size {
+                let take = (size - written).min(MIB) as usize;
+                // Incompressible, and different per file and per MiB.
+                let mut piece = block[..take].to_vec();
+                piece[..8].copy_from_slice(&(n as u64 * 1_000_000 + written).to_le_bytes());
+                std::io::Write::write_all(&mut file, &piece).expect("write");
+                written += take as u64;
+            }
+        }
+        dir
+    }
+
+    fn throughput_versus_rclone(&mut self) {
+        let (count, size) = if self.quick {
+            (4, 16 * MIB)
+        } else {
+            (8, 64 * MIB)
+        };
+        let data = self.files("tp", count, size);
+        let rclone =
+            support::require_tool("rclone").expect("rclone (scripts/bench.sh installs it)");
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        let mut round_trips_per_chunk = 0.0;
+        for round in 0..3 {
+            let monitor = (round == 0).then(|| RedisMonitor::start(&self.env));
+            let started = Instant::now();
+            let daemon = self.daemon(data.path(), &format!("cs-{round}"), &[]);
+            Self::wait_completed(&daemon, count as f64);
+            ours.push(started.elapsed().as_secs_f64());
+            let chunks = daemon.metric("chunkstream_chunks_uploaded_total");
+            let _ = daemon.terminate();
+            if let Some(monitor) = monitor {
+                let (round_trips, by_name) = monitor.stop();
+                round_trips_per_chunk = round_trips as f64 / chunks;
+                self.notes.push(format!(
+                    "Redis, first throughput round: {round_trips} round trips for {chunks} chunks of {count} streams: {by_name:?}."
+                ));
+            }
+
+            let started = Instant::now();
+            let status = Command::new(&rclone)
+                .arg("copy")
+                .arg(data.path())
+                .arg(format!("bench:{BUCKET}/rclone-{round}"))
+                .args(["--transfers", "4", "--s3-chunk-size", "10M"])
+                // A CA bundle from the environment breaks rclone's plain-HTTP client.
+                .env_remove("AWS_CA_BUNDLE")
+                .env("RCLONE_CONFIG_BENCH_TYPE", "s3")
+                .env("RCLONE_CONFIG_BENCH_PROVIDER", "Other")
+                .env("RCLONE_CONFIG_BENCH_ENDPOINT", self.env.s3.endpoint())
+                .env("RCLONE_CONFIG_BENCH_ACCESS_KEY_ID", support::ACCESS_KEY)
+                .env("RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY", support::SECRET_KEY)
+                .env("RCLONE_CONFIG_BENCH_REGION", "us-east-1")
+                .env("RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE", "true")
+                .status()
+                .expect("rclone runs");
+            assert!(status.success(), "rclone copy failed");
+            theirs.push(started.elapsed().as_secs_f64());
+        }
+        let total_mib = (count as u64 * size / MIB) as f64;
+        let show = |times: &[f64]| {
+            times
+                .iter()
+                .map(|t| format!("{t:.2}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let (ours_median, theirs_median) = (median(&mut ours.clone()), median(&mut theirs.clone()));
+        self.notes.push(format!(
+            "Throughput: {count} × {} MiB. chunkstream runs (s): {}; rclone runs (s): {}. chunkstream's time includes start-up, STREAM_TIMEOUT (1 s) and the verification re-read.",
+            size / MIB,
+            show(&ours),
+            show(&theirs)
+        ));
+        let ratio = ours_median / theirs_median;
+        self.figures.push(Figure {
+            name: format!(
+                "time for {count}×{} MiB, chunkstream / rclone (median of 3)",
+                size / MIB
+            ),
+            value: format!(
+                "{ours_median:.2} s / {theirs_median:.2} s = {ratio:.2} ({:.0} vs {:.0} MiB/s)",
+                total_mib / ours_median,
+                total_mib / theirs_median
+            ),
+            target: "≤ 1.0".into(),
+            met: Some(ratio <= 1.0),
+        });
+        self.figures.push(Figure {
+            name: "Redis round trips per chunk (all of them, over chunks)".into(),
+            value: format!("{round_trips_per_chunk:.2}"),
+            target: "≤ 2".into(),
+            met: Some(round_trips_per_chunk <= 2.0),
+        });
+    }
+
+    fn growing_files(&mut self) {
+        let (files, seconds): (u64, u64) = if self.quick { (2, 5) } else { (4, 20) };
+        let stream_timeout = 2.0;
+        let poll = 0.2;
+        let dir = tempfile::tempdir().expect("dir");
+        let daemon = self.daemon(dir.path(), "growing", &[("STREAM_TIMEOUT", "2s")]);
+        let written = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (written, done, root) = (written.clone(), done.clone(), dir.path().to_path_buf());
+            std::thread::spawn(move || {
+                let block = pseudo_random(2 * MIB, 3);
+                let started = Instant::now();
+                // 2 MiB per file every 100 ms: 20 MiB/s per file.
+                for tick in 0..seconds * 10 {
+                    for n in 0..files {
+                        let mut piece = block.clone();
+                        piece[..8].copy_from_slice(&(tick * 100 + n).to_le_bytes());
+                        support::append(&root.join(format!("g{n}.mp4")), &piece);
+                        written.fetch_add(2 * MIB, Ordering::SeqCst);
+                    }
+                    let next = Duration::from_millis(100 * (tick + 1));
+                    std::thread::sleep(next.saturating_sub(started.elapsed()));
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut lags = Vec::new();
+        while !done.load(Ordering::SeqCst) {
+            let uploaded = daemon.metric("chunkstream_uploaded_bytes_total") as u64;
+            lags.push(written.load(Ordering::SeqCst).saturating_sub(uploaded) as f64 / MIB as f64);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        writer.join().expect("writer");
+        let last_write = Instant::now();
+        Self::wait_completed(&daemon, files as f64);
+        let latency = last_write.elapsed().as_secs_f64();
+        let _ = daemon.terminate();
+        let target = stream_timeout + poll + 1.0;
+        self.figures.push(Figure {
+            name: format!(
+                "growing: upload lag behind {files} writers at 20 MiB/s each (p50 / max)"
+            ),
+            value: format!(
+                "{:.0} MiB / {:.0} MiB",
+                percentile(&mut lags.clone(), 0.5),
+                percentile(&mut lags, 1.0)
+            ),
+            target: format!("(≥ {files} × one partial chunk is inherent)"),
+            met: None,
+        });
+        self.figures.push(Figure {
+            name: "growing: completion latency after the last write".into(),
+            value: format!("{latency:.2} s"),
+            target: format!("≤ STREAM_TIMEOUT + POLL_INTERVAL + 1 s = {target:.1} s"),
+            met: Some(latency <= target),
+        });
+    }
+
+    fn memory(&mut self) {
+        let limit = 4 * 10 * MIB + 16 * MIB;
+        let cases: Vec<(usize, u64, &str)> = if self.quick {
+            vec![
+                (1, 256 * MIB, "one 256 MiB file"),
+                (8, 32 * MIB, "8 × 32 MiB"),
+            ]
+        } else {
+            vec![
+                (1, 2048 * MIB, "one 2 GiB file"),
+                (64, 64 * MIB, "64 × 64 MiB"),
+            ]
+        };
+        for (n, (count, size, label)) in cases.into_iter().enumerate() {
+            let data = self.files(&format!("mem{n}"), count, size);
+            let daemon = self.daemon(data.path(), &format!("mem-{n}"), &[]);
+            Self::wait_completed(&daemon, count as f64);
+            let peak = peak_rss(daemon.process.pid());
+            let _ = daemon.terminate();
+            self.figures.push(Figure {
+                name: format!("peak RSS, {label}, WORKERS=4, CHUNK_SIZE=10MiB"),
+                value: format!("{:.1} MiB", peak as f64 / MIB as f64),
+                target: format!("≤ {} MiB", limit / MIB),
+                met: Some(peak <= limit),
+            });
+        }
+    }
+
+    fn polling(&mut self) {
+        let (dirs, per_dir) = if self.quick { (10, 100) } else { (100, 1000) };
+        let total = dirs * per_dir;
+        let root = tempfile::tempdir().expect("dir");
+        for d in 0..dirs {
+            let dir = root.path().join(format!("d{d:03}"));
+            std::fs::create_dir_all(&dir).expect("dir");
+            for f in 0..per_dir {
+                std::fs::write(
+                    dir.join(format!("f{f:04}.mp4")),
+                    ((d * per_dir + f) as u64).to_le_bytes(),
+                )
+                .expect("write");
+            }
+        }
+        let started = Instant::now();
+        let daemon = self.daemon(
+            root.path(),
+            "poll",
+            &[("POLL_INTERVAL", "1s"), ("WORKERS", "8")],
+        );
+        Self::wait_completed(&daemon, total as f64);
+        let setup = started.elapsed().as_secs_f64();
+        let before = (
+            daemon.metric("chunkstream_scan_duration_seconds_sum"),
+            daemon.metric("chunkstream_scan_duration_seconds_count"),
+        );
+        std::thread::sleep(Duration::from_secs(if self.quick { 5 } else { 15 }));
+        let after = (
+            daemon.metric("chunkstream_scan_duration_seconds_sum"),
+            daemon.metric("chunkstream_scan_duration_seconds_count"),
+        );
+        let _ = daemon.terminate();
+        let mean_ms = (after.0 - before.0) / (after.1 - before.1) * 1000.0;
+        self.notes.push(format!(
+            "Polling: uploading and completing the {total} files first took {setup:.0} s."
+        ));
+        self.figures.push(Figure {
+            name: format!("one poll over {total} tracked, completed files (mean)"),
+            value: format!("{mean_ms:.0} ms"),
+            target: "≤ 150 ms".into(),
+            met: Some(mean_ms <= 150.0),
+        });
+
+        // Idle CPU with 1,000 completed files at a 1 s poll.
+        let idle = tempfile::tempdir().expect("dir");
+        for f in 0..1000u32 {
+            std::fs::write(idle.path().join(format!("i{f:04}.mp4")), f.to_le_bytes())
+                .expect("write");
+        }
+        let daemon = self.daemon(idle.path(), "idle", &[("POLL_INTERVAL", "1s")]);
+        Self::wait_completed(&daemon, 1000.0);
+        std::thread::sleep(Duration::from_secs(2));
+        let window = if self.quick { 10.0 } else { 60.0 };
+        let pid = daemon.process.pid();
+        let cpu_before = cpu_seconds(pid);
+        std::thread::sleep(Duration::from_secs_f64(window));
+        let cpu = (cpu_seconds(pid) - cpu_before) / window * 100.0;
+        let _ = daemon.terminate();
+        self.figures.push(Figure {
+            name: format!("idle CPU, 1,000 completed files, 1 s poll, over {window:.0} s"),
+            value: format!("{cpu:.2} % of one core"),
+            target: "< 0.5 %".into(),
+            met: Some(cpu < 0.5),
+        });
+    }
+
+    fn report(&self) -> String {
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .next()
+                    .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+            })
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map_or("?".to_string(), |kib| {
+                format!("{:.0} GiB", kib as f64 / 1024.0 / 1024.0)
+            });
+        let version = |tool: &str, flag: &str| {
+            Command::new(tool)
+                .arg(flag)
+                .output()
+                .ok()
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| "?".into())
+        };
+        let mut out = format!(
+            "Run on {} with {cores} cores and {memory} of memory: chunkstream {}, {}, {}, s3s-fs 0.14.1, {}.{}\n\n",
+            humantime::format_rfc3339_seconds(SystemTime::now()),
+            env!("CARGO_PKG_VERSION"),
+            version("rustc", "--version"),
+            version("rclone", "version"),
+            version("redis-server", "--version")
+                .split(" sha=")
+                .next()
+                .unwrap_or("?"),
+            if self.quick {
+                " **Quick mode: small data sets, not comparable.**"
+            } else {
+                ""
+            }
+        );
+        out.push_str("| figure | result | target | met |\n|---|---|---|---|\n");
+        for figure in &self.figures {
+            let met = match figure.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            };
+            out.push_str(&format!(
+                "| {} | {} | {} | {met} |\n",
+                figure.name, figure.value, figure.target
+            ));
+        }
+        out.push('\n');
+        for note in &self.notes {
+            out.push_str(&format!("- {note}\n"));
+        }
+        out
+    }
+}
+
+const START: &str = "<!-- bench:results:start -->";
+const END: &str = "<!-- bench:results:end -->";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let write_doc = args.iter().any(|a| a == "--write-doc");
+    let only: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/chunkstream");
+    assert!(
+        binary.is_file(),
+        "build first: cargo build --release --locked"
+    );
+    let env = TestEnv::start().expect("redis-server and s3s-fs (scripts/test.sh installs them)");
+    let mut bench = Bench {
+        env,
+        binary,
+        quick,
+        figures: Vec::new(),
+        notes: Vec::new(),
+    };
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o.as_str() == name);
+    if wanted("throughput") {
+        bench.throughput_versus_rclone();
+    }
+    if wanted("growing") {
+        bench.growing_files();
+    }
+    if wanted("memory") {
+        bench.memory();
+    }
+    if wanted("polling") {
+        bench.polling();
+    }
+    let report = bench.report();
+    println!("{report}");
+    if write_doc {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+        let doc = std::fs::read_to_string(&path).expect("docs/benchmarks.md");
+        let (head, rest) = doc.split_once(START).expect("results start marker");
+        let (_, tail) = rest.split_once(END).expect("results end marker");
+        std::fs::write(&path, format!("{head}{START}\n{report}{END}{tail}")).expect("write doc");
+        println!("updated {}", path.display());
+    }
+}
