@@ -263,6 +263,9 @@ pub struct Observers {
     pub instance: String,
 }
 
+/// New files registered per poll at most; the rest wait for the next poll.
+const REGISTRATIONS_PER_POLL: usize = 2000;
+
 /// How many completed or closed streams `/streams` keeps showing.
 const RECENT_STREAMS: usize = 50;
 
@@ -283,6 +286,9 @@ pub struct Coordinator {
     recent: VecDeque<StreamView>,
     /// Close jobs waiting for room in the job channel.
     waiting_closes: VecDeque<Job>,
+    /// Streams that want a job, in dispatch order, and the same as a set.
+    ready: VecDeque<crate::scan::FileIdentity>,
+    queued: std::collections::HashSet<crate::scan::FileIdentity>,
     /// Stream ids with a job at a worker.
     in_flight: HashMap<String, &'static str>,
     /// Identity → stream id of streams just closed or forgotten whose identity
@@ -323,6 +329,8 @@ impl Coordinator {
             instance: observers.instance,
             recent: VecDeque::with_capacity(RECENT_STREAMS),
             waiting_closes: VecDeque::new(),
+            ready: VecDeque::new(),
+            queued: std::collections::HashSet::new(),
             in_flight: HashMap::new(),
             retired: HashMap::new(),
             heartbeat: observers.heartbeat,
@@ -362,11 +370,12 @@ impl Coordinator {
             let now = Instant::now();
             if now >= next_scan {
                 self.scan(now);
+                self.queue_ready_streams(now);
+                self.publish_gauges();
                 next_scan = now + self.config.poll_interval;
             }
             self.write_back_after_redis_recovery();
             self.dispatch(Instant::now());
-            self.publish_gauges();
             self.heartbeat.beat();
             let wait = next_scan.saturating_duration_since(Instant::now());
             select! {
@@ -439,9 +448,17 @@ impl Coordinator {
     }
 
     fn apply_changes(&mut self, changes: Vec<Change>, now: Instant) {
+        let mut registered = 0;
         for change in changes {
             match change {
-                Change::Discovered(observation) => self.register(&observation, now),
+                // Each registration is a Redis round trip on this thread: a
+                // burst of new files is spread over several polls so the
+                // loop (and /healthz) stays responsive.
+                Change::Discovered(_) if registered == REGISTRATIONS_PER_POLL => {}
+                Change::Discovered(observation) => {
+                    registered += 1;
+                    self.register(&observation, now);
+                }
                 Change::Closed(stream, reason) => {
                     let mut view = stream.view(now);
                     view.state = "incomplete".to_string();
@@ -633,20 +650,12 @@ impl Coordinator {
                 }
             }
         }
-        let mut ready: Vec<(Option<Instant>, crate::scan::FileIdentity, Work)> = self
-            .table
-            .iter()
-            .filter_map(|stream| {
-                stream
-                    .state
-                    .wanted(now, &self.rules)
-                    .map(|work| (stream.last_dispatch, stream.identity, work))
-            })
-            .collect();
-        // Longest-waiting first, so a busy stream cannot starve the others.
-        ready.sort_by_key(|(last, identity, _)| (*last, *identity));
-        for (_, identity, work) in ready {
+        while let Some(identity) = self.ready.pop_front() {
+            self.queued.remove(&identity);
             let Some(stream) = self.table.get(&identity) else {
+                continue;
+            };
+            let Some(work) = stream.state.wanted(now, &self.rules) else {
                 continue;
             };
             let job = match work {
@@ -685,8 +694,37 @@ impl Coordinator {
                         .apply(identity, Event::Dispatched(work), now, &self.rules);
                     self.table.mark_dispatched(&identity, now);
                 }
-                Err(_) => return,
+                Err(_) => {
+                    // No room: it stays first in line.
+                    self.queued.insert(identity);
+                    self.ready.push_front(identity);
+                    return;
+                }
             }
+        }
+    }
+
+    /// Queues every stream that wants a job, longest-waiting first so a busy
+    /// stream cannot starve the others. Runs once per poll: between polls,
+    /// only job results make a stream want something new (see `enqueue`).
+    fn queue_ready_streams(&mut self, now: Instant) {
+        let mut ready: Vec<(Option<Instant>, crate::scan::FileIdentity)> = self
+            .table
+            .iter()
+            .filter(|stream| !self.queued.contains(&stream.identity))
+            .filter(|stream| stream.state.wanted(now, &self.rules).is_some())
+            .map(|stream| (stream.last_dispatch, stream.identity))
+            .collect();
+        ready.sort();
+        for (_, identity) in ready {
+            self.enqueue(identity);
+        }
+    }
+
+    /// Puts a stream at the back of the dispatch queue (once).
+    fn enqueue(&mut self, identity: crate::scan::FileIdentity) {
+        if self.queued.insert(identity) {
+            self.ready.push_back(identity);
         }
     }
 
@@ -763,9 +801,17 @@ impl Coordinator {
         let identity = result.stream.identity;
         let finalized = matches!(event, Event::Finalized { .. });
         let changes = self.table.apply(identity, event, now, &self.rules);
-        if finalized && let Some(stream) = self.table.get(&identity) {
-            let view = stream.view(now);
-            self.remember(view);
+        if let Some(stream) = self.table.get(&identity) {
+            let view = finalized.then(|| stream.view(now));
+            // Its next chunk goes out as soon as there is room, not at the
+            // next poll.
+            let wants_more = stream.state.wanted(now, &self.rules).is_some();
+            if let Some(view) = view {
+                self.remember(view);
+            }
+            if wants_more {
+                self.enqueue(identity);
+            }
         }
         self.apply_changes(changes, now);
     }

@@ -115,21 +115,8 @@ pub fn verify_stream(
         if deep {
             match store.get(&chunk.key) {
                 Ok(body) => {
-                    if body.len() as u64 != chunk.size_bytes {
-                        problem(format!(
-                            "chunk {} ({}) has {} bytes, metadata says {}",
-                            chunk.index,
-                            chunk.key,
-                            body.len(),
-                            chunk.size_bytes
-                        ));
-                    }
-                    let digest = hex::encode(Sha256::digest(&body));
-                    if digest != chunk.sha256 {
-                        problem(format!(
-                            "chunk {} ({}) sha256 {digest} does not match metadata {}",
-                            chunk.index, chunk.key, chunk.sha256
-                        ));
+                    if let Err(mismatch) = chunk.check(&body) {
+                        problem(mismatch);
                     }
                     whole.update(&body);
                 }
@@ -204,11 +191,36 @@ pub fn sha256_of_object(
     piece: u64,
 ) -> Result<String, crate::error::StorageError> {
     let mut hasher = Sha256::new();
+    read_in_ranges(store, key, size, piece, |bytes| {
+        hasher.update(bytes);
+        Ok(())
+    })?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Reads the first `size` bytes of an object in `piece`-sized ranges (so
+/// memory stays at one piece), handing each to `each`. A short object is an
+/// error.
+pub fn read_in_ranges<E: From<crate::error::StorageError>>(
+    store: &dyn ObjectStore,
+    key: &str,
+    size: u64,
+    piece: u64,
+    mut each: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
     let mut offset = 0;
     while offset < size {
         let end = (offset + piece).min(size) - 1;
-        hasher.update(store.get_range(key, offset, end)?);
+        let bytes = store.get_range(key, offset, end)?;
+        if bytes.len() as u64 != end - offset + 1 {
+            return Err(crate::error::StorageError::Other {
+                key: key.to_string(),
+                detail: format!("object is shorter than {size} bytes"),
+            }
+            .into());
+        }
+        each(&bytes)?;
         offset = end + 1;
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok(())
 }

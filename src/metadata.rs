@@ -91,6 +91,29 @@ pub struct ChunkRecord {
     pub uploaded_at: String,
 }
 
+impl ChunkRecord {
+    /// Checks downloaded bytes against the record: size, then sha256.
+    pub fn check(&self, body: &[u8]) -> Result<(), String> {
+        if body.len() as u64 != self.size_bytes {
+            return Err(format!(
+                "chunk {} ({}) has {} bytes, metadata says {}",
+                self.index,
+                self.key,
+                body.len(),
+                self.size_bytes
+            ));
+        }
+        let digest = sha256_hex(body);
+        if digest != self.sha256 {
+            return Err(format!(
+                "chunk {} ({}) sha256 {digest} does not match metadata {}",
+                self.index, self.key, self.sha256
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Where the stream came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {

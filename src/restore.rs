@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::S3Config;
 use crate::error::AppError;
+use crate::inventory::read_in_ranges;
 use crate::metadata::{KeyLayout, StreamMetadata, StreamStatus};
 use crate::store::{ObjectStore, S3Store};
 
@@ -104,6 +105,22 @@ pub fn restore_from(
     }
 }
 
+fn output_error(path: &Path, source: std::io::Error) -> AppError {
+    AppError::Output {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates the partial output; it must not exist yet.
+fn create_partial(partial: &Path) -> Result<File, AppError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(partial)
+        .map_err(|source| output_error(partial, source))
+}
+
 fn partial_path(output: &Path) -> PathBuf {
     let mut name = output.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
@@ -129,31 +146,20 @@ fn write_assembled(
             metadata.stream_id
         ))
     })?;
-    let output_error = |source| AppError::Output {
-        path: partial.to_path_buf(),
-        source,
-    };
-    let mut file: File = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(partial)
-        .map_err(output_error)?;
+    let mut file = create_partial(partial)?;
     let mut whole = Sha256::new();
-    let mut offset = 0;
     let size = metadata.total_size_bytes;
-    while offset < size {
-        let end = (offset + metadata.chunk_size_bytes).min(size) - 1;
-        let body = store.get_range(&assembled.key, offset, end)?;
-        if body.len() as u64 != end - offset + 1 {
-            return Err(AppError::Integrity(format!(
-                "assembled {} is shorter than the {size} bytes of the stream",
-                assembled.key
-            )));
-        }
-        whole.update(&body);
-        file.write_all(&body).map_err(output_error)?;
-        offset = end + 1;
-    }
+    read_in_ranges(
+        store,
+        &assembled.key,
+        size,
+        metadata.chunk_size_bytes,
+        |bytes| -> Result<(), AppError> {
+            whole.update(bytes);
+            file.write_all(bytes)
+                .map_err(|source| output_error(partial, source))
+        },
+    )?;
     let digest = hex::encode(whole.finalize());
     if &digest != expected {
         return Err(AppError::Integrity(format!(
@@ -161,7 +167,8 @@ fn write_assembled(
             assembled.key
         )));
     }
-    file.sync_all().map_err(output_error)?;
+    file.sync_all()
+        .map_err(|source| output_error(partial, source))?;
     Ok(Restored {
         bytes: size,
         chunks: metadata.chunks.len(),
@@ -174,36 +181,14 @@ fn write_verified(
     metadata: &StreamMetadata,
     partial: &Path,
 ) -> Result<Restored, AppError> {
-    let output_error = |source| AppError::Output {
-        path: partial.to_path_buf(),
-        source,
-    };
-    let mut file: File = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(partial)
-        .map_err(output_error)?;
+    let mut file = create_partial(partial)?;
     let mut whole = Sha256::new();
     for chunk in &metadata.chunks {
         let body = store.get(&chunk.key)?;
-        if body.len() as u64 != chunk.size_bytes {
-            return Err(AppError::Integrity(format!(
-                "chunk {} ({}) has {} bytes, metadata says {}",
-                chunk.index,
-                chunk.key,
-                body.len(),
-                chunk.size_bytes
-            )));
-        }
-        let digest = hex::encode(Sha256::digest(&body));
-        if digest != chunk.sha256 {
-            return Err(AppError::Integrity(format!(
-                "chunk {} ({}) sha256 {digest} does not match metadata {}",
-                chunk.index, chunk.key, chunk.sha256
-            )));
-        }
+        chunk.check(&body).map_err(AppError::Integrity)?;
         whole.update(&body);
-        file.write_all(&body).map_err(output_error)?;
+        file.write_all(&body)
+            .map_err(|source| output_error(partial, source))?;
     }
     let digest = hex::encode(whole.finalize());
     if let Some(expected) = &metadata.sha256
@@ -214,7 +199,8 @@ fn write_verified(
             metadata.stream_id
         )));
     }
-    file.sync_all().map_err(output_error)?;
+    file.sync_all()
+        .map_err(|source| output_error(partial, source))?;
     Ok(Restored {
         bytes: metadata.total_size_bytes,
         chunks: metadata.chunks.len(),

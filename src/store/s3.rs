@@ -84,24 +84,12 @@ fn xml_value(body: &str, tag: &str) -> Option<String> {
     )
 }
 
-/// Percent-encodes a query parameter value (SigV4 URI encoding).
-fn encode_query_value(value: &str) -> String {
+/// Percent-encodes `value` (SigV4 URI encoding), keeping the unreserved
+/// characters and any in `also_keep`.
+fn percent_encode(value: &str, also_keep: &[u8]) -> String {
     let mut encoded = String::with_capacity(value.len());
     for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
-            encoded.push(byte as char);
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
-}
-
-/// Percent-encodes an object key for `x-amz-copy-source` (keeps `/`).
-fn encode_copy_source(key: &str) -> String {
-    let mut encoded = String::with_capacity(key.len());
-    for byte in key.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-_.~/".contains(&byte) {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) || also_keep.contains(&byte) {
             encoded.push(byte as char);
         } else {
             encoded.push_str(&format!("%{byte:02X}"));
@@ -288,7 +276,11 @@ impl ObjectStore for S3Store {
         part_number: u32,
         source_key: &str,
     ) -> Result<String, StorageError> {
-        let copy_source = format!("/{}/{}", self.config.bucket, encode_copy_source(source_key));
+        let copy_source = format!(
+            "/{}/{}",
+            self.config.bucket,
+            percent_encode(source_key, b"/")
+        );
         let mut headers = HeaderMap::new();
         headers.insert(
             "x-amz-copy-source",
@@ -312,7 +304,7 @@ impl ObjectStore for S3Store {
         } else {
             format!(
                 "{url}&partNumber={part_number}&uploadId={}",
-                encode_query_value(upload_id)
+                percent_encode(upload_id, b"")
             )
         };
         let mut response = self
@@ -488,11 +480,11 @@ mod tests {
     #[test]
     fn copy_sources_are_percent_encoded_but_keep_slashes() {
         assert_eq!(
-            encode_copy_source("p/cam-1/chunk-000001"),
+            percent_encode("p/cam-1/chunk-000001", b"/"),
             "p/cam-1/chunk-000001"
         );
-        assert_eq!(encode_copy_source("a b/ü+x"), "a%20b/%C3%BC%2Bx");
-        assert_eq!(encode_query_value("a/b+c=d"), "a%2Fb%2Bc%3Dd");
+        assert_eq!(percent_encode("a b/ü+x", b"/"), "a%20b/%C3%BC%2Bx");
+        assert_eq!(percent_encode("a/b+c=d", b""), "a%2Fb%2Bc%3Dd");
         assert_eq!(
             xml_value("<R><ETag>&quot;abc-3&quot;</ETag></R>", "ETag").as_deref(),
             Some("\"abc-3\"")
