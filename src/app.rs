@@ -181,6 +181,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         Box::new(FsLister::new(
             config.watch_dir.clone(),
             config.file_extensions.clone(),
+            // Quiet for twice the completion timeout: complete, or waiting.
+            config.stream_timeout * 2,
         )),
         Box::new(checkpoints),
         Channels {
@@ -595,7 +597,7 @@ impl Coordinator {
         };
         if id == candidate.id {
             info!(
-                stream_id = id.as_str(), path = observation.rel_path.as_str();
+                stream_id = id.as_str(), path = &*observation.rel_path;
                 "stream {id}: discovered {} ({} bytes)",
                 observation.rel_path, observation.size
             );

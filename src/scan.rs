@@ -7,9 +7,11 @@
 //! mount is never mistaken for deleted files. Per-entry problems are logged
 //! once per path, not once per poll.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::warn;
 use walkdir::WalkDir;
@@ -41,14 +43,24 @@ impl FileIdentity {
 /// One matching regular file as seen by one poll.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
-    /// Relative to the watch directory, with `/` separators.
-    pub rel_path: String,
-    pub abs_path: PathBuf,
+    /// Relative to the watch directory, with `/` separators. Shared, so the
+    /// cached observation of a cold file is cloned for free on every poll.
+    pub rel_path: Arc<str>,
+    pub abs_path: Arc<Path>,
     pub identity: FileIdentity,
     pub size: u64,
     /// Modification time in nanoseconds since the epoch, as the file system
     /// reports it. Only ever compared for equality: NFS clocks are not trusted.
     pub mtime_ns: i128,
+}
+
+impl Observation {
+    /// Same file, same size, same mtime.
+    fn same_file_state(&self, other: &Observation) -> bool {
+        self.identity == other.identity
+            && self.size == other.size
+            && self.mtime_ns == other.mtime_ns
+    }
 }
 
 /// The result of one poll.
@@ -81,21 +93,105 @@ pub trait DirectoryLister: Send {
     fn scan(&mut self) -> Scan;
 }
 
+/// A cold file is stat'ed at most once every this many polls.
+pub const MAX_COLD_SKIP_POLLS: u64 = 8;
+
+/// The last stat of a file, and how long it has not changed.
+struct Stat {
+    observation: Observation,
+    unchanged_since: Instant,
+    /// Polls skipped between stats now (0: stat every poll), doubling up to
+    /// `MAX_COLD_SKIP_POLLS` while the file stays unchanged.
+    skip: u64,
+    next_stat_poll: u64,
+    /// The last poll whose walk reached the file.
+    seen_poll: u64,
+}
+
+impl Stat {
+    fn fresh(observation: Observation, now: Instant, poll: u64) -> Self {
+        Self {
+            observation,
+            unchanged_since: now,
+            skip: 0,
+            next_stat_poll: poll + 1,
+            seen_poll: poll,
+        }
+    }
+}
+
 /// Walks a real directory tree with walkdir.
+///
+/// Stat calls dominate the cost of a poll (the kernel resolves every path).
+/// So, like Vector's file source, files unchanged for longer than
+/// `cold_after` are stat'ed less often: every 2, 4, … up to
+/// [`MAX_COLD_SKIP_POLLS`] polls, with the last stat reported in between. The
+/// directory walk itself still sees every file on every poll, so a deleted or
+/// renamed file is noticed at once; a change *inside* a cold file (it grows
+/// again, or is replaced at the same path) is noticed within
+/// `MAX_COLD_SKIP_POLLS` polls.
 pub struct FsLister {
     root: PathBuf,
     extensions: Vec<String>,
     /// Problems already logged, so a permanent problem is logged once.
     reported: HashSet<String>,
+    cold_after: Duration,
+    stats: HashMap<String, Stat>,
+    poll: u64,
 }
 
 impl FsLister {
-    pub fn new(root: PathBuf, extensions: Vec<String>) -> Self {
+    pub fn new(root: PathBuf, extensions: Vec<String>, cold_after: Duration) -> Self {
         Self {
             root,
             extensions,
             reported: HashSet::new(),
+            cold_after,
+            stats: HashMap::new(),
+            poll: 0,
         }
+    }
+
+    /// The observation for `rel_path`: the cached one while the file is cold
+    /// and not due, else a fresh stat (via `stat`). The cache is updated in
+    /// place; entries not seen in this poll are pruned after the walk.
+    fn observe(
+        &mut self,
+        rel_path: &str,
+        now: Instant,
+        stat: impl FnOnce() -> std::io::Result<Observation>,
+    ) -> std::io::Result<Observation> {
+        let poll = self.poll;
+        if let Some(cached) = self.stats.get_mut(rel_path)
+            && poll < cached.next_stat_poll
+        {
+            cached.seen_poll = poll;
+            return Ok(cached.observation.clone());
+        }
+        let observation = stat()?;
+        match self.stats.get_mut(rel_path) {
+            Some(cached) if cached.observation.same_file_state(&observation) => {
+                let quiet = now.saturating_duration_since(cached.unchanged_since);
+                cached.skip = if quiet >= self.cold_after {
+                    (cached.skip * 2).clamp(1, MAX_COLD_SKIP_POLLS)
+                } else {
+                    0
+                };
+                cached.next_stat_poll = poll + 1 + cached.skip;
+                cached.seen_poll = poll;
+                cached.observation = observation.clone();
+            }
+            Some(cached) => {
+                *cached = Stat::fresh(observation.clone(), now, poll);
+            }
+            None => {
+                self.stats.insert(
+                    rel_path.to_string(),
+                    Stat::fresh(observation.clone(), now, poll),
+                );
+            }
+        }
+        Ok(observation)
     }
 
     fn wanted(&self, path: &Path) -> bool {
@@ -104,12 +200,12 @@ impl FsLister {
             .is_some_and(|ext| self.extensions.iter().any(|w| w.eq_ignore_ascii_case(ext)))
     }
 
+    /// The path relative to the root; on Unix the separator is already `/`.
     fn relative(&self, path: &Path) -> String {
-        let rel = path.strip_prefix(&self.root).unwrap_or(path);
-        rel.components()
-            .map(|part| part.as_os_str().to_string_lossy())
-            .collect::<Vec<_>>()
-            .join("/")
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -119,6 +215,8 @@ fn is_hidden(entry: &walkdir::DirEntry) -> bool {
 
 impl DirectoryLister for FsLister {
     fn scan(&mut self) -> Scan {
+        self.poll += 1;
+        let now = Instant::now();
         let mut scan = Scan {
             root_readable: true,
             ..Scan::default()
@@ -162,18 +260,24 @@ impl DirectoryLister for FsLister {
                     continue;
                 }
                 let rel_path = self.relative(entry.path());
-                match entry.metadata() {
-                    Ok(meta) => scan.files.push(Observation {
-                        identity: FileIdentity {
-                            device: meta.dev(),
-                            inode: meta.ino(),
-                        },
-                        size: meta.len(),
-                        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000
-                            + i128::from(meta.mtime_nsec()),
-                        abs_path: entry.into_path(),
-                        rel_path,
-                    }),
+                let stat = || {
+                    entry
+                        .metadata()
+                        .map_err(std::io::Error::from)
+                        .map(|meta| Observation {
+                            identity: FileIdentity {
+                                device: meta.dev(),
+                                inode: meta.ino(),
+                            },
+                            size: meta.len(),
+                            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000
+                                + i128::from(meta.mtime_nsec()),
+                            abs_path: Arc::from(entry.path()),
+                            rel_path: Arc::from(rel_path.as_str()),
+                        })
+                };
+                match self.observe(&rel_path, now, stat) {
+                    Ok(observation) => scan.files.push(observation),
                     Err(err) => {
                         let parent = rel_path.rsplit_once('/').map_or("", |(dir, _)| dir);
                         scan.unreadable_dirs.push(parent.to_string());
@@ -183,6 +287,10 @@ impl DirectoryLister for FsLister {
                 }
             }
         }
+        // Files the walk did not reach this time (gone, or under an
+        // unreadable directory) lose their cached stat.
+        let poll = self.poll;
+        self.stats.retain(|_, stat| stat.seen_poll == poll);
         let mut now_reported = HashSet::with_capacity(problems.len());
         for (path, message) in problems {
             if !self.reported.contains(&path) {
@@ -201,11 +309,15 @@ mod tests {
     use std::fs;
 
     fn lister(root: &Path) -> FsLister {
-        FsLister::new(root.to_path_buf(), vec!["mp4".into()])
+        FsLister::new(
+            root.to_path_buf(),
+            vec!["mp4".into()],
+            Duration::from_secs(3600),
+        )
     }
 
     fn paths(scan: &Scan) -> Vec<String> {
-        let mut paths: Vec<String> = scan.files.iter().map(|f| f.rel_path.clone()).collect();
+        let mut paths: Vec<String> = scan.files.iter().map(|f| f.rel_path.to_string()).collect();
         paths.sort();
         paths
     }
@@ -233,9 +345,51 @@ mod tests {
         let deep = scan
             .files
             .iter()
-            .find(|f| f.rel_path == "a/b/deep.mp4")
+            .find(|f| &*f.rel_path == "a/b/deep.mp4")
             .unwrap();
         assert_eq!(deep.size, 2);
+    }
+
+    #[test]
+    fn cold_files_are_stated_less_often_but_changes_show_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cold.mp4");
+        fs::write(&path, b"12345").unwrap();
+        fs::write(dir.path().join("other.mp4"), b"x").unwrap();
+        // Cold at once, for the test.
+        let mut lister =
+            FsLister::new(dir.path().to_path_buf(), vec!["mp4".into()], Duration::ZERO);
+        let size_of = |scan: &Scan| {
+            scan.files
+                .iter()
+                .find(|f| &*f.rel_path == "cold.mp4")
+                .map(|f| f.size)
+        };
+        for _ in 0..40 {
+            lister.scan();
+        }
+        fs::write(&path, b"123456789").unwrap();
+        let mut polls_until_seen = 0;
+        loop {
+            polls_until_seen += 1;
+            let scan = lister.scan();
+            assert_eq!(scan.files.len(), 2, "every file is still listed");
+            if size_of(&scan) == Some(9) {
+                break;
+            }
+            assert_eq!(size_of(&scan), Some(5), "the cached stat in between");
+            assert!(
+                polls_until_seen <= MAX_COLD_SKIP_POLLS + 1,
+                "noticed within the bound"
+            );
+        }
+        assert!(
+            polls_until_seen > 1,
+            "a cold file is not stat'ed on every poll"
+        );
+        // A deleted cold file is gone from the very next poll.
+        fs::remove_file(&path).unwrap();
+        assert_eq!(size_of(&lister.scan()), None);
     }
 
     #[test]

@@ -68,8 +68,8 @@ impl TrackedStream {
         Self {
             id,
             identity: observation.identity,
-            rel_path: observation.rel_path.clone(),
-            abs_path: observation.abs_path.clone(),
+            rel_path: observation.rel_path.to_string(),
+            abs_path: observation.abs_path.to_path_buf(),
             file_name: file_name(&observation.rel_path),
             state: StreamState::new(chunk_size, observation.size, observation.mtime_ns, now),
             chunks: BTreeMap::new(),
@@ -373,7 +373,7 @@ impl StreamTable {
             by_identity
                 .entry(observation.identity)
                 .or_insert(observation);
-            by_path.insert(observation.rel_path.as_str(), observation.identity);
+            by_path.insert(&observation.rel_path, observation.identity);
         }
 
         let mut changes = Vec::new();
@@ -383,16 +383,16 @@ impl StreamTable {
             let stream = &self.streams[&identity];
             let event = match by_identity.get(&identity) {
                 Some(seen) => {
-                    if seen.rel_path != stream.rel_path {
+                    if *seen.rel_path != *stream.rel_path {
                         let from = stream.rel_path.clone();
                         let stream = self.streams.get_mut(&identity).expect("present");
-                        stream.rel_path = seen.rel_path.clone();
-                        stream.abs_path = seen.abs_path.clone();
+                        stream.rel_path = seen.rel_path.to_string();
+                        stream.abs_path = seen.abs_path.to_path_buf();
                         stream.file_name = file_name(&seen.rel_path);
                         changes.push(Change::Moved {
                             id: stream.id.clone(),
                             from,
-                            to: seen.rel_path.clone(),
+                            to: seen.rel_path.to_string(),
                         });
                     }
                     Event::Observed {
@@ -447,7 +447,7 @@ mod tests {
     fn file(path: &str, inode: u64, size: u64) -> Observation {
         Observation {
             rel_path: path.into(),
-            abs_path: PathBuf::from("/w").join(path),
+            abs_path: PathBuf::from("/w").join(path).into(),
             identity: FileIdentity { device: 1, inode },
             size,
             mtime_ns: size as i128,
