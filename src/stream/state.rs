@@ -397,6 +397,20 @@ mod tests {
         }
     }
 
+    /// Dispatches a finalize at `now` and completes it a second later, for a
+    /// file of `size` bytes (whose mtime the tests set to its size).
+    fn finalize(s: &mut StreamState, size: u64, now: Instant, rules: &Rules) {
+        s.step(Event::Dispatched(Work::Finalize { size }), now, rules);
+        s.step(
+            Event::Finalized {
+                size,
+                mtime_ns: size as i128,
+            },
+            now + Duration::from_secs(1),
+            rules,
+        );
+    }
+
     /// Dispatches whatever the stream wants and returns it.
     fn dispatch(state: &mut StreamState, now: Instant) -> Option<Work> {
         let work = state.wanted(now, &rules())?;
@@ -692,16 +706,7 @@ mod tests {
             ..rules()
         };
         let mut s = StreamState::new(CHUNK, 5, 5, clock.at(0));
-        let work = s.wanted(clock.at(30), &rules).unwrap();
-        s.step(Event::Dispatched(work), clock.at(30), &rules);
-        s.step(
-            Event::Finalized {
-                size: 5,
-                mtime_ns: 5,
-            },
-            clock.at(31),
-            &rules,
-        );
+        finalize(&mut s, 5, clock.at(30), &rules);
         assert_eq!(s.wanted(clock.at(31), &rules), Some(Work::Assemble));
         s.step(Event::Dispatched(Work::Assemble), clock.at(31), &rules);
         s.step(Event::JobFailed, clock.at(32), &rules);
@@ -728,19 +733,7 @@ mod tests {
         let clock = Clock(Instant::now());
         let rules = rules();
         let mut s = StreamState::new(CHUNK, 5, 5, clock.at(0));
-        s.step(
-            Event::Dispatched(Work::Finalize { size: 5 }),
-            clock.at(30),
-            &rules,
-        );
-        s.step(
-            Event::Finalized {
-                size: 5,
-                mtime_ns: 5,
-            },
-            clock.at(31),
-            &rules,
-        );
+        finalize(&mut s, 5, clock.at(30), &rules);
         assert_eq!(s.wanted(clock.at(31), &rules), None);
     }
 

@@ -939,6 +939,42 @@ mod tests {
         (worker, shutdown_tx)
     }
 
+    /// A file `cam.mp4` holding `content`, an in-memory bucket and checkpoint
+    /// store, and a worker wired to them, for stream `cam-1`.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        store: Arc<MemoryStore>,
+        checkpoints: MemoryCheckpoints,
+        worker: Worker,
+        _keep: Sender<()>,
+        stream: StreamRef,
+    }
+
+    impl Fixture {
+        fn new(content: &[u8]) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("cam.mp4");
+            std::fs::write(&path, content).unwrap();
+            let store = Arc::new(MemoryStore::default());
+            let checkpoints = MemoryCheckpoints::default();
+            let (worker, keep) = worker(store.clone(), checkpoints.clone());
+            let stream = StreamRef {
+                identity: identity_of(&path),
+                stream_id: "cam-1".into(),
+            };
+            Self {
+                _dir: dir,
+                path,
+                store,
+                checkpoints,
+                worker,
+                _keep: keep,
+                stream,
+            }
+        }
+    }
+
     fn identity_of(path: &Path) -> FileIdentity {
         let meta = std::fs::metadata(path).unwrap();
         FileIdentity {
@@ -999,17 +1035,16 @@ mod tests {
 
     #[test]
     fn finalize_reuploads_changed_chunks_and_writes_metadata() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cam.mp4");
         let chunk = 8u64;
-        std::fs::write(&path, b"AAAAAAAABBBBBBBBCC").unwrap();
-        let store = Arc::new(MemoryStore::default());
-        let checkpoints = MemoryCheckpoints::default();
-        let (mut worker, _keep) = worker(store.clone(), checkpoints.clone());
-        let stream = StreamRef {
-            identity: identity_of(&path),
-            stream_id: "cam-1".into(),
-        };
+        let Fixture {
+            _dir,
+            path,
+            store,
+            checkpoints,
+            mut worker,
+            _keep,
+            stream,
+        } = Fixture::new(b"AAAAAAAABBBBBBBBCC");
         // Chunk 0 was uploaded before the writer patched its first bytes.
         let stale = ChunkRecord {
             index: 0,
@@ -1086,16 +1121,15 @@ mod tests {
 
     #[test]
     fn assembly_copies_the_chunks_server_side_and_records_it_in_the_metadata() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cam.mp4");
-        std::fs::write(&path, b"AAAAAAAABBBBBBBBCC").unwrap();
-        let store = Arc::new(MemoryStore::default());
-        let checkpoints = MemoryCheckpoints::default();
-        let (mut worker, _keep) = worker(store.clone(), checkpoints.clone());
-        let stream = StreamRef {
-            identity: identity_of(&path),
-            stream_id: "cam-1".into(),
-        };
+        let Fixture {
+            _dir,
+            path,
+            store,
+            checkpoints,
+            mut worker,
+            _keep,
+            stream,
+        } = Fixture::new(b"AAAAAAAABBBBBBBBCC");
         let facts = StreamFacts {
             rel_path: "cam.mp4".into(),
             file_name: "cam.mp4".into(),
