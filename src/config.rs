@@ -369,13 +369,6 @@ impl Config {
             shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &settings.shutdown_timeout)?,
         })
     }
-
-    /// Whether `extension` (without the dot, any case) is one we upload.
-    pub fn matches_extension(&self, extension: &str) -> bool {
-        self.file_extensions
-            .iter()
-            .any(|wanted| wanted.eq_ignore_ascii_case(extension))
-    }
 }
 
 impl S3Config {
@@ -721,8 +714,6 @@ mod tests {
     fn extensions_are_case_insensitive_and_trimmed() {
         let config = config(&["--file-extensions= MP4, .mov"]).unwrap();
         assert_eq!(config.file_extensions, vec!["mp4", "mov"]);
-        assert!(config.matches_extension("Mp4"));
-        assert!(!config.matches_extension("part"));
     }
 
     #[test]

@@ -84,13 +84,6 @@ pub struct SourceError {
     pub source: std::io::Error,
 }
 
-impl SourceError {
-    /// The file is gone (deleted or renamed away), so retrying is pointless.
-    pub fn is_gone(&self) -> bool {
-        self.source.kind() == std::io::ErrorKind::NotFound
-    }
-}
-
 /// Anything that can stop a command (`run`, `restore`) as a whole.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {

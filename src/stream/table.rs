@@ -293,10 +293,6 @@ impl StreamTable {
         self.streams.is_empty()
     }
 
-    pub fn contains(&self, identity: &FileIdentity) -> bool {
-        self.streams.contains_key(identity)
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = &TrackedStream> {
         self.streams.values()
     }
