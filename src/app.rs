@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::scan::{DirectoryLister, FsLister, Observation};
 use crate::store::{CheckpointStore, ObjectStore, RedisStore, S3Store};
 use crate::stream::state::{Event, Rules, Work};
-use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream};
+use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream, file_name};
 use crate::upload::Worker;
 use crate::upload::job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
 use crate::{http, random_u64};
@@ -551,11 +551,6 @@ impl Coordinator {
 
     /// Gives a new file its stream id, stored in Redis before any upload.
     fn register(&mut self, observation: &Observation, now: Instant) {
-        let file_name = observation
-            .rel_path
-            .rsplit('/')
-            .next()
-            .unwrap_or(&observation.rel_path);
         let unique = format!(
             "{}|{}|{}|{}",
             observation.identity.key(),
@@ -564,7 +559,7 @@ impl Coordinator {
             random_u64()
         );
         let candidate = TrackedStream::new(
-            new_stream_id(file_name, unique.as_bytes()),
+            new_stream_id(&file_name(&observation.rel_path), unique.as_bytes()),
             observation,
             self.config.chunk_size,
             now,

@@ -160,17 +160,38 @@ fn write_assembled(
                 .map_err(|source| output_error(partial, source))
         },
     )?;
+    seal(
+        file,
+        partial,
+        whole,
+        Some(expected),
+        &format!("assembled {}", assembled.key),
+        metadata,
+    )
+}
+
+/// Checks the whole file's sha256 against `expected` (if there is one),
+/// then makes the partial output durable.
+fn seal(
+    file: File,
+    partial: &Path,
+    whole: Sha256,
+    expected: Option<&String>,
+    what: &str,
+    metadata: &StreamMetadata,
+) -> Result<Restored, AppError> {
     let digest = hex::encode(whole.finalize());
-    if &digest != expected {
+    if let Some(expected) = expected
+        && &digest != expected
+    {
         return Err(AppError::Integrity(format!(
-            "assembled {} sha256 {digest} does not match metadata {expected}",
-            assembled.key
+            "{what} sha256 {digest} does not match metadata {expected}"
         )));
     }
     file.sync_all()
         .map_err(|source| output_error(partial, source))?;
     Ok(Restored {
-        bytes: size,
+        bytes: metadata.total_size_bytes,
         chunks: metadata.chunks.len(),
         sha256: digest,
     })
@@ -190,20 +211,12 @@ fn write_verified(
         file.write_all(&body)
             .map_err(|source| output_error(partial, source))?;
     }
-    let digest = hex::encode(whole.finalize());
-    if let Some(expected) = &metadata.sha256
-        && &digest != expected
-    {
-        return Err(AppError::Integrity(format!(
-            "stream {} sha256 {digest} does not match metadata {expected}",
-            metadata.stream_id
-        )));
-    }
-    file.sync_all()
-        .map_err(|source| output_error(partial, source))?;
-    Ok(Restored {
-        bytes: metadata.total_size_bytes,
-        chunks: metadata.chunks.len(),
-        sha256: digest,
-    })
+    seal(
+        file,
+        partial,
+        whole,
+        metadata.sha256.as_ref(),
+        &format!("stream {}", metadata.stream_id),
+        metadata,
+    )
 }

@@ -20,7 +20,7 @@ use redis::{Connection, RedisResult, Script};
 
 use crate::config::{RedisConfig, redact_url};
 use crate::error::CheckpointError;
-use crate::metadata::ChunkRecord;
+use crate::metadata::{ChunkRecord, unix_millis};
 use crate::scan::FileIdentity;
 
 /// Streams loaded per pipelined round trip at start.
@@ -300,11 +300,6 @@ impl RedisStore {
             detail: err.to_string(),
         }
     }
-}
-
-fn unix_millis(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn from_unix_millis(millis: u64) -> SystemTime {

@@ -252,7 +252,8 @@ fn contiguous_bytes(chunks: &BTreeMap<u64, ChunkRecord>) -> u64 {
     next
 }
 
-fn file_name(rel_path: &str) -> String {
+/// The last component of a `/`-separated relative path.
+pub fn file_name(rel_path: &str) -> String {
     rel_path.rsplit('/').next().unwrap_or(rel_path).to_string()
 }
 

@@ -283,17 +283,17 @@ impl Worker {
         }
     }
 
-    /// Uploads the buffer as chunk `index` and checkpoints it.
+    /// Uploads the buffer, whose sha256 is `digest`, as chunk `index` and
+    /// checkpoints it.
     fn store_buffer_as_chunk(
         &mut self,
         stream_id: &str,
         path: &Path,
-        index: u64,
-        offset: u64,
+        (index, offset): (u64, u64),
+        digest: [u8; 32],
         reupload: bool,
     ) -> Result<ChunkRecord, Stop> {
         let started = Instant::now();
-        let digest = sha256(&self.buffer);
         let key = self.layout.chunk(stream_id, index);
         self.put_with_retry(
             &key,
@@ -332,11 +332,12 @@ impl Worker {
         if let Err(err) = read {
             return Outcome::Failed(err.to_string());
         }
+        let digest = sha256(&self.buffer);
         match self.store_buffer_as_chunk(
             &job.stream.stream_id,
             &job.path,
-            job.index,
-            job.offset,
+            (job.index, job.offset),
+            digest,
             false,
         ) {
             Ok(record) => Outcome::ChunkUploaded(record),
@@ -379,15 +380,15 @@ impl Worker {
                 return Outcome::Failed(err.to_string());
             }
             whole.update(&self.buffer);
-            let digest = hex::encode(sha256(&self.buffer));
+            let digest = sha256(&self.buffer);
             let previous = chunks.get(&index);
-            if previous.is_some_and(|p| p.size_bytes == len && p.sha256 == digest) {
+            if previous.is_some_and(|p| p.size_bytes == len && p.sha256 == hex::encode(digest)) {
                 continue;
             }
             // Same place, same length, other bytes: the writer rewrote them
             // (ffmpeg patching the mdat size, or a +faststart rewrite).
             let changed = previous.is_some_and(|p| p.size_bytes == len);
-            match self.store_buffer_as_chunk(stream_id, path, index, offset, changed) {
+            match self.store_buffer_as_chunk(stream_id, path, (index, offset), digest, changed) {
                 Ok(record) => {
                     if changed {
                         reuploaded += 1;
