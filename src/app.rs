@@ -5,6 +5,12 @@
 //! bounded channel (never blocking: a full channel just waits for the next
 //! turn), and applies results as they arrive, dispatching the stream's next
 //! chunk straight away. Workers never touch the table; they only send results.
+//!
+//! Replicas: every replica scans the whole directory and tracks every stream,
+//! but hands out jobs only for streams whose lease it holds. It claims a
+//! stream when the stream wants work and its fair share allows, renews its
+//! leases every third of `LEASE_TTL`, and gives a lease up when the stream
+//! is complete or closed (see `lease` and docs/scaling.md).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -19,9 +25,11 @@ use crate::error::AppError;
 use crate::events::{Events, Gauges};
 use crate::health::{Dependency, Heartbeat, Readiness};
 use crate::http::{HttpState, StreamsRequest, StreamsSnapshot};
+use crate::lease::{HeldLeases, Ownership};
 use crate::metadata::{KeyLayout, new_stream_id};
 use crate::metrics::Metrics;
-use crate::scan::{DirectoryLister, FsLister, Observation};
+use crate::scan::{DirectoryLister, FileIdentity, FsLister, Observation};
+use crate::store::redis::{Claim, LeaseHolder, LeaseStatus};
 use crate::store::{CheckpointStore, ObjectStore, RedisStore, S3Store};
 use crate::stream::state::{Event, Rules, Work};
 use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream, file_name};
@@ -118,6 +126,11 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         http.addr
     );
 
+    let holder = LeaseHolder {
+        owner: instance.clone(),
+        ttl: config.lease.ttl,
+    };
+    let leases = Arc::new(HeldLeases::new(config.lease.ttl));
     let s3 = S3Store::new(&config.s3)?;
     let bucket_ready = until_ready(&config, &stop, &heartbeat, "checking bucket", || {
         let outcome = s3.ensure_bucket().map_err(|err| {
@@ -135,7 +148,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         return Ok(RunOutcome::Drained);
     }
 
-    let mut checkpoints = RedisStore::new(&config.redis)?;
+    let mut checkpoints = RedisStore::new(&config.redis, holder.clone())?;
     let Some(stored) = until_ready(&config, &stop, &heartbeat, "loading checkpoints", || {
         let loaded = checkpoints.load_streams();
         let outcome = loaded.as_ref().map(|_| ()).map_err(|err| err.to_string());
@@ -151,7 +164,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     let (shutdown_tx, shutdown_rx) = bounded::<()>(1);
     let probe = spawn_probe(
         s3.clone(),
-        RedisStore::new(&config.redis)?,
+        RedisStore::new(&config.redis, holder.clone())?,
         events.clone(),
         config.retry,
         shutdown_rx.clone(),
@@ -161,11 +174,12 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     for number in 0..config.workers {
         let worker = Worker::new(
             store.clone(),
-            Box::new(RedisStore::new(&config.redis)?),
+            Box::new(RedisStore::new(&config.redis, holder.clone())?),
             KeyLayout::new(&config.s3.prefix),
             config.retry,
             shutdown_rx.clone(),
             events.clone(),
+            leases.clone(),
         );
         let (jobs, results) = (job_rx.clone(), result_tx.clone());
         let handle = std::thread::Builder::new()
@@ -195,6 +209,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             heartbeat,
             readiness: metrics.readiness(),
             instance,
+            leases,
         },
     );
     let resumed = coordinator.resume(stored);
@@ -263,6 +278,8 @@ pub struct Observers {
     pub readiness: Arc<Readiness>,
     /// This process's owner id.
     pub instance: String,
+    /// The leases this process holds, shared with the workers.
+    pub leases: Arc<HeldLeases>,
 }
 
 /// New files registered per poll at most; the rest wait for the next poll.
@@ -293,6 +310,11 @@ pub struct Coordinator {
     queued: std::collections::HashSet<crate::scan::FileIdentity>,
     /// Stream ids with a job at a worker.
     in_flight: HashMap<String, &'static str>,
+    /// The leases this process holds, and what it knows of the others'.
+    ownership: Ownership,
+    /// Streams that need an owner (active, or waiting for assembly), counted
+    /// at the last poll: what the replicas share.
+    demand: usize,
     /// Identity → stream id of streams just closed or forgotten whose identity
     /// mapping may still be in Redis; a new stream may take it over.
     retired: HashMap<crate::scan::FileIdentity, String>,
@@ -311,6 +333,7 @@ impl Coordinator {
         channels: Channels,
         observers: Observers,
     ) -> Self {
+        let ownership = Ownership::new(config.lease, observers.leases, Instant::now());
         let rules = Rules {
             stream_timeout: config.stream_timeout,
             vanish_grace: config.stream_timeout,
@@ -334,6 +357,8 @@ impl Coordinator {
             ready: VecDeque::new(),
             queued: std::collections::HashSet::new(),
             in_flight: HashMap::new(),
+            ownership,
+            demand: 0,
             retired: HashMap::new(),
             heartbeat: observers.heartbeat,
             registration_failing: false,
@@ -377,6 +402,7 @@ impl Coordinator {
                 next_scan = now + self.config.poll_interval;
             }
             self.write_back_after_redis_recovery();
+            self.renew_leases();
             self.dispatch(Instant::now());
             self.heartbeat.beat();
             let wait = next_scan.saturating_duration_since(Instant::now());
@@ -421,6 +447,7 @@ impl Coordinator {
                 Err(_) => break,
             }
         }
+        self.give_up_leases();
         self.publish_gauges();
         if self.in_flight.is_empty() {
             info!("drained: {inflight_at_start} in-flight jobs settled; exiting");
@@ -462,6 +489,13 @@ impl Coordinator {
                     self.register(&observation, now);
                 }
                 Change::Closed(stream, reason) => {
+                    self.retire(stream.identity, &stream.id);
+                    self.ownership.forget(&stream.id);
+                    // Only the stream's owner records it as incomplete; a
+                    // replica that sees it first claims it to do so.
+                    let Some((token, chunks)) = self.claim_for_close(&stream, now) else {
+                        continue;
+                    };
                     let mut view = stream.view(now);
                     view.state = "incomplete".to_string();
                     self.remember(view);
@@ -472,12 +506,11 @@ impl Coordinator {
                         stream.rel_path,
                         reason.as_str()
                     );
-                    self.retire(stream.identity, &stream.id);
                     self.waiting_closes.push_back(Job::Close(CloseJob {
-                        stream: stream.stream_ref(),
+                        stream: stream.stream_ref(token),
                         facts: stream.facts(),
                         reason,
-                        chunks: stream.chunks,
+                        chunks,
                     }));
                 }
                 Change::Forgotten(stream) => {
@@ -487,6 +520,8 @@ impl Coordinator {
                         stream.id, stream.rel_path
                     );
                     self.retire(stream.identity, &stream.id);
+                    self.release(&stream.id);
+                    self.ownership.forget(&stream.id);
                 }
                 Change::Reopened { id, path } => {
                     info!(
@@ -517,7 +552,14 @@ impl Coordinator {
         }
         let mut restored = 0;
         for stream in self.table.iter() {
-            match self.checkpoints.restore_stream(&stream.to_stored()) {
+            // What another replica owns, only it knows for sure; every
+            // replica writes back what is complete, so that no complete file
+            // is taken for a new one.
+            let token = self.ownership.token(&stream.id);
+            if token.is_none() && stream.needs_owner() {
+                continue;
+            }
+            match self.checkpoints.restore_stream(&stream.to_stored(), token) {
                 Ok(written) => restored += usize::from(written),
                 Err(err) => {
                     warn!("Redis is back but writing checkpoints back failed: {err}; retrying");
@@ -624,6 +666,223 @@ impl Coordinator {
         }
     }
 
+    /// Renews this process's leases and its place among the live replicas,
+    /// every third of `LEASE_TTL`. A lease found lost is dropped (its stream
+    /// now belongs to another replica); a stream whose record is gone (Redis
+    /// lost its data) is written back, so the next renewal keeps it.
+    fn renew_leases(&mut self) {
+        let sent = Instant::now();
+        if !self.ownership.renewal_due(sent) {
+            return;
+        }
+        let held = self.ownership.held();
+        let leases: Vec<(&str, u64)> = held
+            .iter()
+            .map(|(id, token)| (id.as_str(), *token))
+            .collect();
+        match self.checkpoints.renew(&leases) {
+            Ok(renewal) => {
+                for ((stream_id, token), status) in held.iter().zip(renewal.statuses) {
+                    match status {
+                        LeaseStatus::Held => self.ownership.granted(stream_id, *token, sent),
+                        LeaseStatus::Lost => self.lose_lease(stream_id),
+                        LeaseStatus::NoRecord => self.write_back_owned(stream_id, *token),
+                    }
+                }
+                self.ownership.renewal_done(sent, Some(renewal.replicas));
+            }
+            Err(err) => {
+                // The leases hold for the rest of their TTL; workers stop
+                // writing objects once that runs out.
+                debug!("cannot renew {} leases: {err}", held.len());
+                self.events
+                    .dependency_checked(Dependency::Redis, Err(err.to_string()));
+                self.ownership.renewal_done(sent, None);
+            }
+        }
+    }
+
+    /// Writes back the record of a stream this process owns, after Redis
+    /// lost it, with the fencing token it holds the stream with.
+    fn write_back_owned(&mut self, stream_id: &str, token: u64) {
+        let Some(stream) = self.table.iter().find(|stream| stream.id == stream_id) else {
+            return;
+        };
+        match self
+            .checkpoints
+            .restore_stream(&stream.to_stored(), Some(token))
+        {
+            Ok(_) => warn!(
+                stream_id = stream_id;
+                "stream {stream_id}: its record was gone from Redis; wrote it back"
+            ),
+            Err(err) => warn!("stream {stream_id}: cannot write its record back: {err}"),
+        }
+    }
+
+    /// Drops a lease another replica took (or that could not be trusted any
+    /// more), saying so once.
+    fn lose_lease(&mut self, stream_id: &str) {
+        if self.ownership.drop_lease(stream_id) {
+            warn!(
+                stream_id = stream_id;
+                "stream {stream_id}: lost the lease (another replica claimed it, or it lapsed while this one was paused or cut off); this replica stops writing for it"
+            );
+            self.events.lease_lost();
+        }
+    }
+
+    /// Gives a lease up, if held.
+    fn release(&mut self, stream_id: &str) {
+        let Some(token) = self.ownership.token(stream_id) else {
+            return;
+        };
+        self.ownership.drop_lease(stream_id);
+        if let Err(err) = self.checkpoints.release(stream_id, token) {
+            debug!("stream {stream_id}: cannot release its lease ({err}); it lapses by itself");
+        }
+    }
+
+    /// At the end of a drain: gives up every lease whose stream has no job
+    /// still running, so other replicas take them over at once, and leaves
+    /// the live-replica set.
+    fn give_up_leases(&mut self) {
+        for (stream_id, _) in self.ownership.held() {
+            if !self.in_flight.contains_key(&stream_id) {
+                self.release(&stream_id);
+            }
+        }
+        if let Err(err) = self.checkpoints.leave() {
+            debug!(
+                "cannot leave the replica set ({err}); this replica drops out of it after LEASE_TTL"
+            );
+        }
+    }
+
+    /// Claims a stream's lease and reads its record, unless this is the
+    /// stream's first claim (fencing token 1) and `first_claim_reads` is
+    /// false. `Err(true)` if the stream has no record; `Err(false)` if
+    /// another replica holds it or Redis cannot be reached.
+    fn claim_lease(
+        &mut self,
+        stream_id: &str,
+        now: Instant,
+        first_claim_reads: bool,
+    ) -> Result<(u64, Option<crate::store::StoredStream>), bool> {
+        let sent = Instant::now();
+        match self.checkpoints.claim(stream_id) {
+            Ok(Claim::Granted { token }) => {
+                self.ownership.granted(stream_id, token, sent);
+                self.events.lease_claimed();
+                debug!(stream_id = stream_id; "stream {stream_id}: claimed (fencing token {token})");
+                if token == 1 && !first_claim_reads {
+                    return Ok((token, None));
+                }
+                match self.checkpoints.load_stream(stream_id) {
+                    Ok(Some(stored)) => Ok((token, Some(stored))),
+                    Ok(None) => {
+                        self.release(stream_id);
+                        Err(true)
+                    }
+                    Err(err) => {
+                        warn!("stream {stream_id}: claimed, but cannot read its record: {err}");
+                        self.release(stream_id);
+                        Err(false)
+                    }
+                }
+            }
+            Ok(Claim::HeldBy { owner, remaining }) => {
+                debug!("stream {stream_id}: owned by {owner} for {remaining:?} more");
+                self.ownership.held_by_other(stream_id, now, remaining);
+                Err(false)
+            }
+            Ok(Claim::NoRecord) => Err(true),
+            Err(err) => {
+                self.events
+                    .dependency_checked(Dependency::Redis, Err(err.to_string()));
+                Err(false)
+            }
+        }
+    }
+
+    /// Claims a tracked stream that wants work and merges in its record.
+    /// Returns the fencing token if the stream still wants an owner after
+    /// that (a stream another replica completed meanwhile does not).
+    fn claim(&mut self, identity: FileIdentity, now: Instant) -> Option<u64> {
+        let stream_id = self.table.get(&identity)?.id.clone();
+        let (token, stored) = match self.claim_lease(&stream_id, now, false) {
+            // The first claim ever: every progress write is fenced, so
+            // nobody wrote anything but the registration this replica read.
+            Ok((token, None)) => return Some(token),
+            Ok((token, Some(stored))) => (token, stored),
+            Err(no_record) => {
+                if no_record {
+                    // Redis lost the record and its owner (if any) has not
+                    // written it back: write back what this replica knows,
+                    // and claim the stream on a later poll.
+                    self.write_back_unowned(identity);
+                }
+                return None;
+            }
+        };
+        let stream = self.table.stream_mut(&identity)?;
+        if !stream.adopt(stored, self.config.assemble) {
+            // Closed as incomplete by another replica: forget it; its file,
+            // if still there, is discovered afresh.
+            self.table.remove(&identity);
+            self.release(&stream_id);
+            self.ownership.forget(&stream_id);
+            return None;
+        }
+        if stream.needs_owner() {
+            Some(token)
+        } else {
+            self.release(&stream_id);
+            None
+        }
+    }
+
+    /// Writes back this replica's view of a stream whose record is gone.
+    fn write_back_unowned(&mut self, identity: FileIdentity) {
+        let Some(stream) = self.table.get(&identity) else {
+            return;
+        };
+        let stored = stream.to_stored();
+        match self.checkpoints.restore_stream(&stored, None) {
+            Ok(true) => info!(
+                stream_id = stored.id.as_str();
+                "stream {}: its record was gone from Redis; wrote back what this replica knew",
+                stored.id
+            ),
+            Ok(false) => {}
+            Err(err) => debug!("stream {}: cannot write its record back: {err}", stored.id),
+        }
+    }
+
+    /// The token and chunk records to close a stream with, if this replica
+    /// owns it or can claim it; `None` if another replica owns it (and will
+    /// close it) or it is already complete or closed.
+    fn claim_for_close(
+        &mut self,
+        stream: &TrackedStream,
+        now: Instant,
+    ) -> Option<(
+        u64,
+        std::collections::BTreeMap<u64, crate::metadata::ChunkRecord>,
+    )> {
+        if let Some(token) = self.ownership.token(&stream.id) {
+            return Some((token, stream.chunks.clone()));
+        }
+        let (token, stored) = self.claim_lease(&stream.id, now, true).ok()?;
+        let stored = stored?;
+        if stored.status == crate::store::StoredStatus::Active {
+            Some((token, stored.chunks))
+        } else {
+            self.release(&stream.id);
+            None
+        }
+    }
+
     fn dispatch(&mut self, now: Instant) {
         let Some(jobs) = self.jobs.clone() else {
             return;
@@ -652,6 +911,27 @@ impl Coordinator {
             let Some(stream) = self.table.get(&identity) else {
                 continue;
             };
+            if stream.state.wanted(now, &self.rules).is_none() {
+                continue;
+            }
+            let token = match self.ownership.token(&stream.id) {
+                Some(token) => token,
+                None => {
+                    if !self.ownership.worth_claiming(&stream.id, now)
+                        || !self.ownership.may_claim(self.demand)
+                    {
+                        continue;
+                    }
+                    match self.claim(identity, now) {
+                        Some(token) => token,
+                        None => continue,
+                    }
+                }
+            };
+            // A claim merges in the stream's record, which may change the job.
+            let Some(stream) = self.table.get(&identity) else {
+                continue;
+            };
             let Some(work) = stream.state.wanted(now, &self.rules) else {
                 continue;
             };
@@ -659,7 +939,7 @@ impl Coordinator {
                 Work::Upload { index } => {
                     let offset = index * stream.state.chunk_size;
                     Job::Chunk(ChunkJob {
-                        stream: stream.stream_ref(),
+                        stream: stream.stream_ref(token),
                         path: stream.abs_path.clone(),
                         index,
                         offset,
@@ -667,14 +947,14 @@ impl Coordinator {
                     })
                 }
                 Work::Finalize { size } => Job::Finalize(FinalizeJob {
-                    stream: stream.stream_ref(),
+                    stream: stream.stream_ref(token),
                     path: stream.abs_path.clone(),
                     facts: stream.facts(),
                     expected_size: size,
                     chunks: stream.chunks.clone(),
                 }),
                 Work::Assemble => Job::Assemble(AssembleJob {
-                    stream: stream.stream_ref(),
+                    stream: stream.stream_ref(token),
                     revision: stream.revision,
                 }),
             };
@@ -705,6 +985,11 @@ impl Coordinator {
     /// stream cannot starve the others. Runs once per poll: between polls,
     /// only job results make a stream want something new (see `enqueue`).
     fn queue_ready_streams(&mut self, now: Instant) {
+        self.demand = self
+            .table
+            .iter()
+            .filter(|stream| stream.needs_owner())
+            .count();
         let mut ready: Vec<(Option<Instant>, crate::scan::FileIdentity)> = self
             .table
             .iter()
@@ -729,9 +1014,12 @@ impl Coordinator {
         self.in_flight.remove(&result.stream.stream_id);
         let now = Instant::now();
         let Some(stream) = self.table.get_mut(&result.stream) else {
-            if let Outcome::Closed = result.outcome {
-                self.events.stream_closed("incomplete", 0.0);
+            match result.outcome {
+                Outcome::Closed => self.events.stream_closed("incomplete", 0.0),
+                Outcome::LeaseLost => self.lose_lease(&result.stream.stream_id),
+                _ => {}
             }
+            self.release(&result.stream.stream_id);
             return;
         };
         stream.retries += u64::from(result.failed_attempts);
@@ -793,11 +1081,23 @@ impl Coordinator {
                 Event::Assembled
             }
             Outcome::Cancelled => Event::JobCancelled,
+            Outcome::LeaseLost => {
+                self.lose_lease(&result.stream.stream_id);
+                Event::JobCancelled
+            }
             Outcome::Closed => return,
         };
         let identity = result.stream.identity;
         let finalized = matches!(event, Event::Finalized { .. });
         let changes = self.table.apply(identity, event, now, &self.rules);
+        let needs_owner = self
+            .table
+            .get(&identity)
+            .is_some_and(|stream| stream.needs_owner());
+        if !needs_owner {
+            // Complete (and assembled, if wanted): the lease is given up.
+            self.release(&result.stream.stream_id);
+        }
         if let Some(stream) = self.table.get(&identity) {
             let view = finalized.then(|| stream.view(now));
             // Its next chunk goes out as soon as there is room, not at the
@@ -829,7 +1129,16 @@ impl Coordinator {
             .table
             .iter()
             .filter(|stream| stream.is_active())
-            .map(|stream| stream.view(now))
+            .map(|stream| {
+                let mut view = stream.view(now);
+                view.owned = self.ownership.token(&stream.id).is_some();
+                if !view.owned {
+                    // Its progress is known to its owner, not to this replica.
+                    view.state = "elsewhere".to_string();
+                    view.upload_rate_bytes_per_second = 0.0;
+                }
+                view
+            })
             .collect();
         streams.sort_by(|a, b| a.path.cmp(&b.path));
         streams.extend(self.recent.iter().rev().cloned());
@@ -843,6 +1152,8 @@ impl Coordinator {
         let mut gauges = Gauges {
             files_tracked: self.table.len() as u64,
             inflight_jobs: self.in_flight.len() as u64,
+            streams_owned: self.ownership.held_count() as u64,
+            replicas: self.ownership.replicas() as u64,
             ..Gauges::default()
         };
         for stream in self.table.iter().filter(|s| s.is_active()) {

@@ -122,13 +122,16 @@ pub fn render(snapshot: &StreamsSnapshot) -> String {
     let recent = snapshot.streams.len() - active.len();
     let pending: u64 = active
         .iter()
+        .filter(|s| s.owned)
         .map(|s| s.size_bytes.saturating_sub(s.uploaded_bytes))
         .sum();
     let rate: f64 = active.iter().map(|s| s.upload_rate_bytes_per_second).sum();
+    let elsewhere = active.iter().filter(|s| !s.owned).count();
     out.push_str(&format!(
-        "{}: {} active, {} recently finished, {} pending, {}/s\n",
+        "{}: {} active ({} owned by other replicas), {} recently finished, {} pending, {}/s\n",
         snapshot.instance,
         active.len(),
+        elsewhere,
         recent,
         ByteSize::b(pending).display().iec(),
         ByteSize::b(rate as u64).display().iec()
@@ -181,6 +184,7 @@ mod tests {
             last_error: None,
             upload_rate_bytes_per_second: 1024.0 * 1024.0,
             revision: 0,
+            owned: state != "elsewhere",
         }
     }
 
@@ -196,21 +200,23 @@ mod tests {
             instance: "host-1-abc".into(),
             streams: vec![
                 view("cam1.mp4", "uploading", 10 << 20, 40 << 20),
+                view("cam2.mp4", "elsewhere", 0, 40 << 20),
                 view("old.mp4", "complete", 5, 5),
             ],
         };
         let text = render(&snapshot);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines.len(), 3, "{text}");
         assert!(
             lines[0].starts_with("[######------------------]  25.0%"),
             "{text}"
         );
         assert!(lines[0].contains("cam1.mp4 (cam1.mp4-id)"));
         assert!(lines[0].contains("uploading"));
+        assert!(lines[1].contains("elsewhere"));
         assert_eq!(
-            lines[1],
-            "host-1-abc: 1 active, 1 recently finished, 30.0 MiB pending, 1.0 MiB/s"
+            lines[2],
+            "host-1-abc: 2 active (1 owned by other replicas), 1 recently finished, 30.0 MiB pending, 2.0 MiB/s"
         );
     }
 

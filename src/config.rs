@@ -201,6 +201,12 @@ pub struct Settings {
     /// The longest a drain on SIGTERM/SIGINT may take.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "25s", global = true)]
     pub shutdown_timeout: String,
+    /// How long a replica's claim on a stream lasts unless renewed (renewed every third of it); another replica takes the stream over after it.
+    #[arg(long, env = "LEASE_TTL", default_value = "30s", global = true)]
+    pub lease_ttl: String,
+    /// Most streams one replica owns at once; 0 means its fair share of the active streams, with no fixed cap.
+    #[arg(long, env = "MAX_OWNED_STREAMS", default_value = "0", global = true)]
+    pub max_owned_streams: String,
 }
 
 /// Everything the daemon needs, validated.
@@ -222,7 +228,20 @@ pub struct Config {
     pub log_level: LevelFilter,
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
+    pub lease: LeasePolicy,
 }
+
+/// How replicas share streams (see docs/scaling.md).
+#[derive(Debug, Clone, Copy)]
+pub struct LeasePolicy {
+    /// A claim lasts this long unless renewed.
+    pub ttl: Duration,
+    /// Cap on the streams this replica owns at once (`None`: fair share only).
+    pub max_owned_streams: Option<usize>,
+}
+
+/// The shortest `LEASE_TTL`: renewals go out every third of it.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
 
 /// How to reach the bucket.
 #[derive(Clone)]
@@ -367,6 +386,35 @@ impl Config {
             log_level: parse_log_level(&settings.log_level)?,
             log_format: parse_log_format(&settings.log_format)?,
             shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &settings.shutdown_timeout)?,
+            lease: LeasePolicy::from_settings(settings)?,
+        })
+    }
+}
+
+impl LeasePolicy {
+    fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let ttl = parse_duration("LEASE_TTL", &settings.lease_ttl)?;
+        if ttl < MIN_LEASE_TTL {
+            return Err(ConfigError::bad_value(
+                "LEASE_TTL",
+                &settings.lease_ttl,
+                "must be at least 1s",
+            ));
+        }
+        let max_owned_streams = match settings.max_owned_streams.trim().parse::<usize>() {
+            Ok(0) => None,
+            Ok(cap) => Some(cap),
+            Err(_) => {
+                return Err(ConfigError::bad_value(
+                    "MAX_OWNED_STREAMS",
+                    &settings.max_owned_streams,
+                    "expected a whole number (0: no fixed cap)",
+                ));
+            }
+        };
+        Ok(Self {
+            ttl,
+            max_owned_streams,
         })
     }
 }
@@ -655,6 +703,8 @@ mod tests {
         assert!(config.s3.endpoint.is_none());
         assert_eq!(config.shutdown_timeout, Duration::from_secs(25));
         assert_eq!(config.metrics_addr.port(), 9102);
+        assert_eq!(config.lease.ttl, Duration::from_secs(30));
+        assert_eq!(config.lease.max_owned_streams, None);
     }
 
     #[test]
@@ -676,6 +726,10 @@ mod tests {
             ("--chunk-size=-5MiB", "CHUNK_SIZE"),
             ("--chunk-size=lots", "CHUNK_SIZE"),
             ("--poll-interval=0s", "POLL_INTERVAL"),
+            ("--lease-ttl=500ms", "LEASE_TTL"),
+            ("--lease-ttl=forever", "LEASE_TTL"),
+            ("--max-owned-streams=-1", "MAX_OWNED_STREAMS"),
+            ("--max-owned-streams=few", "MAX_OWNED_STREAMS"),
             ("--poll-interval=soon", "POLL_INTERVAL"),
             ("--stream-timeout=-1s", "STREAM_TIMEOUT"),
             ("--workers=0", "WORKERS"),

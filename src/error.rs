@@ -75,6 +75,18 @@ pub struct CheckpointError {
     pub detail: String,
 }
 
+/// Why a write that only the stream's lease holder may make was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum FencedWriteError {
+    /// Another replica claimed the stream since this process did (or the
+    /// stream's record is gone): this process must stop writing for it.
+    #[error("this replica no longer holds the stream's lease")]
+    LeaseLost,
+    /// Redis could not be reached; the write may be retried.
+    #[error(transparent)]
+    Unavailable(#[from] CheckpointError),
+}
+
 /// Failures reading a source file.
 #[derive(Debug, thiserror::Error)]
 #[error("reading {path}: {source}")]

@@ -27,6 +27,10 @@ pub trait Events: Send + Sync {
     fn scan_finished(&self, _seconds: f64, _unix_time: f64) {}
     /// The outcome of a real request to, or a probe of, a dependency.
     fn dependency_checked(&self, _dependency: Dependency, _outcome: Result<(), String>) {}
+    /// This process claimed a stream's lease.
+    fn lease_claimed(&self) {}
+    /// This process found that another replica took one of its streams over.
+    fn lease_lost(&self) {}
     /// Gauges, refreshed by the coordinator after each loop turn.
     fn gauges(&self, _gauges: &Gauges) {}
 }
@@ -38,6 +42,10 @@ pub struct Gauges {
     pub files_tracked: u64,
     pub inflight_jobs: u64,
     pub pending_bytes: u64,
+    /// Streams whose lease this process holds.
+    pub streams_owned: u64,
+    /// Live replicas on this Redis (this one included), at the last renewal.
+    pub replicas: u64,
 }
 
 /// Discards everything.

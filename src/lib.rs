@@ -12,6 +12,7 @@ pub mod events;
 pub mod health;
 pub mod http;
 pub mod inventory;
+pub mod lease;
 pub mod logging;
 pub mod media;
 pub mod metadata;

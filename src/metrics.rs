@@ -34,6 +34,10 @@ pub struct Metrics {
     files_tracked: IntGauge,
     inflight_jobs: IntGauge,
     pending_bytes: IntGauge,
+    streams_owned: IntGauge,
+    replicas: IntGauge,
+    leases_claimed: IntCounter,
+    leases_lost: IntCounter,
     last_scan_timestamp: prometheus::Gauge,
     storage_up: IntGauge,
     redis_up: IntGauge,
@@ -158,6 +162,26 @@ impl Metrics {
                 "chunkstream_pending_bytes",
                 "Bytes seen in active streams but not yet uploaded.",
             ),
+            streams_owned: gauge(
+                &registry,
+                "chunkstream_streams_owned",
+                "Streams whose lease this replica holds (it alone uploads them).",
+            ),
+            replicas: gauge(
+                &registry,
+                "chunkstream_replicas",
+                "Live replicas sharing this Redis key prefix, this one included, at the last lease renewal.",
+            ),
+            leases_claimed: counter(
+                &registry,
+                "chunkstream_lease_claims_total",
+                "Stream leases this replica claimed (new streams, takeovers, reopens).",
+            ),
+            leases_lost: counter(
+                &registry,
+                "chunkstream_leases_lost_total",
+                "Streams this replica was working on when another replica took them over (after a pause or partition longer than LEASE_TTL).",
+            ),
             last_scan_timestamp: {
                 let gauge = prometheus::Gauge::new(
                     "chunkstream_last_scan_timestamp_seconds",
@@ -271,6 +295,14 @@ impl Events for Metrics {
         self.source_errors.inc();
     }
 
+    fn lease_claimed(&self) {
+        self.leases_claimed.inc();
+    }
+
+    fn lease_lost(&self) {
+        self.leases_lost.inc();
+    }
+
     fn stream_closed(&self, status: &'static str, lag_seconds: f64) {
         self.streams_completed.with_label_values(&[status]).inc();
         if status == "complete" {
@@ -305,6 +337,8 @@ impl Events for Metrics {
         set(&self.files_tracked, gauges.files_tracked);
         set(&self.inflight_jobs, gauges.inflight_jobs);
         set(&self.pending_bytes, gauges.pending_bytes);
+        set(&self.streams_owned, gauges.streams_owned);
+        set(&self.replicas, gauges.replicas);
     }
 }
 

@@ -16,13 +16,25 @@ use std::time::{Duration, Instant};
 use log::warn;
 use walkdir::WalkDir;
 
-/// What makes a file the same file across polls and renames: its inode on its
-/// device. A new inode at the same path is a different file.
+/// What makes a file the same file across polls, renames and hosts: its
+/// inode on its file system. A new inode at the same path is a different file.
+///
+/// Replicas on several hosts that mount the same NFS export must agree on it,
+/// but the device number of one export differs from host to host. So files on
+/// `WATCH_DIR`'s own file system (the normal case) get [`WATCH_DIR_DEVICE`];
+/// only a file on another file system mounted below `WATCH_DIR` keeps its real
+/// device number, which is then stable on one host only. The inode number of
+/// an NFS file is the server's, the same on every client (SMB: with the
+/// default `serverino` mount option). See docs/scaling.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileIdentity {
     pub device: u64,
     pub inode: u64,
 }
+
+/// The device part of the identity of every file on `WATCH_DIR`'s own file
+/// system (no real file system has device number 0).
+pub const WATCH_DIR_DEVICE: u64 = 0;
 
 impl FileIdentity {
     /// The form used in Redis keys and logs: `device:inode`.
@@ -222,13 +234,15 @@ impl DirectoryLister for FsLister {
             ..Scan::default()
         };
         let mut problems: Vec<(String, String)> = Vec::new();
-        if let Err(err) = std::fs::read_dir(&self.root) {
+        let root = std::fs::read_dir(&self.root).and_then(|_| std::fs::metadata(&self.root));
+        if let Err(err) = &root {
             scan.root_readable = false;
             problems.push((
                 self.root.display().to_string(),
                 format!("watch directory {} is not readable: {err}; keeping every stream as it is until it returns", self.root.display()),
             ));
-        } else {
+        } else if let Ok(root) = root {
+            let root_device = root.dev();
             let walker = WalkDir::new(&self.root)
                 .follow_links(false)
                 .into_iter()
@@ -266,7 +280,11 @@ impl DirectoryLister for FsLister {
                         .map_err(std::io::Error::from)
                         .map(|meta| Observation {
                             identity: FileIdentity {
-                                device: meta.dev(),
+                                device: if meta.dev() == root_device {
+                                    WATCH_DIR_DEVICE
+                                } else {
+                                    meta.dev()
+                                },
                                 inode: meta.ino(),
                             },
                             size: meta.len(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chunkstream::metadata::StreamStatus;
 use chunkstream::store::ObjectStore;
-use support::{MIB, TestEnv, append, pseudo_random, require_tool, wait_for};
+use support::{MIB, TestEnv, append, pseudo_random, require_tool, uploads_in_log, wait_for};
 
 #[test]
 fn a_files_dropped_whole_are_uploaded_byte_exact() {
@@ -924,24 +924,6 @@ fn r3_redis_restarts_with_and_without_its_data_lose_nothing() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(daemon.metric("chunkstream_chunks_uploaded_total"), 0.0);
     assert_eq!(daemon.metric("chunkstream_streams_active"), 0.0);
-}
-
-/// The (stream id, chunk) pairs a JSON log says were uploaded.
-fn uploads_in_log(log: &str) -> Vec<(String, u64)> {
-    log.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|entry| {
-            entry["msg"]
-                .as_str()
-                .is_some_and(|msg| msg.contains(" uploaded ("))
-        })
-        .filter_map(|entry| {
-            Some((
-                entry["stream_id"].as_str()?.to_string(),
-                entry["chunk"].as_u64()?,
-            ))
-        })
-        .collect()
 }
 
 #[test]

@@ -1,17 +1,25 @@
 //! The checkpoint store: a trait, and its Redis implementation.
 //!
 //! Redis holds what makes a restart resume exactly: which file (device:inode)
-//! is which stream, and every chunk that was uploaded. Every write is a single
-//! atomic operation (one command, a MULTI/EXEC pipeline, or a Lua script) and
-//! writes absolute values, so a retried write whose reply was lost can never
-//! count twice. The redis crate does not reconnect by itself, so a failed
-//! connection is dropped here and the next call opens a new one; every call has
-//! connect, read and write timeouts.
+//! is which stream, and every chunk that was uploaded. It is also where
+//! replicas sharing one directory agree on who works on which stream: a
+//! stream has one owner at a time, the holder of its lease, and every write
+//! about a stream's progress is fenced (see docs/scaling.md).
+//!
+//! Every write is a single atomic operation (one command, a MULTI/EXEC
+//! pipeline, or a Lua script) and writes absolute values, so a retried write
+//! whose reply was lost can never count twice. The redis crate does not
+//! reconnect by itself, so a failed connection is dropped here and the next
+//! call opens a new one; every call has connect, read and write timeouts.
 //!
 //! Key layout (`P` is `REDIS_KEY_PREFIX`):
 //! - `P:identities` hash: `device:inode` → stream id, for live streams.
-//! - `P:stream:{id}` hash: the stream's record (path, status, revision, …).
+//! - `P:stream:{id}` hash: the stream's record (path, status, revision, …,
+//!   and `fence`, the fencing token of the stream's latest claim).
 //! - `P:stream:{id}:chunks` hash: chunk index → chunk record (JSON).
+//! - `P:lease:{id}` string: the owner id of the replica that holds the
+//!   stream, expiring after `LEASE_TTL` unless renewed.
+//! - `P:replicas` sorted set: live owner ids, scored by when they expire.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::{Connection, RedisResult, Script};
 
 use crate::config::{RedisConfig, redact_url};
-use crate::error::CheckpointError;
+use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::{ChunkRecord, unix_millis};
 use crate::scan::FileIdentity;
 
@@ -96,7 +104,51 @@ pub struct Completion {
     pub completed_at: SystemTime,
 }
 
+/// Who this process is when it claims streams, and how long a claim lasts.
+#[derive(Debug, Clone)]
+pub struct LeaseHolder {
+    /// Unique per process (see `app::instance_id`).
+    pub owner: String,
+    pub ttl: Duration,
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This process owns the stream now; its writes carry `token`.
+    Granted { token: u64 },
+    /// Another replica owns it for at least `remaining` more.
+    HeldBy { owner: String, remaining: Duration },
+    /// The stream has no record (yet, or any more): nothing to claim.
+    NoRecord,
+}
+
+/// What a renewal found for one lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// Still this process's, for another `LEASE_TTL`.
+    Held,
+    /// Claimed by another replica since: stop writing for the stream.
+    Lost,
+    /// The stream's record is gone (Redis lost its data): write it back,
+    /// then renew again.
+    NoRecord,
+}
+
+/// The result of one renewal round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    /// Replicas alive now, this one included.
+    pub replicas: usize,
+    /// One status per lease, in the order asked.
+    pub statuses: Vec<LeaseStatus>,
+}
+
 /// What the coordinator and the workers need from the checkpoint store.
+///
+/// Writes about a stream's progress take the fencing `token` of the claim
+/// they are made under; they fail with [`FencedWriteError::LeaseLost`] unless
+/// this process still holds the stream's lease with that token.
 pub trait CheckpointStore: Send {
     /// Round trip to check the store is reachable.
     fn ping(&mut self) -> Result<(), CheckpointError>;
@@ -116,30 +168,60 @@ pub trait CheckpointStore: Send {
         retired: Option<&str>,
     ) -> Result<String, CheckpointError>;
 
-    /// Records an uploaded chunk. Idempotent.
+    /// Records an uploaded chunk. Idempotent. Fenced.
     fn checkpoint_chunk(
         &mut self,
         stream_id: &str,
+        token: u64,
         chunk: &ChunkRecord,
-    ) -> Result<(), CheckpointError>;
+    ) -> Result<(), FencedWriteError>;
 
     /// Records the path a stream was last seen at.
     fn record_path(&mut self, stream_id: &str, rel_path: &str) -> Result<(), CheckpointError>;
 
-    /// Marks the stream complete. Idempotent.
+    /// Marks the stream complete. Idempotent. Fenced.
     fn mark_complete(
         &mut self,
         stream_id: &str,
+        token: u64,
         completion: &Completion,
-    ) -> Result<(), CheckpointError>;
+    ) -> Result<(), FencedWriteError>;
 
-    /// Marks the stream incomplete, with the reason. Idempotent.
-    fn mark_incomplete(&mut self, stream_id: &str, reason: &str) -> Result<(), CheckpointError>;
+    /// Marks the stream incomplete, with the reason. Idempotent. Fenced.
+    fn mark_incomplete(
+        &mut self,
+        stream_id: &str,
+        token: u64,
+        reason: &str,
+    ) -> Result<(), FencedWriteError>;
+
+    /// Succeeds only while this process holds the stream with `token`: the
+    /// check made right before an object write that must not come from a
+    /// replica that lost the stream (its metadata).
+    fn confirm_lease(&mut self, stream_id: &str, token: u64) -> Result<(), FencedWriteError>;
 
     /// Writes the stream back (record, chunks, identity mapping) if its record
-    /// is missing, as after a Redis restart that lost its data. Returns
+    /// is missing, as after a Redis restart that lost its data. `token` is the
+    /// fencing token this process holds the stream with, if it does. Returns
     /// whether anything was written.
-    fn restore_stream(&mut self, stream: &StoredStream) -> Result<bool, CheckpointError>;
+    fn restore_stream(
+        &mut self,
+        stream: &StoredStream,
+        token: Option<u64>,
+    ) -> Result<bool, CheckpointError>;
+
+    /// Claims the stream's lease for this process if no other holds it.
+    fn claim(&mut self, stream_id: &str) -> Result<Claim, CheckpointError>;
+
+    /// Renews the leases this process holds (stream id, token), and its
+    /// membership in the live-replica set.
+    fn renew(&mut self, leases: &[(&str, u64)]) -> Result<Renewal, CheckpointError>;
+
+    /// Gives the lease up, if this process still holds it with `token`.
+    fn release(&mut self, stream_id: &str, token: u64) -> Result<(), CheckpointError>;
+
+    /// Leaves the live-replica set (at the end of a drain).
+    fn leave(&mut self) -> Result<(), CheckpointError>;
 
     /// The assembly in progress for the stream, if any.
     fn load_assembly(
@@ -148,16 +230,22 @@ pub trait CheckpointStore: Send {
     ) -> Result<Option<AssemblyProgress>, CheckpointError>;
 
     /// Records assembly progress (absolute: the whole record is replaced),
-    /// or with `None` forgets it.
+    /// or with `None` forgets it. Fenced.
     fn save_assembly(
         &mut self,
         stream_id: &str,
+        token: u64,
         progress: Option<&AssemblyProgress>,
-    ) -> Result<(), CheckpointError>;
+    ) -> Result<(), FencedWriteError>;
 
     /// Atomically records that `revision` is assembled (or, with
-    /// `revision` 0, that nothing is) and drops the progress record.
-    fn finish_assembly(&mut self, stream_id: &str, revision: u32) -> Result<(), CheckpointError>;
+    /// `revision` 0, that nothing is) and drops the progress record. Fenced.
+    fn finish_assembly(
+        &mut self,
+        stream_id: &str,
+        token: u64,
+        revision: u32,
+    ) -> Result<(), FencedWriteError>;
 
     /// Removes the identity → stream mapping if it still points to `stream_id`.
     fn forget_identity(
@@ -183,7 +271,105 @@ impl Keys {
     fn chunks(&self, id: &str) -> String {
         format!("{}:stream:{id}:chunks", self.prefix)
     }
+    fn lease(&self, id: &str) -> String {
+        format!("{}:lease:{id}", self.prefix)
+    }
+    fn replicas(&self) -> String {
+        format!("{}:replicas", self.prefix)
+    }
 }
+
+/// The fencing check every lease-guarded script starts with: the stream's
+/// latest claim is the caller's (`token`), and its lease is the caller's or
+/// has lapsed with no claim since, in which case the caller takes it back.
+/// Taking back a lapsed lease is safe because the token proves that nobody
+/// claimed the stream in between.
+const HOLDS_LUA: &str = r"
+local function holds(lease, record, owner, token, ttl)
+  if redis.call('HGET', record, 'fence') ~= token then
+    return false
+  end
+  local holder = redis.call('GET', lease)
+  if holder == owner then
+    return true
+  end
+  if holder then
+    return false
+  end
+  redis.call('SET', lease, owner, 'PX', ttl)
+  return true
+end
+";
+
+/// A fenced write to one hash (the record or the chunks): delete the named
+/// fields, then set the given pairs, only if the caller holds the stream.
+/// KEYS: lease, record, target hash. ARGV: owner, token, ttl, the number of
+/// fields to delete, their names, then field/value pairs. Returns 1 when
+/// written, 0 when the caller does not hold the stream, -1 when the record
+/// is gone (Redis lost its data; the owner writes it back).
+const FENCED_WRITE_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[2], 'id') == 0 then
+  return -1
+end
+if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
+  return 0
+end
+local deleted = tonumber(ARGV[4])
+for i = 5, 4 + deleted do
+  redis.call('HDEL', KEYS[3], ARGV[i])
+end
+if #ARGV > 4 + deleted then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 5 + deleted))
+end
+return 1
+";
+
+/// Claim a stream that has a record and no other holder: set the lease and
+/// bump the fencing token. Returns {token, owner, ttl ms}; token 0 when
+/// someone else holds it, -1 when there is no record.
+const CLAIM_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[2], 'id') == 0 then
+  return {-1, '', 0}
+end
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return {0, holder, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {redis.call('HINCRBY', KEYS[2], 'fence', 1), ARGV[1], tonumber(ARGV[2])}
+";
+
+/// Heartbeat in the replica set (dropping members that expired), then renew
+/// each lease. KEYS: the replica set, then (lease, record) per stream. ARGV:
+/// owner, ttl, then one token per stream. Returns the live replica count,
+/// then per stream 1 (held), 0 (lost) or 2 (no record).
+const RENEW_LUA: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local result = {redis.call('ZCARD', KEYS[1])}
+for i = 2, #KEYS, 2 do
+  local token = ARGV[2 + i / 2]
+  if redis.call('HEXISTS', KEYS[i + 1], 'id') == 0 then
+    table.insert(result, 2)
+  elseif holds(KEYS[i], KEYS[i + 1], ARGV[1], token, ARGV[2]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    table.insert(result, 1)
+  else
+    table.insert(result, 0)
+  end
+end
+return result
+";
+
+/// Delete the lease only if the caller still holds it with this token.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('HGET', KEYS[2], 'fence') == ARGV[2] then
+  redis.call('DEL', KEYS[1])
+end
+return 1
+";
 
 /// Map the identity to the new stream and write its record, unless another
 /// (non-retired) stream already owns the identity.
@@ -199,17 +385,21 @@ return ARGV[2]
 
 /// Write a stream back if its record is gone (no `id` field): the record
 /// fields, the chunk records and the identity mapping, each only where
-/// missing, so that anything a worker wrote since Redis came back wins.
+/// missing, so that anything a worker wrote since Redis came back wins. The
+/// stream's owner (ARGV[3] = 1, with its `fence` among the fields) also fills
+/// in a record that another replica wrote back first without a fencing token.
 const RESTORE_LUA: &str = r"
 if redis.call('HEXISTS', KEYS[2], 'id') == 1 then
-  return 0
+  if ARGV[3] ~= '1' or redis.call('HEXISTS', KEYS[2], 'fence') == 1 then
+    return 0
+  end
 end
 if not redis.call('HGET', KEYS[1], ARGV[1]) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
-local fields = tonumber(ARGV[3])
-local first_chunk = 4 + fields * 2
-for i = 4, first_chunk - 1, 2 do
+local fields = tonumber(ARGV[4])
+local first_chunk = 5 + fields * 2
+for i = 5, first_chunk - 1, 2 do
   redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 for i = first_chunk, #ARGV, 2 do
@@ -233,13 +423,25 @@ pub struct RedisStore {
     keys: Keys,
     timeout: Duration,
     shown_url: String,
+    holder: LeaseHolder,
     register: Script,
     restore: Script,
     forget: Script,
+    fenced_write: Script,
+    claim: Script,
+    renew: Script,
+    release: Script,
+}
+
+/// A fenced write: which hash, which fields to delete, which pairs to set.
+struct FencedWrite<'a> {
+    target: String,
+    delete: &'a [&'a str],
+    set: Vec<(String, String)>,
 }
 
 impl RedisStore {
-    pub fn new(config: &RedisConfig) -> Result<Self, CheckpointError> {
+    pub fn new(config: &RedisConfig, holder: LeaseHolder) -> Result<Self, CheckpointError> {
         let shown_url = redact_url(&config.url);
         let client = redis::Client::open(config.url.as_str()).map_err(|err| CheckpointError {
             url: shown_url.clone(),
@@ -253,10 +455,78 @@ impl RedisStore {
             },
             timeout: config.timeout,
             shown_url,
+            holder,
             register: Script::new(REGISTER_LUA),
             restore: Script::new(RESTORE_LUA),
             forget: Script::new(FORGET_LUA),
+            fenced_write: Script::new(&format!("{HOLDS_LUA}{FENCED_WRITE_LUA}")),
+            claim: Script::new(CLAIM_LUA),
+            renew: Script::new(&format!("{HOLDS_LUA}{RENEW_LUA}")),
+            release: Script::new(RELEASE_LUA),
         })
+    }
+
+    fn ttl_millis(&self) -> u64 {
+        u64::try_from(self.holder.ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Runs one fenced write for the stream.
+    fn write_fenced(
+        &mut self,
+        stream_id: &str,
+        token: u64,
+        write: &FencedWrite<'_>,
+    ) -> Result<(), FencedWriteError> {
+        let script = self.fenced_write.clone();
+        let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
+        let written: i64 = self.with_connection(|con, keys| {
+            let mut invocation = script.key(keys.lease(stream_id));
+            invocation
+                .key(keys.stream(stream_id))
+                .key(&write.target)
+                .arg(&owner)
+                .arg(token.to_string())
+                .arg(ttl)
+                .arg(write.delete.len());
+            for name in write.delete {
+                invocation.arg(*name);
+            }
+            for (name, value) in &write.set {
+                invocation.arg(name).arg(value);
+            }
+            invocation.invoke(con)
+        })?;
+        match written {
+            1 => Ok(()),
+            -1 => Err(FencedWriteError::Unavailable(CheckpointError {
+                url: self.shown_url.clone(),
+                detail: format!(
+                    "the record of stream {stream_id} is gone (Redis lost its data?); \
+                     waiting for it to be written back"
+                ),
+            })),
+            _ => Err(FencedWriteError::LeaseLost),
+        }
+    }
+
+    /// A fenced write of record fields.
+    fn write_record_fenced(
+        &mut self,
+        stream_id: &str,
+        token: u64,
+        delete: &[&str],
+        set: Vec<(String, String)>,
+    ) -> Result<(), FencedWriteError> {
+        let target = self.keys.stream(stream_id);
+        self.write_fenced(
+            stream_id,
+            token,
+            &FencedWrite {
+                target,
+                delete,
+                set,
+            },
+        )
     }
 
     /// Runs `call` on a live connection, opening one if needed. Any I/O-level
@@ -300,6 +570,14 @@ impl RedisStore {
             detail: err.to_string(),
         }
     }
+}
+
+/// Borrowed (name, value) pairs as owned ones, for a fenced write.
+fn owned_pairs(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(name, value)| ((*name).to_string(), value.clone()))
+        .collect()
 }
 
 fn from_unix_millis(millis: u64) -> SystemTime {
@@ -435,17 +713,21 @@ impl CheckpointStore for RedisStore {
     fn checkpoint_chunk(
         &mut self,
         stream_id: &str,
+        token: u64,
         chunk: &ChunkRecord,
-    ) -> Result<(), CheckpointError> {
-        // One command: atomic by itself, one round trip per chunk.
+    ) -> Result<(), FencedWriteError> {
+        // One script: atomic by itself, one round trip per chunk.
         let json = serde_json::to_string(chunk).expect("chunk records serialize");
-        self.with_connection(|con, keys| {
-            redis::cmd("HSET")
-                .arg(keys.chunks(stream_id))
-                .arg(chunk.index)
-                .arg(&json)
-                .query(con)
-        })
+        let target = self.keys.chunks(stream_id);
+        self.write_fenced(
+            stream_id,
+            token,
+            &FencedWrite {
+                target,
+                delete: &[],
+                set: vec![(chunk.index.to_string(), json)],
+            },
+        )
     }
 
     fn record_path(&mut self, stream_id: &str, rel_path: &str) -> Result<(), CheckpointError> {
@@ -461,42 +743,53 @@ impl CheckpointStore for RedisStore {
     fn mark_complete(
         &mut self,
         stream_id: &str,
+        token: u64,
         completion: &Completion,
-    ) -> Result<(), CheckpointError> {
-        self.with_connection(|con, keys| {
-            redis::cmd("HSET")
-                .arg(keys.stream(stream_id))
-                .arg("status")
-                .arg(StoredStatus::Complete.as_str())
-                .arg("revision")
-                .arg(completion.revision)
-                .arg("completed_size")
-                .arg(completion.size)
-                .arg("completed_mtime_ns")
-                .arg(completion.mtime_ns.to_string())
-                .arg("last_change_at_ms")
-                .arg(unix_millis(completion.last_change_at))
-                .arg("completed_at_ms")
-                .arg(unix_millis(completion.completed_at))
-                .query(con)
-        })
+    ) -> Result<(), FencedWriteError> {
+        let set = [
+            ("status", StoredStatus::Complete.as_str().to_string()),
+            ("revision", completion.revision.to_string()),
+            ("completed_size", completion.size.to_string()),
+            ("completed_mtime_ns", completion.mtime_ns.to_string()),
+            (
+                "last_change_at_ms",
+                unix_millis(completion.last_change_at).to_string(),
+            ),
+            (
+                "completed_at_ms",
+                unix_millis(completion.completed_at).to_string(),
+            ),
+        ];
+        self.write_record_fenced(stream_id, token, &[], owned_pairs(&set))
     }
 
-    fn mark_incomplete(&mut self, stream_id: &str, reason: &str) -> Result<(), CheckpointError> {
-        self.with_connection(|con, keys| {
-            redis::cmd("HSET")
-                .arg(keys.stream(stream_id))
-                .arg("status")
-                .arg(StoredStatus::Incomplete.as_str())
-                .arg("reason")
-                .arg(reason)
-                .query(con)
-        })
+    fn mark_incomplete(
+        &mut self,
+        stream_id: &str,
+        token: u64,
+        reason: &str,
+    ) -> Result<(), FencedWriteError> {
+        let set = [
+            ("status", StoredStatus::Incomplete.as_str().to_string()),
+            ("reason", reason.to_string()),
+        ];
+        self.write_record_fenced(stream_id, token, &[], owned_pairs(&set))
     }
 
-    fn restore_stream(&mut self, stream: &StoredStream) -> Result<bool, CheckpointError> {
+    fn confirm_lease(&mut self, stream_id: &str, token: u64) -> Result<(), FencedWriteError> {
+        self.write_record_fenced(stream_id, token, &[], Vec::new())
+    }
+
+    fn restore_stream(
+        &mut self,
+        stream: &StoredStream,
+        token: Option<u64>,
+    ) -> Result<bool, CheckpointError> {
         let restore = self.restore.clone();
-        let fields = stream_fields(stream);
+        let mut fields = stream_fields(stream);
+        if let Some(token) = token {
+            fields.push(("fence", token.to_string()));
+        }
         self.with_connection(|con, keys| {
             let mut invocation = restore.key(keys.identities());
             invocation
@@ -504,6 +797,7 @@ impl CheckpointStore for RedisStore {
                 .key(keys.chunks(&stream.id))
                 .arg(stream.identity.key())
                 .arg(&stream.id)
+                .arg(if token.is_some() { "1" } else { "0" })
                 .arg(fields.len());
             for (name, value) in &fields {
                 invocation.arg(*name).arg(value);
@@ -533,31 +827,111 @@ impl CheckpointStore for RedisStore {
     fn save_assembly(
         &mut self,
         stream_id: &str,
+        token: u64,
         progress: Option<&AssemblyProgress>,
-    ) -> Result<(), CheckpointError> {
-        let json = progress.map(|p| serde_json::to_string(p).expect("progress serializes"));
-        self.with_connection(|con, keys| match &json {
-            Some(json) => redis::cmd("HSET")
-                .arg(keys.stream(stream_id))
-                .arg("assembly")
-                .arg(json)
-                .query(con),
-            None => redis::cmd("HDEL")
-                .arg(keys.stream(stream_id))
-                .arg("assembly")
-                .query(con),
+    ) -> Result<(), FencedWriteError> {
+        match progress {
+            Some(progress) => {
+                let json = serde_json::to_string(progress).expect("progress serializes");
+                self.write_record_fenced(stream_id, token, &[], vec![("assembly".into(), json)])
+            }
+            None => self.write_record_fenced(stream_id, token, &["assembly"], Vec::new()),
+        }
+    }
+
+    fn finish_assembly(
+        &mut self,
+        stream_id: &str,
+        token: u64,
+        revision: u32,
+    ) -> Result<(), FencedWriteError> {
+        self.write_record_fenced(
+            stream_id,
+            token,
+            &["assembly"],
+            vec![("assembled_revision".into(), revision.to_string())],
+        )
+    }
+
+    fn claim(&mut self, stream_id: &str) -> Result<Claim, CheckpointError> {
+        let script = self.claim.clone();
+        let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
+        let (token, holder, remaining_ms): (i64, String, i64) =
+            self.with_connection(|con, keys| {
+                script
+                    .key(keys.lease(stream_id))
+                    .key(keys.stream(stream_id))
+                    .arg(&owner)
+                    .arg(ttl)
+                    .invoke(con)
+            })?;
+        Ok(match token {
+            -1 => Claim::NoRecord,
+            0 => Claim::HeldBy {
+                owner: holder,
+                remaining: Duration::from_millis(u64::try_from(remaining_ms).unwrap_or(0)),
+            },
+            token => Claim::Granted {
+                token: u64::try_from(token).unwrap_or(0),
+            },
         })
     }
 
-    fn finish_assembly(&mut self, stream_id: &str, revision: u32) -> Result<(), CheckpointError> {
+    fn renew(&mut self, leases: &[(&str, u64)]) -> Result<Renewal, CheckpointError> {
+        let script = self.renew.clone();
+        let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
+        let reply: Vec<i64> = self.with_connection(|con, keys| {
+            let mut invocation = script.key(keys.replicas());
+            for (stream_id, _) in leases {
+                invocation
+                    .key(keys.lease(stream_id))
+                    .key(keys.stream(stream_id));
+            }
+            invocation.arg(&owner).arg(ttl);
+            for (_, token) in leases {
+                invocation.arg(token.to_string());
+            }
+            invocation.invoke(con)
+        })?;
+        let replicas = reply
+            .first()
+            .and_then(|&count| usize::try_from(count).ok())
+            .unwrap_or(1)
+            .max(1);
+        let statuses = reply
+            .iter()
+            .skip(1)
+            .map(|status| match status {
+                1 => LeaseStatus::Held,
+                2 => LeaseStatus::NoRecord,
+                _ => LeaseStatus::Lost,
+            })
+            .collect();
+        Ok(Renewal { replicas, statuses })
+    }
+
+    fn release(&mut self, stream_id: &str, token: u64) -> Result<(), CheckpointError> {
+        let script = self.release.clone();
+        let owner = self.holder.owner.clone();
         self.with_connection(|con, keys| {
-            redis::pipe()
-                .atomic()
-                .hset(keys.stream(stream_id), "assembled_revision", revision)
-                .ignore()
-                .hdel(keys.stream(stream_id), "assembly")
-                .ignore()
-                .query(con)
+            script
+                .key(keys.lease(stream_id))
+                .key(keys.stream(stream_id))
+                .arg(&owner)
+                .arg(token.to_string())
+                .invoke::<i64>(con)
+                .map(|_| ())
+        })
+    }
+
+    fn leave(&mut self) -> Result<(), CheckpointError> {
+        let owner = self.holder.owner.clone();
+        self.with_connection(|con, keys| {
+            redis::cmd("ZREM")
+                .arg(keys.replicas())
+                .arg(&owner)
+                .query::<i64>(con)
+                .map(|_| ())
         })
     }
 

@@ -48,7 +48,8 @@ pub struct TrackedStream {
 pub struct StreamView {
     pub stream_id: String,
     pub path: String,
-    /// uploading, active, backoff, missing, finalizing, complete, incomplete.
+    /// uploading, active, backoff, missing, finalizing, complete, incomplete,
+    /// or elsewhere (another replica owns it).
     pub state: String,
     pub size_bytes: u64,
     pub uploaded_bytes: u64,
@@ -59,6 +60,9 @@ pub struct StreamView {
     /// Average upload rate of this process for the stream.
     pub upload_rate_bytes_per_second: f64,
     pub revision: u32,
+    /// Whether this replica holds the stream's lease (uploads it).
+    #[serde(default)]
+    pub owned: bool,
 }
 
 impl TrackedStream {
@@ -111,14 +115,7 @@ impl TrackedStream {
                 // What was checkpointed tells how far the file had got; a
                 // shorter file on the first poll is then seen as truncated.
                 state.size = contiguous_bytes(&stored.chunks);
-                state.full_chunks_done = stored
-                    .chunks
-                    .values()
-                    .enumerate()
-                    .take_while(|(position, chunk)| {
-                        chunk.index == *position as u64 && chunk.size_bytes == stored.chunk_size
-                    })
-                    .count() as u64;
+                state.full_chunks_done = leading_full_chunks(&stored.chunks, stored.chunk_size);
                 state
             }
         };
@@ -140,6 +137,50 @@ impl TrackedStream {
             uploaded_this_run: 0,
             first_upload_this_run: None,
         })
+    }
+
+    /// Takes over what the stream's record says (chunks, revision, status),
+    /// as this process claims a stream another replica may have worked on,
+    /// and keeps its own observations of the file (size, mtime, how long it
+    /// has been quiet). False if the record says the stream was closed as
+    /// incomplete: it is then dropped, and its file (if still there) is
+    /// discovered afresh.
+    pub fn adopt(&mut self, stored: StoredStream, assemble: bool) -> bool {
+        let state = &mut self.state;
+        let available = state.size / state.chunk_size;
+        match stored.status {
+            StoredStatus::Incomplete => return false,
+            StoredStatus::Complete => {
+                let completed = (stored.completed_size, stored.completed_mtime_ns);
+                state.completed = Some(completed);
+                if (state.size, state.mtime_ns) == completed {
+                    state.phase = Phase::Complete;
+                    state.assembly_pending =
+                        assemble && stored.assembled_revision < stored.revision;
+                } else {
+                    // Changed since that completion: a new revision.
+                    state.phase = Phase::Active;
+                    state.assembly_pending = false;
+                }
+            }
+            StoredStatus::Active => {
+                state.phase = Phase::Active;
+                state.assembly_pending = false;
+            }
+        }
+        state.full_chunks_done =
+            leading_full_chunks(&stored.chunks, stored.chunk_size).min(available);
+        self.chunks = stored.chunks;
+        self.revision = stored.revision;
+        self.assembled_revision = stored.assembled_revision;
+        self.started_at = stored.started_at;
+        true
+    }
+
+    /// Whether the stream needs an owner: it is being uploaded, or its last
+    /// completion still has to be assembled.
+    pub fn needs_owner(&self) -> bool {
+        self.is_active() || (self.state.phase == Phase::Complete && self.state.assembly_pending)
     }
 
     /// The record as the checkpoint store should hold it.
@@ -171,10 +212,12 @@ impl TrackedStream {
         }
     }
 
-    pub fn stream_ref(&self) -> StreamRef {
+    /// The stream, for a job run under the claim with fencing `token`.
+    pub fn stream_ref(&self, token: u64) -> StreamRef {
         StreamRef {
             identity: self.identity,
             stream_id: self.id.clone(),
+            token,
         }
     }
 
@@ -237,8 +280,20 @@ impl TrackedStream {
             last_error: self.last_error.clone(),
             upload_rate_bytes_per_second: rate,
             revision: self.revision,
+            owned: false,
         }
     }
+}
+
+/// How many chunks from chunk 0 on are uploaded and full-sized.
+fn leading_full_chunks(chunks: &BTreeMap<u64, ChunkRecord>, chunk_size: u64) -> u64 {
+    chunks
+        .values()
+        .enumerate()
+        .take_while(|(position, chunk)| {
+            chunk.index == *position as u64 && chunk.size_bytes == chunk_size
+        })
+        .count() as u64
 }
 
 fn contiguous_bytes(chunks: &BTreeMap<u64, ChunkRecord>) -> u64 {
@@ -307,6 +362,14 @@ impl StreamTable {
 
     pub fn get(&self, identity: &FileIdentity) -> Option<&TrackedStream> {
         self.streams.get(identity)
+    }
+
+    pub fn stream_mut(&mut self, identity: &FileIdentity) -> Option<&mut TrackedStream> {
+        self.streams.get_mut(identity)
+    }
+
+    pub fn remove(&mut self, identity: &FileIdentity) -> Option<TrackedStream> {
+        self.streams.remove(identity)
     }
 
     /// The stream for a job result, if it is still the same stream.

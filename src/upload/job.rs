@@ -14,6 +14,9 @@ use crate::stream::state::CloseReason;
 pub struct StreamRef {
     pub identity: FileIdentity,
     pub stream_id: String,
+    /// The fencing token of this process's claim on the stream: every
+    /// checkpoint the job writes is refused once another replica claimed it.
+    pub token: u64,
 }
 
 /// Facts about the stream that go into its metadata.
@@ -110,6 +113,9 @@ pub enum Outcome {
     Failed(String),
     /// Abandoned because the process is shutting down.
     Cancelled,
+    /// Abandoned because this process no longer holds the stream's lease
+    /// (or could not renew it in time to trust it).
+    LeaseLost,
 }
 
 #[derive(Debug, Clone)]

@@ -9,6 +9,13 @@
 //! Shutdown: the `shutdown` channel is disconnected when a drain starts. A
 //! worker then finishes the attempt it is in, does not start another, and
 //! reports the job as cancelled; queued jobs are cancelled without starting.
+//!
+//! Ownership: a job runs under a claim (its fencing token). Every checkpoint
+//! and completion mark is refused by Redis once another replica claimed the
+//! stream, and no object is written once the [`LeaseClock`] runs out, so a
+//! replica that was paused or cut off stops by itself; the job then ends as
+//! `LeaseLost`. The metadata object is written only right after Redis
+//! confirmed the claim.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -23,9 +30,10 @@ use log::{debug, info, warn};
 use sha2::{Digest, Sha256};
 
 use crate::config::RetryPolicy;
-use crate::error::{CheckpointError, SourceError, StorageError};
+use crate::error::{FencedWriteError, SourceError, StorageError};
 use crate::events::Events;
 use crate::health::Dependency;
+use crate::lease::HeldLeases;
 use crate::media::mp4_duration_seconds;
 use crate::metadata::{
     Assembled, ChunkRecord, KeyLayout, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus,
@@ -56,6 +64,19 @@ fn client_error_is_final<T>(
 enum Stop {
     Cancelled,
     SourceGone,
+    LeaseLost,
+}
+
+impl Stop {
+    /// The job's outcome when it stops for this reason; `source_gone` is
+    /// what a vanished source means for the job at hand.
+    fn outcome(self, source_gone: impl FnOnce() -> Outcome) -> Outcome {
+        match self {
+            Stop::Cancelled => Outcome::Cancelled,
+            Stop::LeaseLost => Outcome::LeaseLost,
+            Stop::SourceGone => source_gone(),
+        }
+    }
 }
 
 /// A file's size, mtime and identity at one moment.
@@ -94,6 +115,7 @@ pub struct Worker {
     pub retry: RetryPolicy,
     pub shutdown: Receiver<()>,
     pub events: Arc<dyn Events>,
+    pub leases: Arc<HeldLeases>,
     /// Reused for every chunk; grows to the chunk size once.
     buffer: Vec<u8>,
     /// Failed attempts and the last failure during the current job.
@@ -109,6 +131,7 @@ impl Worker {
         retry: RetryPolicy,
         shutdown: Receiver<()>,
         events: Arc<dyn Events>,
+        leases: Arc<HeldLeases>,
     ) -> Self {
         Self {
             store,
@@ -117,6 +140,7 @@ impl Worker {
             retry,
             shutdown,
             events,
+            leases,
             buffer: Vec::new(),
             job_failures: Cell::new(0),
             job_last_error: RefCell::new(None),
@@ -199,13 +223,19 @@ impl Worker {
     /// Runs an S3 operation until it succeeds, retrying with backoff while
     /// `source` exists (or always, when `source` is `None`). An operation
     /// that must not be retried for some errors returns them inside `Ok`.
+    /// No attempt starts once the stream's lease (`lease`: id and token)
+    /// can no longer be trusted.
     fn storage_retry<T>(
         &self,
+        (stream_id, token): (&str, u64),
         source: Option<&Path>,
         mut operation: impl FnMut() -> Result<T, StorageError>,
     ) -> Result<T, Stop> {
         let mut attempt = 0u32;
         loop {
+            if !self.leases.is_valid(stream_id, token, Instant::now()) {
+                return Err(Stop::LeaseLost);
+            }
             match operation() {
                 Ok(value) => {
                     self.events.dependency_checked(Dependency::Storage, Ok(()));
@@ -241,20 +271,24 @@ impl Worker {
     /// PUTs `body` at `key`, retrying while `source` exists.
     fn put_with_retry(
         &self,
+        lease: (&str, u64),
         key: &str,
         content_type: &str,
         body: &[u8],
         digest: &[u8; 32],
         source: Option<&Path>,
     ) -> Result<(), Stop> {
-        self.storage_retry(source, || self.store.put(key, body, content_type, digest))
+        self.storage_retry(lease, source, || {
+            self.store.put(key, body, content_type, digest)
+        })
     }
 
-    /// Runs a checkpoint operation until it succeeds or a shutdown starts.
+    /// Runs a checkpoint operation until it succeeds, a shutdown starts, or
+    /// Redis says the stream belongs to another replica now.
     fn checkpoint_with_retry<T>(
         &mut self,
         what: &str,
-        mut operation: impl FnMut(&mut dyn CheckpointStore) -> Result<T, CheckpointError>,
+        mut operation: impl FnMut(&mut dyn CheckpointStore) -> Result<T, FencedWriteError>,
     ) -> Result<T, Stop> {
         let mut attempt = 0u32;
         loop {
@@ -263,7 +297,11 @@ impl Worker {
                     self.events.dependency_checked(Dependency::Redis, Ok(()));
                     return Ok(value);
                 }
-                Err(err) => {
+                Err(FencedWriteError::LeaseLost) => {
+                    self.events.dependency_checked(Dependency::Redis, Ok(()));
+                    return Err(Stop::LeaseLost);
+                }
+                Err(FencedWriteError::Unavailable(err)) => {
                     self.events.checkpoint_error();
                     if worth_logging(attempt) {
                         warn!(
@@ -287,7 +325,7 @@ impl Worker {
     /// checkpoints it.
     fn store_buffer_as_chunk(
         &mut self,
-        stream_id: &str,
+        (stream_id, token): (&str, u64),
         path: &Path,
         (index, offset): (u64, u64),
         digest: [u8; 32],
@@ -296,6 +334,7 @@ impl Worker {
         let started = Instant::now();
         let key = self.layout.chunk(stream_id, index);
         self.put_with_retry(
+            (stream_id, token),
             &key,
             "application/octet-stream",
             &self.buffer,
@@ -310,7 +349,9 @@ impl Worker {
             sha256: hex::encode(digest),
             uploaded_at: rfc3339(SystemTime::now()),
         };
-        self.checkpoint_with_retry("chunk", |store| store.checkpoint_chunk(stream_id, &record))?;
+        self.checkpoint_with_retry("chunk", |store| {
+            store.checkpoint_chunk(stream_id, token, &record)
+        })?;
         self.events
             .chunk_uploaded(record.size_bytes, started.elapsed().as_secs_f64(), reupload);
         debug!(
@@ -334,27 +375,30 @@ impl Worker {
         }
         let digest = sha256(&self.buffer);
         match self.store_buffer_as_chunk(
-            &job.stream.stream_id,
+            (&job.stream.stream_id, job.stream.token),
             &job.path,
             (job.index, job.offset),
             digest,
             false,
         ) {
             Ok(record) => Outcome::ChunkUploaded(record),
-            Err(Stop::Cancelled) => Outcome::Cancelled,
-            Err(Stop::SourceGone) => Outcome::Failed(format!("{} is gone", job.path.display())),
+            Err(stop) => {
+                stop.outcome(|| Outcome::Failed(format!("{} is gone", job.path.display())))
+            }
         }
     }
 
     fn finalize(&mut self, job: &FinalizeJob, chunks: &mut BTreeMap<u64, ChunkRecord>) -> Outcome {
         let stream_id = job.stream.stream_id.as_str();
+        let token = job.stream.token;
         let path = job.path.as_path();
         let before = match snapshot(path) {
             Ok(before) => before,
             Err(err) => return Outcome::Failed(format!("cannot stat {}: {err}", path.display())),
         };
-        let same_file = before.device == job.stream.identity.device
-            && before.inode == job.stream.identity.inode;
+        // The identity's device part is normalized (see `FileIdentity`); at
+        // the stream's own path, the inode alone tells the file apart.
+        let same_file = before.inode == job.stream.identity.inode;
         if !same_file || before.size != job.expected_size {
             return Outcome::FinalizeInterrupted;
         }
@@ -388,7 +432,13 @@ impl Worker {
             // Same place, same length, other bytes: the writer rewrote them
             // (ffmpeg patching the mdat size, or a +faststart rewrite).
             let changed = previous.is_some_and(|p| p.size_bytes == len);
-            match self.store_buffer_as_chunk(stream_id, path, (index, offset), digest, changed) {
+            match self.store_buffer_as_chunk(
+                (stream_id, token),
+                path,
+                (index, offset),
+                digest,
+                changed,
+            ) {
                 Ok(record) => {
                     if changed {
                         reuploaded += 1;
@@ -399,8 +449,7 @@ impl Worker {
                     }
                     chunks.insert(index, record);
                 }
-                Err(Stop::Cancelled) => return Outcome::Cancelled,
-                Err(Stop::SourceGone) => return Outcome::FinalizeInterrupted,
+                Err(stop) => return stop.outcome(|| Outcome::FinalizeInterrupted),
             }
         }
         chunks.retain(|&index, _| index < chunk_count);
@@ -436,10 +485,8 @@ impl Worker {
                 path.display()
             );
         }
-        if let Err(stop) = self.write_metadata(&metadata) {
-            return match stop {
-                Stop::Cancelled | Stop::SourceGone => Outcome::Cancelled,
-            };
+        if let Err(stop) = self.write_metadata(&metadata, token) {
+            return stop.outcome(|| Outcome::Cancelled);
         }
         let completion = Completion {
             revision: job.facts.revision,
@@ -448,13 +495,10 @@ impl Worker {
             last_change_at: job.facts.last_change_at,
             completed_at,
         };
-        if self
-            .checkpoint_with_retry("completion", |store| {
-                store.mark_complete(stream_id, &completion)
-            })
-            .is_err()
-        {
-            return Outcome::Cancelled;
+        if let Err(stop) = self.checkpoint_with_retry("completion", |store| {
+            store.mark_complete(stream_id, token, &completion)
+        }) {
+            return stop.outcome(|| Outcome::Cancelled);
         }
         info!(
             stream_id = stream_id, path = job.facts.rel_path.as_str();
@@ -476,10 +520,23 @@ impl Worker {
         }
     }
 
-    fn write_metadata(&self, metadata: &StreamMetadata) -> Result<(), Stop> {
+    /// Writes the stream's metadata object, right after Redis confirmed that
+    /// this process still holds the stream with `token`: a replica that lost
+    /// the stream never replaces the metadata its new owner wrote.
+    fn write_metadata(&mut self, metadata: &StreamMetadata, token: u64) -> Result<(), Stop> {
         let body = serde_json::to_vec_pretty(metadata).expect("metadata serializes");
         let key = self.layout.metadata(&metadata.stream_id);
-        self.put_with_retry(&key, "application/json", &body, &sha256(&body), None)
+        self.checkpoint_with_retry("lease check", |store| {
+            store.confirm_lease(&metadata.stream_id, token)
+        })?;
+        self.put_with_retry(
+            (&metadata.stream_id, token),
+            &key,
+            "application/json",
+            &body,
+            &sha256(&body),
+            None,
+        )
     }
 
     /// Assembles the complete stream into `{prefix}{id}/{file_name}` with a
@@ -488,10 +545,13 @@ impl Worker {
     /// resumes; an upload left from an older revision is aborted.
     fn assemble(&mut self, job: &AssembleJob) -> Outcome {
         let stream_id = job.stream.stream_id.as_str();
+        let token = job.stream.token;
         let metadata_key = self.layout.metadata(stream_id);
-        let Ok(body) = self.storage_retry(None, || self.store.get(&metadata_key)) else {
-            return Outcome::Cancelled;
-        };
+        let body =
+            match self.storage_retry((stream_id, token), None, || self.store.get(&metadata_key)) {
+                Ok(body) => body,
+                Err(stop) => return stop.outcome(|| Outcome::Cancelled),
+            };
         let mut metadata: StreamMetadata = match serde_json::from_slice(&body) {
             Ok(metadata) => metadata,
             Err(err) => return Outcome::Failed(format!("{metadata_key} is unreadable: {err}")),
@@ -509,10 +569,11 @@ impl Worker {
             return Outcome::Assembled { revision: 0 };
         }
         let key = self.layout.assembled(stream_id, &metadata.source.file_name);
-        let Ok(recorded) =
-            self.checkpoint_with_retry("assembly", |store| store.load_assembly(stream_id))
-        else {
-            return Outcome::Cancelled;
+        let recorded = match self
+            .checkpoint_with_retry("assembly", |store| Ok(store.load_assembly(stream_id)?))
+        {
+            Ok(recorded) => recorded,
+            Err(stop) => return stop.outcome(|| Outcome::Cancelled),
         };
         let mut progress = match recorded {
             Some(progress) if progress.revision == metadata.revision && progress.key == key => {
@@ -538,10 +599,11 @@ impl Worker {
                     }
                 }
                 let content_type = content_type_for(&metadata.source.file_name);
-                let Ok(upload_id) =
-                    self.storage_retry(None, || self.store.initiate_multipart(&key, content_type))
-                else {
-                    return Outcome::Cancelled;
+                let upload_id = match self.storage_retry((stream_id, token), None, || {
+                    self.store.initiate_multipart(&key, content_type)
+                }) {
+                    Ok(upload_id) => upload_id,
+                    Err(stop) => return stop.outcome(|| Outcome::Cancelled),
                 };
                 let progress = AssemblyProgress {
                     revision: metadata.revision,
@@ -549,13 +611,10 @@ impl Worker {
                     upload_id,
                     parts: BTreeMap::new(),
                 };
-                if self
-                    .checkpoint_with_retry("assembly", |store| {
-                        store.save_assembly(stream_id, Some(&progress))
-                    })
-                    .is_err()
-                {
-                    return Outcome::Cancelled;
+                if let Err(stop) = self.checkpoint_with_retry("assembly", |store| {
+                    store.save_assembly(stream_id, token, Some(&progress))
+                }) {
+                    return stop.outcome(|| Outcome::Cancelled);
                 }
                 progress
             }
@@ -569,7 +628,7 @@ impl Worker {
             if self.shutting_down() {
                 return Outcome::Cancelled;
             }
-            let copied = self.storage_retry(None, || {
+            let copied = self.storage_retry((stream_id, token), None, || {
                 client_error_is_final(self.store.upload_part_copy(
                     &key,
                     &progress.upload_id,
@@ -580,17 +639,14 @@ impl Worker {
             match copied {
                 Ok(Ok(etag)) => {
                     progress.parts.insert(part_number, etag);
-                    if self
-                        .checkpoint_with_retry("assembly", |store| {
-                            store.save_assembly(stream_id, Some(&progress))
-                        })
-                        .is_err()
-                    {
-                        return Outcome::Cancelled;
+                    if let Err(stop) = self.checkpoint_with_retry("assembly", |store| {
+                        store.save_assembly(stream_id, token, Some(&progress))
+                    }) {
+                        return stop.outcome(|| Outcome::Cancelled);
                     }
                 }
-                Ok(Err(missing)) => return self.restart_assembly(stream_id, &missing),
-                Err(_) => return Outcome::Cancelled,
+                Ok(Err(missing)) => return self.restart_assembly((stream_id, token), &missing),
+                Err(stop) => return stop.outcome(|| Outcome::Cancelled),
             }
         }
 
@@ -599,7 +655,7 @@ impl Worker {
             .iter()
             .map(|(number, etag)| (*number, etag.clone()))
             .collect();
-        let completed = self.storage_retry(None, || {
+        let completed = self.storage_retry((stream_id, token), None, || {
             client_error_is_final(
                 self.store
                     .complete_multipart(&key, &progress.upload_id, &parts),
@@ -609,10 +665,11 @@ impl Worker {
             Ok(Ok(etag)) => Some(etag),
             // A retried complete whose first attempt succeeded finds no upload.
             Ok(Err(_)) => None,
-            Err(_) => return Outcome::Cancelled,
+            Err(stop) => return stop.outcome(|| Outcome::Cancelled),
         };
-        let Ok(head) = self.storage_retry(None, || self.store.head(&key)) else {
-            return Outcome::Cancelled;
+        let head = match self.storage_retry((stream_id, token), None, || self.store.head(&key)) {
+            Ok(head) => head,
+            Err(stop) => return stop.outcome(|| Outcome::Cancelled),
         };
         let object = match head {
             Some(object) if object.size == metadata.total_size_bytes => object,
@@ -625,7 +682,7 @@ impl Worker {
                         metadata.total_size_bytes
                     ),
                 };
-                return self.restart_assembly(stream_id, &problem);
+                return self.restart_assembly((stream_id, token), &problem);
             }
         };
         metadata.assembled = Some(Assembled {
@@ -633,17 +690,14 @@ impl Worker {
             size_bytes: object.size,
             etag: etag.filter(|e| !e.is_empty()).unwrap_or(object.etag),
         });
-        if self.write_metadata(&metadata).is_err() {
-            return Outcome::Cancelled;
+        if let Err(stop) = self.write_metadata(&metadata, token) {
+            return stop.outcome(|| Outcome::Cancelled);
         }
         let revision = metadata.revision;
-        if self
-            .checkpoint_with_retry("assembly", |store| {
-                store.finish_assembly(stream_id, revision)
-            })
-            .is_err()
-        {
-            return Outcome::Cancelled;
+        if let Err(stop) = self.checkpoint_with_retry("assembly", |store| {
+            store.finish_assembly(stream_id, token, revision)
+        }) {
+            return stop.outcome(|| Outcome::Cancelled);
         }
         info!(
             stream_id = stream_id;
@@ -656,12 +710,15 @@ impl Worker {
 
     /// Forgets a multipart upload that cannot be finished (gone, or wrong),
     /// so the next attempt starts a fresh one.
-    fn restart_assembly(&mut self, stream_id: &str, problem: &StorageError) -> Outcome {
-        if self
-            .checkpoint_with_retry("assembly", |store| store.save_assembly(stream_id, None))
-            .is_err()
-        {
-            return Outcome::Cancelled;
+    fn restart_assembly(
+        &mut self,
+        (stream_id, token): (&str, u64),
+        problem: &StorageError,
+    ) -> Outcome {
+        if let Err(stop) = self.checkpoint_with_retry("assembly", |store| {
+            store.save_assembly(stream_id, token, None)
+        }) {
+            return stop.outcome(|| Outcome::Cancelled);
         }
         Outcome::Failed(format!("assembly starts over: {problem}"))
     }
@@ -697,15 +754,15 @@ impl Worker {
             },
             assembled: None,
         };
-        if self.write_metadata(&metadata).is_err() {
-            return Outcome::Cancelled;
+        let token = job.stream.token;
+        if let Err(stop) = self.write_metadata(&metadata, token) {
+            return stop.outcome(|| Outcome::Cancelled);
         }
         let reason = job.reason.as_str();
-        if self
-            .checkpoint_with_retry("close", |store| store.mark_incomplete(stream_id, reason))
-            .is_err()
-        {
-            return Outcome::Cancelled;
+        if let Err(stop) = self.checkpoint_with_retry("close", |store| {
+            store.mark_incomplete(stream_id, token, reason)
+        }) {
+            return stop.outcome(|| Outcome::Cancelled);
         }
         warn!(
             stream_id = stream_id, path = job.facts.rel_path.as_str();
@@ -736,9 +793,10 @@ fn stream_duration(facts: &StreamFacts) -> f64 {
 mod tests {
     use super::*;
     use crate::config::RetryPolicy;
+    use crate::error::CheckpointError;
     use crate::events::NoEvents;
     use crate::scan::FileIdentity;
-    use crate::store::redis::StoredStream;
+    use crate::store::redis::{Claim, LeaseStatus, Renewal, StoredStream};
     use crate::upload::job::StreamRef;
     use std::sync::Mutex;
     use std::time::Duration;
@@ -856,13 +914,25 @@ mod tests {
         }
     }
 
-    /// Records checkpoints in memory.
+    /// Records checkpoints in memory. With `taken_over` set, every fenced
+    /// write is refused, as when another replica claimed the stream.
     #[derive(Default, Clone)]
     struct MemoryCheckpoints {
         chunks: Arc<Mutex<Vec<(String, ChunkRecord)>>>,
         completed: Arc<Mutex<Vec<String>>>,
         assembly: Arc<Mutex<Option<AssemblyProgress>>>,
         assembled_revision: Arc<Mutex<u32>>,
+        taken_over: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl MemoryCheckpoints {
+        fn fence(&self) -> Result<(), FencedWriteError> {
+            if self.taken_over.load(std::sync::atomic::Ordering::Relaxed) {
+                Err(FencedWriteError::LeaseLost)
+            } else {
+                Ok(())
+            }
+        }
     }
 
     impl CheckpointStore for MemoryCheckpoints {
@@ -885,23 +955,53 @@ mod tests {
         fn checkpoint_chunk(
             &mut self,
             id: &str,
+            _: u64,
             chunk: &ChunkRecord,
-        ) -> Result<(), CheckpointError> {
+        ) -> Result<(), FencedWriteError> {
+            self.fence()?;
             self.chunks.lock().unwrap().push((id.into(), chunk.clone()));
             Ok(())
         }
         fn record_path(&mut self, _: &str, _: &str) -> Result<(), CheckpointError> {
             Ok(())
         }
-        fn mark_complete(&mut self, id: &str, _: &Completion) -> Result<(), CheckpointError> {
+        fn mark_complete(
+            &mut self,
+            id: &str,
+            _: u64,
+            _: &Completion,
+        ) -> Result<(), FencedWriteError> {
+            self.fence()?;
             self.completed.lock().unwrap().push(id.into());
             Ok(())
         }
-        fn mark_incomplete(&mut self, _: &str, _: &str) -> Result<(), CheckpointError> {
+        fn mark_incomplete(&mut self, _: &str, _: u64, _: &str) -> Result<(), FencedWriteError> {
+            self.fence()
+        }
+        fn confirm_lease(&mut self, _: &str, _: u64) -> Result<(), FencedWriteError> {
+            self.fence()
+        }
+        fn restore_stream(
+            &mut self,
+            _: &StoredStream,
+            _: Option<u64>,
+        ) -> Result<bool, CheckpointError> {
+            Ok(false)
+        }
+        fn claim(&mut self, _: &str) -> Result<Claim, CheckpointError> {
+            Ok(Claim::Granted { token: 1 })
+        }
+        fn renew(&mut self, leases: &[(&str, u64)]) -> Result<Renewal, CheckpointError> {
+            Ok(Renewal {
+                replicas: 1,
+                statuses: vec![LeaseStatus::Held; leases.len()],
+            })
+        }
+        fn release(&mut self, _: &str, _: u64) -> Result<(), CheckpointError> {
             Ok(())
         }
-        fn restore_stream(&mut self, _: &StoredStream) -> Result<bool, CheckpointError> {
-            Ok(false)
+        fn leave(&mut self) -> Result<(), CheckpointError> {
+            Ok(())
         }
         fn load_assembly(&mut self, _: &str) -> Result<Option<AssemblyProgress>, CheckpointError> {
             Ok(self.assembly.lock().unwrap().clone())
@@ -909,12 +1009,20 @@ mod tests {
         fn save_assembly(
             &mut self,
             _: &str,
+            _: u64,
             progress: Option<&AssemblyProgress>,
-        ) -> Result<(), CheckpointError> {
+        ) -> Result<(), FencedWriteError> {
+            self.fence()?;
             *self.assembly.lock().unwrap() = progress.cloned();
             Ok(())
         }
-        fn finish_assembly(&mut self, _: &str, revision: u32) -> Result<(), CheckpointError> {
+        fn finish_assembly(
+            &mut self,
+            _: &str,
+            _: u64,
+            revision: u32,
+        ) -> Result<(), FencedWriteError> {
+            self.fence()?;
             *self.assembled_revision.lock().unwrap() = revision;
             *self.assembly.lock().unwrap() = None;
             Ok(())
@@ -923,6 +1031,9 @@ mod tests {
             Ok(())
         }
     }
+
+    /// The fencing token the test jobs run under.
+    const TOKEN: u64 = 1;
 
     fn worker(store: Arc<MemoryStore>, checkpoints: MemoryCheckpoints) -> (Worker, Sender<()>) {
         let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(1);
@@ -936,8 +1047,18 @@ mod tests {
             },
             shutdown_rx,
             Arc::new(NoEvents),
+            held_leases(&["a-1", "cam-1"]),
         );
         (worker, shutdown_tx)
+    }
+
+    /// Leases on `streams` with [`TOKEN`], trusted for an hour.
+    fn held_leases(streams: &[&str]) -> Arc<HeldLeases> {
+        let leases = Arc::new(HeldLeases::new(Duration::from_secs(3600)));
+        for stream in streams {
+            leases.renewed(stream, TOKEN, Instant::now());
+        }
+        leases
     }
 
     /// A file `cam.mp4` holding `content`, an in-memory bucket and checkpoint
@@ -963,6 +1084,7 @@ mod tests {
             let stream = StreamRef {
                 identity: identity_of(&path),
                 stream_id: "cam-1".into(),
+                token: TOKEN,
             };
             Self {
                 _dir: dir,
@@ -997,6 +1119,7 @@ mod tests {
             stream: StreamRef {
                 identity: identity_of(&path),
                 stream_id: "a-1".into(),
+                token: TOKEN,
             },
             path: path.clone(),
             index: 1,
@@ -1025,6 +1148,7 @@ mod tests {
             stream: StreamRef {
                 identity: identity_of(&path),
                 stream_id: "a-1".into(),
+                token: TOKEN,
             },
             path,
             index: 0,
@@ -1032,6 +1156,76 @@ mod tests {
             len: 10,
         }));
         assert_eq!(result.outcome, Outcome::Cancelled);
+    }
+
+    /// Completing `cam.mp4` (8-byte chunks) at `size`, with these chunks
+    /// already uploaded.
+    fn finalize_job(
+        stream: StreamRef,
+        path: &Path,
+        size: u64,
+        chunks: BTreeMap<u64, ChunkRecord>,
+    ) -> Job {
+        Job::Finalize(FinalizeJob {
+            stream,
+            path: path.to_path_buf(),
+            facts: StreamFacts {
+                rel_path: "cam.mp4".into(),
+                file_name: "cam.mp4".into(),
+                chunk_size: 8,
+                started_at: SystemTime::now(),
+                last_change_at: SystemTime::now(),
+                revision: 1,
+            },
+            expected_size: size,
+            chunks,
+        })
+    }
+
+    #[test]
+    fn a_replica_that_lost_the_stream_writes_no_metadata_and_no_completion() {
+        let fixture = Fixture::new(b"AAAAAAAABB");
+        let Fixture {
+            path,
+            store,
+            checkpoints,
+            mut worker,
+            stream,
+            _keep,
+            _dir,
+            ..
+        } = fixture;
+        // Chunks went up, then another replica claimed the stream.
+        checkpoints
+            .taken_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let result = worker.execute(finalize_job(stream, &path, 10, BTreeMap::new()));
+        assert_eq!(result.outcome, Outcome::LeaseLost);
+        assert!(store.get("p/cam-1/metadata.json").is_err());
+        assert!(checkpoints.completed.lock().unwrap().is_empty());
+        assert!(checkpoints.chunks.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn no_object_is_written_once_the_lease_can_no_longer_be_trusted() {
+        let Fixture {
+            path,
+            store,
+            mut worker,
+            stream,
+            _keep,
+            _dir,
+            ..
+        } = Fixture::new(b"AAAAAAAABB");
+        worker.leases.revoke("cam-1");
+        let result = worker.execute(finalize_job(stream.clone(), &path, 10, BTreeMap::new()));
+        assert_eq!(result.outcome, Outcome::LeaseLost);
+        assert_eq!(*store.puts.lock().unwrap(), 0);
+        // A claim with another token does not count either.
+        worker.leases.renewed("cam-1", TOKEN + 1, Instant::now());
+        let result = worker.execute(finalize_job(stream, &path, 10, BTreeMap::new()));
+        assert_eq!(result.outcome, Outcome::LeaseLost);
+        assert_eq!(*store.puts.lock().unwrap(), 0);
     }
 
     #[test]
@@ -1055,21 +1249,12 @@ mod tests {
             sha256: hex::encode(sha256(b"xxxxxxxx")),
             uploaded_at: rfc3339(SystemTime::now()),
         };
-        let facts = StreamFacts {
-            rel_path: "cam.mp4".into(),
-            file_name: "cam.mp4".into(),
-            chunk_size: chunk,
-            started_at: SystemTime::now(),
-            last_change_at: SystemTime::now(),
-            revision: 1,
-        };
-        let result = worker.execute(Job::Finalize(FinalizeJob {
+        let result = worker.execute(finalize_job(
             stream,
-            path: path.clone(),
-            facts,
-            expected_size: 18,
-            chunks: BTreeMap::from([(0, stale)]),
-        }));
+            &path,
+            18,
+            BTreeMap::from([(0, stale)]),
+        ));
         assert!(
             matches!(result.outcome, Outcome::Finalized { size: 18, .. }),
             "{:?}",
@@ -1100,23 +1285,12 @@ mod tests {
             Arc::new(MemoryStore::default()),
             MemoryCheckpoints::default(),
         );
-        let result = worker.execute(Job::Finalize(FinalizeJob {
-            stream: StreamRef {
-                identity: identity_of(&path),
-                stream_id: "cam-1".into(),
-            },
-            path,
-            facts: StreamFacts {
-                rel_path: "cam.mp4".into(),
-                file_name: "cam.mp4".into(),
-                chunk_size: 8,
-                started_at: SystemTime::now(),
-                last_change_at: SystemTime::now(),
-                revision: 1,
-            },
-            expected_size: 3,
-            chunks: BTreeMap::new(),
-        }));
+        let stream = StreamRef {
+            identity: identity_of(&path),
+            stream_id: "cam-1".into(),
+            token: TOKEN,
+        };
+        let result = worker.execute(finalize_job(stream, &path, 3, BTreeMap::new()));
         assert_eq!(result.outcome, Outcome::FinalizeInterrupted);
     }
 
@@ -1131,21 +1305,7 @@ mod tests {
             _keep,
             stream,
         } = Fixture::new(b"AAAAAAAABBBBBBBBCC");
-        let facts = StreamFacts {
-            rel_path: "cam.mp4".into(),
-            file_name: "cam.mp4".into(),
-            chunk_size: 8,
-            started_at: SystemTime::now(),
-            last_change_at: SystemTime::now(),
-            revision: 1,
-        };
-        let finalized = worker.execute(Job::Finalize(FinalizeJob {
-            stream: stream.clone(),
-            path,
-            facts,
-            expected_size: 18,
-            chunks: BTreeMap::new(),
-        }));
+        let finalized = worker.execute(finalize_job(stream.clone(), &path, 18, BTreeMap::new()));
         assert!(matches!(finalized.outcome, Outcome::Finalized { .. }));
         // A stale upload of an older revision is aborted first.
         let stale = store

@@ -657,6 +657,24 @@ impl Daemon {
     }
 }
 
+/// The (stream id, chunk) pairs a JSON log says were uploaded, in order.
+pub fn uploads_in_log(log: &str) -> Vec<(String, u64)> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|entry| {
+            entry["msg"]
+                .as_str()
+                .is_some_and(|msg| msg.contains(" uploaded ("))
+        })
+        .filter_map(|entry| {
+            Some((
+                entry["stream_id"].as_str()?.to_string(),
+                entry["chunk"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
 /// Deterministic incompressible-looking bytes (xorshift), fast to make.
 pub fn pseudo_random(len: u64, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
