@@ -405,7 +405,10 @@ impl Coordinator {
             self.renew_leases();
             self.dispatch(Instant::now());
             self.heartbeat.beat();
-            let wait = next_scan.saturating_duration_since(Instant::now());
+            // Wake for the next scan, or the next lease renewal if sooner
+            // (POLL_INTERVAL may be longer than a third of LEASE_TTL).
+            let wake = next_scan.min(self.ownership.next_renewal());
+            let wait = wake.saturating_duration_since(Instant::now());
             select! {
                 recv(self.results) -> result => {
                     if let Ok(result) = result {

@@ -198,6 +198,11 @@ impl Ownership {
         now >= self.next_renewal
     }
 
+    /// When the next renewal is due.
+    pub fn next_renewal(&self) -> Instant {
+        self.next_renewal
+    }
+
     /// Schedules the next renewal; `replicas` is what this one counted.
     pub fn renewal_done(&mut self, now: Instant, replicas: Option<usize>) {
         if let Some(replicas) = replicas {
@@ -280,6 +285,7 @@ mod tests {
         ownership.renewal_done(now, Some(2));
         assert_eq!(ownership.replicas(), 2);
         assert!(!ownership.renewal_due(now + Duration::from_secs(9)));
+        assert_eq!(ownership.next_renewal(), now + Duration::from_secs(10));
         assert!(ownership.renewal_due(now + Duration::from_secs(10)));
         ownership.renew_soon(now);
         assert!(ownership.renewal_due(now));

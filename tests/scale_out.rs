@@ -203,7 +203,7 @@ fn store_for(env: &TestEnv, owner: &str) -> RedisStore {
 }
 
 #[test]
-fn s0_the_lease_scripts_give_one_owner_and_fence_out_a_stale_one() {
+fn m0_the_lease_scripts_give_one_owner_and_fence_out_a_stale_one() {
     let Some(env) = TestEnv::start() else { return };
     let (mut a, mut b) = (store_for(&env, "replica-a"), store_for(&env, "replica-b"));
     assert_eq!(a.claim("s").unwrap(), Claim::NoRecord, "nothing registered");
@@ -325,7 +325,7 @@ fn s0_the_lease_scripts_give_one_owner_and_fence_out_a_stale_one() {
 }
 
 #[test]
-fn s1_three_replicas_share_thirty_files_and_no_chunk_is_uploaded_twice() {
+fn m1_three_replicas_share_thirty_files_and_no_chunk_is_uploaded_twice() {
     let Some(env) = TestEnv::start() else { return };
     let replicas = start_replicas(&env, 3, &[("STREAM_TIMEOUT", "4s")]);
 
@@ -366,7 +366,7 @@ fn s1_three_replicas_share_thirty_files_and_no_chunk_is_uploaded_twice() {
 }
 
 #[test]
-fn s2_a_replica_killed_mid_run_has_its_streams_finished_by_the_others() {
+fn m2_a_replica_killed_mid_run_has_its_streams_finished_by_the_others() {
     let Some(env) = TestEnv::start() else { return };
     let mut replicas = start_replicas(&env, 3, &[("STREAM_TIMEOUT", "3s")]);
     let rels: Vec<String> = (0..6).map(|n| format!("rec-{n}.mp4")).collect();
@@ -427,7 +427,7 @@ fn s2_a_replica_killed_mid_run_has_its_streams_finished_by_the_others() {
 }
 
 #[test]
-fn s3_a_paused_replica_is_fenced_out_and_cannot_undo_the_new_owners_work() {
+fn m3_a_paused_replica_is_fenced_out_and_cannot_undo_the_new_owners_work() {
     let Some(env) = TestEnv::start() else { return };
     let replicas = start_replicas(&env, 2, &[("STREAM_TIMEOUT", "2s")]);
     let rel = "fenced.mp4";
@@ -495,7 +495,7 @@ fn s3_a_paused_replica_is_fenced_out_and_cannot_undo_the_new_owners_work() {
 }
 
 #[test]
-fn s4_a_redis_restart_during_a_multi_replica_run_loses_and_duplicates_nothing() {
+fn m4_a_redis_restart_during_a_multi_replica_run_loses_and_duplicates_nothing() {
     let Some(mut env) = TestEnv::start() else {
         return;
     };
