@@ -955,6 +955,7 @@ impl Coordinator {
                     facts: stream.facts(),
                     expected_size: size,
                     chunks: stream.chunks.clone(),
+                    release_lease: !self.rules.assemble,
                 }),
                 Work::Assemble => Job::Assemble(AssembleJob {
                     stream: stream.stream_ref(token),
@@ -1049,6 +1050,11 @@ impl Coordinator {
                 revision,
                 completed_at,
             } => {
+                if !self.rules.assemble {
+                    // The completion mark gave the lease up (a stream that
+                    // grew meanwhile is claimed again).
+                    self.ownership.drop_lease(&stream.id);
+                }
                 stream.revision = revision;
                 let lag = completed_at
                     .duration_since(stream.last_change_at)

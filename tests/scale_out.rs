@@ -262,6 +262,7 @@ fn m0_the_lease_scripts_give_one_owner_and_fence_out_a_stale_one() {
         mtime_ns: 1,
         last_change_at: std::time::SystemTime::now(),
         completed_at: std::time::SystemTime::now(),
+        release_lease: false,
     };
     assert!(matches!(
         a.checkpoint_chunk("s", first, &chunk_record(2)),
@@ -305,6 +306,22 @@ fn m0_the_lease_scripts_give_one_owner_and_fence_out_a_stale_one() {
         record.chunks.len(),
         2,
         "only a's writes made under its lease"
+    );
+
+    // A completion with nothing left to do gives the lease up in the same step.
+    let Claim::Granted { token: third } = a.claim("s").unwrap() else {
+        panic!("a claims the released stream")
+    };
+    let last = Completion {
+        release_lease: true,
+        ..completion.clone()
+    };
+    a.mark_complete("s", third, &last).unwrap();
+    assert!(
+        !redis::cmd("EXISTS")
+            .arg("cstest:lease:s")
+            .query::<bool>(&mut redis)
+            .unwrap()
     );
 
     // Redis lost the record: a fenced write waits for it to be written back.

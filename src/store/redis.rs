@@ -102,6 +102,9 @@ pub struct Completion {
     pub mtime_ns: i128,
     pub last_change_at: SystemTime,
     pub completed_at: SystemTime,
+    /// Give the lease up in the same step (nothing more to do for the
+    /// stream: no assembly wanted).
+    pub release_lease: bool,
 }
 
 /// Who this process is when it claims streams, and how long a claim lasts.
@@ -302,11 +305,12 @@ end
 ";
 
 /// A fenced write to one hash (the record or the chunks): delete the named
-/// fields, then set the given pairs, only if the caller holds the stream.
-/// KEYS: lease, record, target hash. ARGV: owner, token, ttl, the number of
-/// fields to delete, their names, then field/value pairs. Returns 1 when
-/// written, 0 when the caller does not hold the stream, -1 when the record
-/// is gone (Redis lost its data; the owner writes it back).
+/// fields, then set the given pairs, only if the caller holds the stream;
+/// then, if asked, give the lease up. KEYS: lease, record, target hash.
+/// ARGV: owner, token, ttl, release (1 or 0), the number of fields to
+/// delete, their names, then field/value pairs. Returns 1 when written, 0
+/// when the caller does not hold the stream, -1 when the record is gone
+/// (Redis lost its data; the owner writes it back).
 const FENCED_WRITE_LUA: &str = r"
 if redis.call('HEXISTS', KEYS[2], 'id') == 0 then
   return -1
@@ -314,12 +318,15 @@ end
 if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
   return 0
 end
-local deleted = tonumber(ARGV[4])
-for i = 5, 4 + deleted do
+local deleted = tonumber(ARGV[5])
+for i = 6, 5 + deleted do
   redis.call('HDEL', KEYS[3], ARGV[i])
 end
-if #ARGV > 4 + deleted then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 5 + deleted))
+if #ARGV > 5 + deleted then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 6 + deleted))
+end
+if ARGV[4] == '1' then
+  redis.call('DEL', KEYS[1])
 end
 return 1
 ";
@@ -433,11 +440,13 @@ pub struct RedisStore {
     release: Script,
 }
 
-/// A fenced write: which hash, which fields to delete, which pairs to set.
+/// A fenced write: which hash, which fields to delete, which pairs to set,
+/// and whether the lease is given up in the same step.
 struct FencedWrite<'a> {
     target: String,
     delete: &'a [&'a str],
     set: Vec<(String, String)>,
+    release: bool,
 }
 
 impl RedisStore {
@@ -487,6 +496,7 @@ impl RedisStore {
                 .arg(&owner)
                 .arg(token.to_string())
                 .arg(ttl)
+                .arg(if write.release { "1" } else { "0" })
                 .arg(write.delete.len());
             for name in write.delete {
                 invocation.arg(*name);
@@ -525,6 +535,7 @@ impl RedisStore {
                 target,
                 delete,
                 set,
+                release: false,
             },
         )
     }
@@ -726,6 +737,7 @@ impl CheckpointStore for RedisStore {
                 target,
                 delete: &[],
                 set: vec![(chunk.index.to_string(), json)],
+                release: false,
             },
         )
     }
@@ -760,7 +772,17 @@ impl CheckpointStore for RedisStore {
                 unix_millis(completion.completed_at).to_string(),
             ),
         ];
-        self.write_record_fenced(stream_id, token, &[], owned_pairs(&set))
+        let target = self.keys.stream(stream_id);
+        self.write_fenced(
+            stream_id,
+            token,
+            &FencedWrite {
+                target,
+                delete: &[],
+                set: owned_pairs(&set),
+                release: completion.release_lease,
+            },
+        )
     }
 
     fn mark_incomplete(

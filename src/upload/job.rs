@@ -51,6 +51,8 @@ pub struct FinalizeJob {
     pub expected_size: u64,
     /// The chunks uploaded so far.
     pub chunks: BTreeMap<u64, ChunkRecord>,
+    /// Give the lease up with the completion mark (no assembly follows).
+    pub release_lease: bool,
 }
 
 /// Record a stream as incomplete: metadata with what was uploaded, and the

@@ -494,6 +494,7 @@ impl Worker {
             mtime_ns: before.mtime_ns,
             last_change_at: job.facts.last_change_at,
             completed_at,
+            release_lease: job.release_lease,
         };
         if let Err(stop) = self.checkpoint_with_retry("completion", |store| {
             store.mark_complete(stream_id, token, &completion)
@@ -1179,6 +1180,7 @@ mod tests {
             },
             expected_size: size,
             chunks,
+            release_lease: true,
         })
     }
 
