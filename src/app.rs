@@ -306,8 +306,8 @@ pub struct Coordinator {
     /// Close jobs waiting for room in the job channel.
     waiting_closes: VecDeque<Job>,
     /// Streams that want a job, in dispatch order, and the same as a set.
-    ready: VecDeque<crate::scan::FileIdentity>,
-    queued: std::collections::HashSet<crate::scan::FileIdentity>,
+    ready: VecDeque<FileIdentity>,
+    queued: std::collections::HashSet<FileIdentity>,
     /// Stream ids with a job at a worker.
     in_flight: HashMap<String, &'static str>,
     /// The leases this process holds, and what it knows of the others'.
@@ -317,7 +317,7 @@ pub struct Coordinator {
     demand: usize,
     /// Identity → stream id of streams just closed or forgotten whose identity
     /// mapping may still be in Redis; a new stream may take it over.
-    retired: HashMap<crate::scan::FileIdentity, String>,
+    retired: HashMap<FileIdentity, String>,
     heartbeat: Arc<Heartbeat>,
     /// Whether the last registration failed (to log an outage once).
     registration_failing: bool,
@@ -582,7 +582,7 @@ impl Coordinator {
 
     /// Drops the identity → stream mapping of a stream that ended, unless a
     /// new stream for the same identity takes it over first.
-    fn retire(&mut self, identity: crate::scan::FileIdentity, stream_id: &str) {
+    fn retire(&mut self, identity: FileIdentity, stream_id: &str) {
         match self.checkpoints.forget_identity(identity, stream_id) {
             Ok(()) => {
                 self.retired.remove(&identity);
@@ -989,18 +989,19 @@ impl Coordinator {
     /// stream cannot starve the others. Runs once per poll: between polls,
     /// only job results make a stream want something new (see `enqueue`).
     fn queue_ready_streams(&mut self, now: Instant) {
-        self.demand = self
-            .table
-            .iter()
-            .filter(|stream| stream.needs_owner())
-            .count();
-        let mut ready: Vec<(Option<Instant>, crate::scan::FileIdentity)> = self
-            .table
-            .iter()
-            .filter(|stream| !self.queued.contains(&stream.identity))
-            .filter(|stream| stream.state.wanted(now, &self.rules).is_some())
-            .map(|stream| (stream.last_dispatch, stream.identity))
-            .collect();
+        // One pass: the streams that want a job, and (for the fair share)
+        // how many streams need an owner.
+        let mut demand = 0;
+        let mut ready: Vec<(Option<Instant>, FileIdentity)> = Vec::new();
+        for stream in self.table.iter() {
+            demand += usize::from(stream.needs_owner());
+            if !self.queued.contains(&stream.identity)
+                && stream.state.wanted(now, &self.rules).is_some()
+            {
+                ready.push((stream.last_dispatch, stream.identity));
+            }
+        }
+        self.demand = demand;
         ready.sort();
         for (_, identity) in ready {
             self.enqueue(identity);
@@ -1008,7 +1009,7 @@ impl Coordinator {
     }
 
     /// Puts a stream at the back of the dispatch queue (once).
-    fn enqueue(&mut self, identity: crate::scan::FileIdentity) {
+    fn enqueue(&mut self, identity: FileIdentity) {
         if self.queued.insert(identity) {
             self.ready.push_back(identity);
         }
