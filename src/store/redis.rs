@@ -519,13 +519,25 @@ impl RedisStore {
         }
     }
 
-    /// A fenced write of record fields.
+    /// A fenced write of record fields (`delete`, then `set`).
     fn write_record_fenced(
         &mut self,
         stream_id: &str,
         token: u64,
         delete: &[&str],
-        set: Vec<(String, String)>,
+        set: &[(&str, String)],
+    ) -> Result<(), FencedWriteError> {
+        self.update_record_fenced(stream_id, token, delete, set, false)
+    }
+
+    /// A fenced write of record fields that may also give the lease up.
+    fn update_record_fenced(
+        &mut self,
+        stream_id: &str,
+        token: u64,
+        delete: &[&str],
+        set: &[(&str, String)],
+        release: bool,
     ) -> Result<(), FencedWriteError> {
         let target = self.keys.stream(stream_id);
         self.write_fenced(
@@ -534,8 +546,8 @@ impl RedisStore {
             &FencedWrite {
                 target,
                 delete,
-                set,
-                release: false,
+                set: owned_pairs(set),
+                release,
             },
         )
     }
@@ -772,17 +784,7 @@ impl CheckpointStore for RedisStore {
                 unix_millis(completion.completed_at).to_string(),
             ),
         ];
-        let target = self.keys.stream(stream_id);
-        self.write_fenced(
-            stream_id,
-            token,
-            &FencedWrite {
-                target,
-                delete: &[],
-                set: owned_pairs(&set),
-                release: completion.release_lease,
-            },
-        )
+        self.update_record_fenced(stream_id, token, &[], &set, completion.release_lease)
     }
 
     fn mark_incomplete(
@@ -795,11 +797,11 @@ impl CheckpointStore for RedisStore {
             ("status", StoredStatus::Incomplete.as_str().to_string()),
             ("reason", reason.to_string()),
         ];
-        self.write_record_fenced(stream_id, token, &[], owned_pairs(&set))
+        self.write_record_fenced(stream_id, token, &[], &set)
     }
 
     fn confirm_lease(&mut self, stream_id: &str, token: u64) -> Result<(), FencedWriteError> {
-        self.write_record_fenced(stream_id, token, &[], Vec::new())
+        self.write_record_fenced(stream_id, token, &[], &[])
     }
 
     fn restore_stream(
@@ -855,9 +857,9 @@ impl CheckpointStore for RedisStore {
         match progress {
             Some(progress) => {
                 let json = serde_json::to_string(progress).expect("progress serializes");
-                self.write_record_fenced(stream_id, token, &[], vec![("assembly".into(), json)])
+                self.write_record_fenced(stream_id, token, &[], &[("assembly", json)])
             }
-            None => self.write_record_fenced(stream_id, token, &["assembly"], Vec::new()),
+            None => self.write_record_fenced(stream_id, token, &["assembly"], &[]),
         }
     }
 
@@ -871,7 +873,7 @@ impl CheckpointStore for RedisStore {
             stream_id,
             token,
             &["assembly"],
-            vec![("assembled_revision".into(), revision.to_string())],
+            &[("assembled_revision", revision.to_string())],
         )
     }
 
