@@ -282,6 +282,15 @@ pub struct Observers {
     pub leases: Arc<HeldLeases>,
 }
 
+/// Why a claim did not give this process a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unclaimed {
+    /// The stream has no record (Redis lost it).
+    NoRecord,
+    /// Another replica holds it, or Redis cannot be reached.
+    Elsewhere,
+}
+
 /// New files registered per poll at most; the rest wait for the next poll.
 const REGISTRATIONS_PER_POLL: usize = 2000;
 
@@ -685,11 +694,28 @@ impl Coordinator {
             .collect();
         match self.checkpoints.renew(&leases) {
             Ok(renewal) => {
+                let mut without_record: HashMap<&str, u64> = HashMap::new();
                 for ((stream_id, token), status) in held.iter().zip(renewal.statuses) {
                     match status {
                         LeaseStatus::Held => self.ownership.granted(stream_id, *token, sent),
                         LeaseStatus::Lost => self.lose_lease(stream_id),
-                        LeaseStatus::NoRecord => self.write_back_owned(stream_id, *token),
+                        LeaseStatus::NoRecord => {
+                            without_record.insert(stream_id, *token);
+                        }
+                    }
+                }
+                if !without_record.is_empty() {
+                    // One pass over the table, however many records are gone.
+                    let lost: Vec<(crate::store::StoredStream, u64)> = self
+                        .table
+                        .iter()
+                        .filter_map(|stream| {
+                            let token = without_record.get(stream.id.as_str())?;
+                            Some((stream.to_stored(), *token))
+                        })
+                        .collect();
+                    for (stored, token) in lost {
+                        self.write_back(&stored, Some(token));
                     }
                 }
                 self.ownership.renewal_done(sent, Some(renewal.replicas));
@@ -705,20 +731,16 @@ impl Coordinator {
         }
     }
 
-    /// Writes back the record of a stream this process owns, after Redis
-    /// lost it, with the fencing token it holds the stream with.
-    fn write_back_owned(&mut self, stream_id: &str, token: u64) {
-        let Some(stream) = self.table.iter().find(|stream| stream.id == stream_id) else {
-            return;
-        };
-        match self
-            .checkpoints
-            .restore_stream(&stream.to_stored(), Some(token))
-        {
-            Ok(_) => warn!(
+    /// Writes back the record of one stream whose record Redis lost: with
+    /// `token` when this process owns it, else this replica's view of it.
+    fn write_back(&mut self, stored: &crate::store::StoredStream, token: Option<u64>) {
+        let stream_id = stored.id.as_str();
+        match self.checkpoints.restore_stream(stored, token) {
+            Ok(true) => warn!(
                 stream_id = stream_id;
-                "stream {stream_id}: its record was gone from Redis; wrote it back"
+                "stream {stream_id}: its record was gone from Redis; wrote back what this replica knew"
             ),
+            Ok(false) => {}
             Err(err) => warn!("stream {stream_id}: cannot write its record back: {err}"),
         }
     }
@@ -764,14 +786,13 @@ impl Coordinator {
 
     /// Claims a stream's lease and reads its record, unless this is the
     /// stream's first claim (fencing token 1) and `first_claim_reads` is
-    /// false. `Err(true)` if the stream has no record; `Err(false)` if
-    /// another replica holds it or Redis cannot be reached.
+    /// false.
     fn claim_lease(
         &mut self,
         stream_id: &str,
         now: Instant,
         first_claim_reads: bool,
-    ) -> Result<(u64, Option<crate::store::StoredStream>), bool> {
+    ) -> Result<(u64, Option<crate::store::StoredStream>), Unclaimed> {
         let sent = Instant::now();
         match self.checkpoints.claim(stream_id) {
             Ok(Claim::Granted { token }) => {
@@ -785,25 +806,25 @@ impl Coordinator {
                     Ok(Some(stored)) => Ok((token, Some(stored))),
                     Ok(None) => {
                         self.release(stream_id);
-                        Err(true)
+                        Err(Unclaimed::NoRecord)
                     }
                     Err(err) => {
                         warn!("stream {stream_id}: claimed, but cannot read its record: {err}");
                         self.release(stream_id);
-                        Err(false)
+                        Err(Unclaimed::Elsewhere)
                     }
                 }
             }
             Ok(Claim::HeldBy { owner, remaining }) => {
                 debug!("stream {stream_id}: owned by {owner} for {remaining:?} more");
                 self.ownership.held_by_other(stream_id, now, remaining);
-                Err(false)
+                Err(Unclaimed::Elsewhere)
             }
-            Ok(Claim::NoRecord) => Err(true),
+            Ok(Claim::NoRecord) => Err(Unclaimed::NoRecord),
             Err(err) => {
                 self.events
                     .dependency_checked(Dependency::Redis, Err(err.to_string()));
-                Err(false)
+                Err(Unclaimed::Elsewhere)
             }
         }
     }
@@ -818,15 +839,15 @@ impl Coordinator {
             // nobody wrote anything but the registration this replica read.
             Ok((token, None)) => return Some(token),
             Ok((token, Some(stored))) => (token, stored),
-            Err(no_record) => {
-                if no_record {
-                    // Redis lost the record and its owner (if any) has not
-                    // written it back: write back what this replica knows,
-                    // and claim the stream on a later poll.
-                    self.write_back_unowned(identity);
-                }
+            Err(Unclaimed::NoRecord) => {
+                // Redis lost the record and its owner (if any) has not
+                // written it back: write back what this replica knows, and
+                // claim the stream on a later poll.
+                let stored = self.table.get(&identity)?.to_stored();
+                self.write_back(&stored, None);
                 return None;
             }
+            Err(Unclaimed::Elsewhere) => return None,
         };
         let stream = self.table.stream_mut(&identity)?;
         if !stream.adopt(stored, self.config.assemble) {
@@ -842,23 +863,6 @@ impl Coordinator {
         } else {
             self.release(&stream_id);
             None
-        }
-    }
-
-    /// Writes back this replica's view of a stream whose record is gone.
-    fn write_back_unowned(&mut self, identity: FileIdentity) {
-        let Some(stream) = self.table.get(&identity) else {
-            return;
-        };
-        let stored = stream.to_stored();
-        match self.checkpoints.restore_stream(&stored, None) {
-            Ok(true) => info!(
-                stream_id = stored.id.as_str();
-                "stream {}: its record was gone from Redis; wrote back what this replica knew",
-                stored.id
-            ),
-            Ok(false) => {}
-            Err(err) => debug!("stream {}: cannot write its record back: {err}", stored.id),
         }
     }
 
@@ -914,9 +918,9 @@ impl Coordinator {
             let Some(stream) = self.table.get(&identity) else {
                 continue;
             };
-            if stream.state.wanted(now, &self.rules).is_none() {
+            let Some(mut work) = stream.state.wanted(now, &self.rules) else {
                 continue;
-            }
+            };
             let token = match self.ownership.token(&stream.id) {
                 Some(token) => token,
                 None => {
@@ -925,17 +929,23 @@ impl Coordinator {
                     {
                         continue;
                     }
-                    match self.claim(identity, now) {
-                        Some(token) => token,
-                        None => continue,
-                    }
+                    let Some(token) = self.claim(identity, now) else {
+                        continue;
+                    };
+                    // The claim merged in the stream's record, which may
+                    // change the job.
+                    let Some(merged) = self
+                        .table
+                        .get(&identity)
+                        .and_then(|stream| stream.state.wanted(now, &self.rules))
+                    else {
+                        continue;
+                    };
+                    work = merged;
+                    token
                 }
             };
-            // A claim merges in the stream's record, which may change the job.
             let Some(stream) = self.table.get(&identity) else {
-                continue;
-            };
-            let Some(work) = stream.state.wanted(now, &self.rules) else {
                 continue;
             };
             let job = match work {
@@ -1050,8 +1060,9 @@ impl Coordinator {
                 mtime_ns,
                 revision,
                 completed_at,
+                lease_released,
             } => {
-                if !self.rules.assemble {
+                if lease_released {
                     // The completion mark gave the lease up (a stream that
                     // grew meanwhile is claimed again).
                     self.ownership.drop_lease(&stream.id);

@@ -5,7 +5,8 @@
 //! This module keeps this process's side of that: the leases it holds with
 //! their fencing tokens, when other replicas' leases are worth asking about
 //! again, how many streams it may own (its fair share), and until when each
-//! lease can be trusted, which workers check before they write an object. The Redis side (claim, renew, release, fenced writes) lives in
+//! lease can be trusted, which workers check before they write an object.
+//! The Redis side (claim, renew, release, fenced writes) lives in
 //! `store::redis`; docs/scaling.md explains the whole model.
 
 use std::collections::HashMap;

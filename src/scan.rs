@@ -234,73 +234,80 @@ impl DirectoryLister for FsLister {
             ..Scan::default()
         };
         let mut problems: Vec<(String, String)> = Vec::new();
-        let root = std::fs::read_dir(&self.root).and_then(|_| std::fs::metadata(&self.root));
-        if let Err(err) = &root {
-            scan.root_readable = false;
-            problems.push((
-                self.root.display().to_string(),
-                format!("watch directory {} is not readable: {err}; keeping every stream as it is until it returns", self.root.display()),
-            ));
-        } else if let Ok(root) = root {
-            let root_device = root.dev();
-            let walker = WalkDir::new(&self.root)
-                .follow_links(false)
-                .into_iter()
-                .filter_entry(|entry| !is_hidden(entry));
-            for entry in walker {
-                let entry = match entry {
-                    Ok(entry) => entry,
-                    Err(err) => {
-                        let path = err.path().map(|p| self.relative(p)).unwrap_or_default();
-                        if err.depth() == 0 {
-                            scan.root_readable = false;
-                        } else if err.loop_ancestor().is_none() {
-                            scan.unreadable_dirs.push(path.clone());
+        match std::fs::read_dir(&self.root).and_then(|_| std::fs::metadata(&self.root)) {
+            Err(err) => {
+                scan.root_readable = false;
+                problems.push((
+                    self.root.display().to_string(),
+                    format!(
+                        "watch directory {} is not readable: {err}; keeping every stream as it is until it returns",
+                        self.root.display()
+                    ),
+                ));
+            }
+            Ok(root) => {
+                let root_device = root.dev();
+                let walker = WalkDir::new(&self.root)
+                    .follow_links(false)
+                    .into_iter()
+                    .filter_entry(|entry| !is_hidden(entry));
+                for entry in walker {
+                    let entry = match entry {
+                        Ok(entry) => entry,
+                        Err(err) => {
+                            let path = err.path().map(|p| self.relative(p)).unwrap_or_default();
+                            if err.depth() == 0 {
+                                scan.root_readable = false;
+                            } else if err.loop_ancestor().is_none() {
+                                scan.unreadable_dirs.push(path.clone());
+                            }
+                            problems.push((path.clone(), format!("skipping {path:?}: {err}")));
+                            continue;
                         }
-                        problems.push((path.clone(), format!("skipping {path:?}: {err}")));
+                    };
+                    let file_type = entry.file_type();
+                    if file_type.is_symlink() && self.wanted(entry.path()) {
+                        let rel = self.relative(entry.path());
+                        problems.push((
+                            rel.clone(),
+                            format!("skipping symbolic link {rel:?}: links are not followed"),
+                        ));
                         continue;
                     }
-                };
-                let file_type = entry.file_type();
-                if file_type.is_symlink() && self.wanted(entry.path()) {
-                    let rel = self.relative(entry.path());
-                    problems.push((
-                        rel.clone(),
-                        format!("skipping symbolic link {rel:?}: links are not followed"),
-                    ));
-                    continue;
-                }
-                if !file_type.is_file() || !self.wanted(entry.path()) {
-                    continue;
-                }
-                let rel_path = self.relative(entry.path());
-                let stat = || {
-                    entry
-                        .metadata()
-                        .map_err(std::io::Error::from)
-                        .map(|meta| Observation {
-                            identity: FileIdentity {
-                                device: if meta.dev() == root_device {
-                                    WATCH_DIR_DEVICE
-                                } else {
-                                    meta.dev()
+                    if !file_type.is_file() || !self.wanted(entry.path()) {
+                        continue;
+                    }
+                    let rel_path = self.relative(entry.path());
+                    let stat = || {
+                        entry
+                            .metadata()
+                            .map_err(std::io::Error::from)
+                            .map(|meta| Observation {
+                                identity: FileIdentity {
+                                    device: if meta.dev() == root_device {
+                                        WATCH_DIR_DEVICE
+                                    } else {
+                                        meta.dev()
+                                    },
+                                    inode: meta.ino(),
                                 },
-                                inode: meta.ino(),
-                            },
-                            size: meta.len(),
-                            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000
-                                + i128::from(meta.mtime_nsec()),
-                            abs_path: Arc::from(entry.path()),
-                            rel_path: Arc::from(rel_path.as_str()),
-                        })
-                };
-                match self.observe(&rel_path, now, stat) {
-                    Ok(observation) => scan.files.push(observation),
-                    Err(err) => {
-                        let parent = rel_path.rsplit_once('/').map_or("", |(dir, _)| dir);
-                        scan.unreadable_dirs.push(parent.to_string());
-                        problems
-                            .push((rel_path.clone(), format!("cannot stat {rel_path:?}: {err}")));
+                                size: meta.len(),
+                                mtime_ns: i128::from(meta.mtime()) * 1_000_000_000
+                                    + i128::from(meta.mtime_nsec()),
+                                abs_path: Arc::from(entry.path()),
+                                rel_path: Arc::from(rel_path.as_str()),
+                            })
+                    };
+                    match self.observe(&rel_path, now, stat) {
+                        Ok(observation) => scan.files.push(observation),
+                        Err(err) => {
+                            let parent = rel_path.rsplit_once('/').map_or("", |(dir, _)| dir);
+                            scan.unreadable_dirs.push(parent.to_string());
+                            problems.push((
+                                rel_path.clone(),
+                                format!("cannot stat {rel_path:?}: {err}"),
+                            ));
+                        }
                     }
                 }
             }

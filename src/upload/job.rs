@@ -103,6 +103,8 @@ pub enum Outcome {
         mtime_ns: i128,
         revision: u32,
         completed_at: SystemTime,
+        /// The completion mark also gave the stream's lease up.
+        lease_released: bool,
     },
     /// The file changed while the finalize job ran; it will run again later.
     FinalizeInterrupted,

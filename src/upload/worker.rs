@@ -12,9 +12,9 @@
 //!
 //! Ownership: a job runs under a claim (its fencing token). Every checkpoint
 //! and completion mark is refused by Redis once another replica claimed the
-//! stream, and no object is written once the [`LeaseClock`] runs out, so a
-//! replica that was paused or cut off stops by itself; the job then ends as
-//! `LeaseLost`. The metadata object is written only right after Redis
+//! stream, and no object is written once the stream's lease in
+//! [`HeldLeases`] can no longer be trusted, so a replica that was paused or
+//! cut off stops by itself; the job then ends as `LeaseLost`. The metadata object is written only right after Redis
 //! confirmed the claim.
 
 use std::cell::{Cell, RefCell};
@@ -76,6 +76,12 @@ impl Stop {
             Stop::LeaseLost => Outcome::LeaseLost,
             Stop::SourceGone => source_gone(),
         }
+    }
+
+    /// The outcome of a job that reads no source file (close, assembly):
+    /// a stop means a shutdown or a lost lease.
+    fn stopped(self) -> Outcome {
+        self.outcome(|| Outcome::Cancelled)
     }
 }
 
@@ -171,8 +177,8 @@ impl Worker {
                     let outcome = self.finalize(&job, &mut chunks);
                     (outcome, Some(chunks))
                 }
-                Job::Close(job) => (self.close(&job), None),
-                Job::Assemble(job) => (self.assemble(&job), None),
+                Job::Close(job) => (self.close(&job).unwrap_or_else(Stop::stopped), None),
+                Job::Assemble(job) => (self.assemble(&job).unwrap_or_else(Stop::stopped), None),
             }
         };
         JobResult {
@@ -518,6 +524,7 @@ impl Worker {
             mtime_ns: before.mtime_ns,
             revision: job.facts.revision,
             completed_at,
+            lease_released: job.release_lease,
         }
     }
 
@@ -544,22 +551,23 @@ impl Worker {
     /// multipart upload of UploadPartCopy parts, one per chunk: no byte is
     /// uploaded twice. Progress is checkpointed after every part, so a crash
     /// resumes; an upload left from an older revision is aborted.
-    fn assemble(&mut self, job: &AssembleJob) -> Outcome {
+    fn assemble(&mut self, job: &AssembleJob) -> Result<Outcome, Stop> {
         let stream_id = job.stream.stream_id.as_str();
         let token = job.stream.token;
         let metadata_key = self.layout.metadata(stream_id);
         let body =
-            match self.storage_retry((stream_id, token), None, || self.store.get(&metadata_key)) {
-                Ok(body) => body,
-                Err(stop) => return stop.outcome(|| Outcome::Cancelled),
-            };
+            self.storage_retry((stream_id, token), None, || self.store.get(&metadata_key))?;
         let mut metadata: StreamMetadata = match serde_json::from_slice(&body) {
             Ok(metadata) => metadata,
-            Err(err) => return Outcome::Failed(format!("{metadata_key} is unreadable: {err}")),
+            Err(err) => {
+                return Ok(Outcome::Failed(format!(
+                    "{metadata_key} is unreadable: {err}"
+                )));
+            }
         };
         if metadata.revision != job.revision || metadata.status != StreamStatus::Complete {
             // Superseded by a newer revision, which gets its own assembly.
-            return Outcome::Assembled { revision: 0 };
+            return Ok(Outcome::Assembled { revision: 0 });
         }
         if metadata.chunks.len() > MAX_MULTIPART_PARTS {
             warn!(
@@ -567,15 +575,11 @@ impl Worker {
                 "stream {stream_id}: {} chunks exceed the S3 limit of {MAX_MULTIPART_PARTS} parts; not assembled (use a larger CHUNK_SIZE)",
                 metadata.chunks.len()
             );
-            return Outcome::Assembled { revision: 0 };
+            return Ok(Outcome::Assembled { revision: 0 });
         }
         let key = self.layout.assembled(stream_id, &metadata.source.file_name);
-        let recorded = match self
-            .checkpoint_with_retry("assembly", |store| Ok(store.load_assembly(stream_id)?))
-        {
-            Ok(recorded) => recorded,
-            Err(stop) => return stop.outcome(|| Outcome::Cancelled),
-        };
+        let recorded =
+            self.checkpoint_with_retry("assembly", |store| Ok(store.load_assembly(stream_id)?))?;
         let mut progress = match recorded {
             Some(progress) if progress.revision == metadata.revision && progress.key == key => {
                 info!(
@@ -600,23 +604,18 @@ impl Worker {
                     }
                 }
                 let content_type = content_type_for(&metadata.source.file_name);
-                let upload_id = match self.storage_retry((stream_id, token), None, || {
+                let upload_id = self.storage_retry((stream_id, token), None, || {
                     self.store.initiate_multipart(&key, content_type)
-                }) {
-                    Ok(upload_id) => upload_id,
-                    Err(stop) => return stop.outcome(|| Outcome::Cancelled),
-                };
+                })?;
                 let progress = AssemblyProgress {
                     revision: metadata.revision,
                     key: key.clone(),
                     upload_id,
                     parts: BTreeMap::new(),
                 };
-                if let Err(stop) = self.checkpoint_with_retry("assembly", |store| {
+                self.checkpoint_with_retry("assembly", |store| {
                     store.save_assembly(stream_id, token, Some(&progress))
-                }) {
-                    return stop.outcome(|| Outcome::Cancelled);
-                }
+                })?;
                 progress
             }
         };
@@ -627,7 +626,7 @@ impl Worker {
                 continue;
             }
             if self.shutting_down() {
-                return Outcome::Cancelled;
+                return Ok(Outcome::Cancelled);
             }
             let copied = self.storage_retry((stream_id, token), None, || {
                 client_error_is_final(self.store.upload_part_copy(
@@ -636,18 +635,15 @@ impl Worker {
                     part_number,
                     &chunk.key,
                 ))
-            });
+            })?;
             match copied {
-                Ok(Ok(etag)) => {
+                Ok(etag) => {
                     progress.parts.insert(part_number, etag);
-                    if let Err(stop) = self.checkpoint_with_retry("assembly", |store| {
+                    self.checkpoint_with_retry("assembly", |store| {
                         store.save_assembly(stream_id, token, Some(&progress))
-                    }) {
-                        return stop.outcome(|| Outcome::Cancelled);
-                    }
+                    })?;
                 }
-                Ok(Err(missing)) => return self.restart_assembly((stream_id, token), &missing),
-                Err(stop) => return stop.outcome(|| Outcome::Cancelled),
+                Err(missing) => return self.restart_assembly((stream_id, token), &missing),
             }
         }
 
@@ -661,17 +657,10 @@ impl Worker {
                 self.store
                     .complete_multipart(&key, &progress.upload_id, &parts),
             )
-        });
-        let etag = match completed {
-            Ok(Ok(etag)) => Some(etag),
-            // A retried complete whose first attempt succeeded finds no upload.
-            Ok(Err(_)) => None,
-            Err(stop) => return stop.outcome(|| Outcome::Cancelled),
-        };
-        let head = match self.storage_retry((stream_id, token), None, || self.store.head(&key)) {
-            Ok(head) => head,
-            Err(stop) => return stop.outcome(|| Outcome::Cancelled),
-        };
+        })?;
+        // A retried complete whose first attempt succeeded finds no upload.
+        let etag = completed.ok();
+        let head = self.storage_retry((stream_id, token), None, || self.store.head(&key))?;
         let object = match head {
             Some(object) if object.size == metadata.total_size_bytes => object,
             other => {
@@ -691,22 +680,18 @@ impl Worker {
             size_bytes: object.size,
             etag: etag.filter(|e| !e.is_empty()).unwrap_or(object.etag),
         });
-        if let Err(stop) = self.write_metadata(&metadata, token) {
-            return stop.outcome(|| Outcome::Cancelled);
-        }
+        self.write_metadata(&metadata, token)?;
         let revision = metadata.revision;
-        if let Err(stop) = self.checkpoint_with_retry("assembly", |store| {
+        self.checkpoint_with_retry("assembly", |store| {
             store.finish_assembly(stream_id, token, revision)
-        }) {
-            return stop.outcome(|| Outcome::Cancelled);
-        }
+        })?;
         info!(
             stream_id = stream_id;
             "stream {stream_id}: assembled {key} ({} bytes from {} chunks, server-side)",
             object.size,
             metadata.chunks.len()
         );
-        Outcome::Assembled { revision }
+        Ok(Outcome::Assembled { revision })
     }
 
     /// Forgets a multipart upload that cannot be finished (gone, or wrong),
@@ -715,16 +700,14 @@ impl Worker {
         &mut self,
         (stream_id, token): (&str, u64),
         problem: &StorageError,
-    ) -> Outcome {
-        if let Err(stop) = self.checkpoint_with_retry("assembly", |store| {
+    ) -> Result<Outcome, Stop> {
+        self.checkpoint_with_retry("assembly", |store| {
             store.save_assembly(stream_id, token, None)
-        }) {
-            return stop.outcome(|| Outcome::Cancelled);
-        }
-        Outcome::Failed(format!("assembly starts over: {problem}"))
+        })?;
+        Ok(Outcome::Failed(format!("assembly starts over: {problem}")))
     }
 
-    fn close(&mut self, job: &CloseJob) -> Outcome {
+    fn close(&mut self, job: &CloseJob) -> Result<Outcome, Stop> {
         let stream_id = job.stream.stream_id.as_str();
         // Only the contiguous run from chunk 0 is a usable prefix of the file.
         let mut chunks = Vec::new();
@@ -756,15 +739,11 @@ impl Worker {
             assembled: None,
         };
         let token = job.stream.token;
-        if let Err(stop) = self.write_metadata(&metadata, token) {
-            return stop.outcome(|| Outcome::Cancelled);
-        }
+        self.write_metadata(&metadata, token)?;
         let reason = job.reason.as_str();
-        if let Err(stop) = self.checkpoint_with_retry("close", |store| {
+        self.checkpoint_with_retry("close", |store| {
             store.mark_incomplete(stream_id, token, reason)
-        }) {
-            return stop.outcome(|| Outcome::Cancelled);
-        }
+        })?;
         warn!(
             stream_id = stream_id, path = job.facts.rel_path.as_str();
             "stream {stream_id}: closed as incomplete ({reason}) for {}, {} bytes uploaded in {} chunks",
@@ -772,7 +751,7 @@ impl Worker {
             metadata.total_size_bytes,
             metadata.chunks.len()
         );
-        Outcome::Closed
+        Ok(Outcome::Closed)
     }
 }
 
