@@ -14,6 +14,7 @@ use bytesize::ByteSize;
 
 use crate::error::AppError;
 use crate::http::StreamsSnapshot;
+use crate::store::Integrity;
 use crate::stream::table::StreamView;
 
 /// Per-request timeout for both commands.
@@ -86,7 +87,22 @@ fn percent(done: u64, total: u64) -> f64 {
     }
 }
 
-/// One line per stream, then a summary line. Stable: no colours, no widths
+/// How uploads are protected, in words.
+fn integrity_line(integrity: Integrity) -> String {
+    let checksum = if integrity.checksum_verified {
+        "the server verifies x-amz-checksum-sha256"
+    } else {
+        "the server does NOT verify x-amz-checksum-sha256"
+    };
+    let md5 = if integrity.content_md5 {
+        "Content-MD5 sent"
+    } else {
+        "no Content-MD5"
+    };
+    format!("s3 integrity: {checksum}; {md5}")
+}
+
+/// One line per stream, the S3 integrity row, then a summary line. Stable: no colours, no widths
 /// that depend on the terminal.
 pub fn render(snapshot: &StreamsSnapshot) -> String {
     let mut out = String::new();
@@ -117,6 +133,10 @@ pub fn render(snapshot: &StreamsSnapshot) -> String {
             line.push_str(&format!(" last_error={error:?}"));
         }
         out.push_str(&line);
+        out.push('\n');
+    }
+    if let Some(integrity) = snapshot.s3_integrity {
+        out.push_str(&integrity_line(integrity));
         out.push('\n');
     }
     let recent = snapshot.streams.len() - active.len();
@@ -203,10 +223,18 @@ mod tests {
                 view("cam2.mp4", "elsewhere", 0, 40 << 20),
                 view("old.mp4", "complete", 5, 5),
             ],
+            s3_integrity: Some(Integrity {
+                checksum_verified: false,
+                content_md5: true,
+            }),
         };
         let text = render(&snapshot);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            lines[2],
+            "s3 integrity: the server does NOT verify x-amz-checksum-sha256; Content-MD5 sent"
+        );
         assert!(
             lines[0].starts_with("[######------------------]  25.0%"),
             "{text}"
@@ -215,7 +243,7 @@ mod tests {
         assert!(lines[0].contains("uploading"));
         assert!(lines[1].contains("elsewhere"));
         assert_eq!(
-            lines[2],
+            lines[3],
             "host-1-abc: 2 active (1 owned by other replicas), 1 recently finished, 30.0 MiB pending, 2.0 MiB/s"
         );
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::metadata::unix_millis;
+use crate::store::Integrity;
 
 fn unix_millis_now() -> u64 {
     unix_millis(SystemTime::now())
@@ -47,11 +48,14 @@ pub enum Dependency {
     Storage,
 }
 
-/// `"ok"` or `"error: …"` per dependency, as `/readyz` shows it.
+/// `"ok"` or `"error: …"` per dependency, as `/readyz` shows it, and how
+/// uploads are protected against corruption once the probe has run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReadinessReport {
     pub redis: String,
     pub s3: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_integrity: Option<Integrity>,
 }
 
 impl ReadinessReport {
@@ -69,6 +73,7 @@ pub struct Readiness {
     /// How many times Redis came back after being down; the coordinator then
     /// writes back whatever Redis may have lost.
     redis_recoveries: AtomicU64,
+    integrity: Mutex<Option<Integrity>>,
 }
 
 impl Readiness {
@@ -112,6 +117,14 @@ impl Readiness {
         )
     }
 
+    pub fn set_integrity(&self, integrity: Integrity) {
+        *self.integrity.lock().expect("readiness lock") = Some(integrity);
+    }
+
+    pub fn integrity(&self) -> Option<Integrity> {
+        *self.integrity.lock().expect("readiness lock")
+    }
+
     pub fn report(&self) -> ReadinessReport {
         let show = |dependency| match &*self.slot(dependency).lock().expect("readiness lock") {
             Some(Ok(())) => "ok".to_string(),
@@ -121,6 +134,7 @@ impl Readiness {
         ReadinessReport {
             redis: show(Dependency::Redis),
             s3: show(Dependency::Storage),
+            s3_integrity: self.integrity(),
         }
     }
 }
