@@ -416,7 +416,15 @@ fn i_metrics_health_readiness_streams_status_and_json_logs() {
     wait_for("ready", || daemon.http("GET", "/readyz").0 == 200);
     let (_, ready) = daemon.http("GET", "/readyz");
     let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
-    assert_eq!(ready, serde_json::json!({"redis": "ok", "s3": "ok"}));
+    // s3s-fs verifies x-amz-checksum-sha256, so no Content-MD5 is needed.
+    assert_eq!(
+        ready,
+        serde_json::json!({
+            "redis": "ok",
+            "s3": "ok",
+            "s3_integrity": {"checksum_verified": true, "content_md5": false}
+        })
+    );
 
     // A recording in progress: one full chunk up, the tail waiting.
     let path = env.file("cams/live.mp4");
@@ -454,13 +462,21 @@ fn i_metrics_health_readiness_streams_status_and_json_logs() {
     let status_text = env.command(&["status", "--url", &url]);
     let text = String::from_utf8_lossy(&status_text.stdout);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "one stream line and a summary:\n{text}");
+    assert_eq!(
+        lines.len(),
+        3,
+        "one stream line, the S3 integrity row and a summary:\n{text}"
+    );
     assert!(
         lines[0].starts_with('[') && lines[0].contains("cams/live.mp4"),
         "{text}"
     );
     assert!(lines[0].contains("83.3%"), "{text}");
-    assert!(lines[1].contains("1 active"), "{text}");
+    assert_eq!(
+        lines[1],
+        "s3 integrity: the server verifies x-amz-checksum-sha256; no Content-MD5"
+    );
+    assert!(lines[2].contains("1 active"), "{text}");
 
     let meta = env.wait_complete("cams/live.mp4");
     env.assert_byte_exact(&meta, &path);
