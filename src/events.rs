@@ -21,6 +21,9 @@ pub trait Events: Send + Sync {
     fn source_error(&self) {}
     /// One failed attempt to write a checkpoint.
     fn checkpoint_error(&self) {}
+    /// A job panicked in a worker; it was turned into a failed result and
+    /// is retried with backoff.
+    fn worker_panicked(&self) {}
     /// A stream was closed: `complete` or `incomplete`. `lag_seconds` is the
     /// time from its last change to its metadata being written.
     fn stream_closed(&self, _status: &'static str, _lag_seconds: f64) {}

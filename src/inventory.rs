@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::AppError;
 use crate::metadata::{KeyLayout, StreamMetadata, StreamStatus};
-use crate::restore::fetch_metadata;
+use crate::readback::{fetch_metadata, sha256_of_object};
 use crate::store::{ObjectStore, S3Store};
 
 /// One line of `list`.
@@ -106,9 +106,6 @@ pub fn verify_stream(
     };
     let mut problems = Vec::new();
     let mut problem = |text: String| problems.push(format!("{stream_id}: {text}"));
-    if let Err(layout_problem) = metadata.check_chunk_layout() {
-        problem(layout_problem);
-    }
     let mut whole = Sha256::new();
     let mut whole_readable = true;
     for chunk in &metadata.chunks {
@@ -181,46 +178,4 @@ pub fn verify_stream(
         }
     }
     problems
-}
-
-/// The sha256 of a large object, read in `piece`-sized ranges.
-pub fn sha256_of_object(
-    store: &dyn ObjectStore,
-    key: &str,
-    size: u64,
-    piece: u64,
-) -> Result<String, crate::error::StorageError> {
-    let mut hasher = Sha256::new();
-    read_in_ranges(store, key, size, piece, |bytes| {
-        hasher.update(bytes);
-        Ok(())
-    })?;
-    Ok(hex::encode(hasher.finalize()))
-}
-
-/// Reads the first `size` bytes of an object in `piece`-sized ranges (so
-/// memory stays at one piece), handing each to `each`. A short object is an
-/// error.
-pub fn read_in_ranges<E: From<crate::error::StorageError>>(
-    store: &dyn ObjectStore,
-    key: &str,
-    size: u64,
-    piece: u64,
-    mut each: impl FnMut(&[u8]) -> Result<(), E>,
-) -> Result<(), E> {
-    let mut offset = 0;
-    while offset < size {
-        let end = (offset + piece).min(size) - 1;
-        let bytes = store.get_range(key, offset, end)?;
-        if bytes.len() as u64 != end - offset + 1 {
-            return Err(crate::error::StorageError::Other {
-                key: key.to_string(),
-                detail: format!("object is shorter than {size} bytes"),
-            }
-            .into());
-        }
-        each(&bytes)?;
-        offset = end + 1;
-    }
-    Ok(())
 }

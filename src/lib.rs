@@ -17,6 +17,7 @@ pub mod logging;
 pub mod media;
 pub mod metadata;
 pub mod metrics;
+pub mod readback;
 pub mod restore;
 pub mod scan;
 pub mod store;

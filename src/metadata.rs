@@ -200,11 +200,65 @@ pub struct StreamMetadata {
     pub assembled: Option<Assembled>,
 }
 
+/// The most chunks a stream may list: 10 million chunks of the smallest
+/// chunk size is far beyond any recording, so more is corrupt data.
+pub const MAX_CHUNKS: usize = 10_000_000;
+
+/// Why bytes read back from the bucket are not usable stream metadata.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataError {
+    #[error("not valid stream metadata JSON: {0}")]
+    Json(String),
+    #[error("schema version {0} is not {SCHEMA_VERSION}")]
+    SchemaVersion(u32),
+    #[error("chunk size is 0")]
+    ZeroChunkSize,
+    #[error("{0} chunks is more than the {MAX_CHUNKS} a stream can have")]
+    TooManyChunks(usize),
+    #[error("{0}")]
+    Layout(String),
+}
+
 impl StreamMetadata {
-    /// Checks that the chunks are contiguous from offset 0 and add up to the
-    /// total size. Returns a description of the first problem.
+    /// Decodes and validates `metadata.json` as read back from the bucket:
+    /// the only way readers get a [`StreamMetadata`] from outside the
+    /// process, so none of them meets a chunk size of 0, a gap, or sizes
+    /// that overflow.
+    pub fn decode(body: &[u8]) -> Result<Self, MetadataError> {
+        let metadata: Self =
+            serde_json::from_slice(body).map_err(|err| MetadataError::Json(err.to_string()))?;
+        metadata.validate()?;
+        Ok(metadata)
+    }
+
+    /// The checks [`decode`](Self::decode) makes, for metadata in hand.
+    pub fn validate(&self) -> Result<(), MetadataError> {
+        if self.schema_version != SCHEMA_VERSION {
+            return Err(MetadataError::SchemaVersion(self.schema_version));
+        }
+        if self.chunk_size_bytes == 0 {
+            return Err(MetadataError::ZeroChunkSize);
+        }
+        if self.chunks.len() > MAX_CHUNKS {
+            return Err(MetadataError::TooManyChunks(self.chunks.len()));
+        }
+        self.check_chunk_layout().map_err(MetadataError::Layout)?;
+        if let Some(assembled) = &self.assembled
+            && assembled.size_bytes != self.total_size_bytes
+        {
+            return Err(MetadataError::Layout(format!(
+                "assembled {} has {} bytes, the stream {}",
+                assembled.key, assembled.size_bytes, self.total_size_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that the chunks are contiguous from offset 0, none larger than
+    /// the chunk size, and add up to the total size. Returns a description
+    /// of the first problem.
     pub fn check_chunk_layout(&self) -> Result<(), String> {
-        let mut expected_offset = 0;
+        let mut expected_offset: u64 = 0;
         for (position, chunk) in self.chunks.iter().enumerate() {
             if chunk.index != position as u64 {
                 return Err(format!("chunk #{position} has index {}", chunk.index));
@@ -215,7 +269,15 @@ impl StreamMetadata {
                     chunk.index, chunk.offset
                 ));
             }
-            expected_offset += chunk.size_bytes;
+            if chunk.size_bytes > self.chunk_size_bytes {
+                return Err(format!(
+                    "chunk {} has {} bytes, more than the chunk size {}",
+                    chunk.index, chunk.size_bytes, self.chunk_size_bytes
+                ));
+            }
+            expected_offset = expected_offset
+                .checked_add(chunk.size_bytes)
+                .ok_or_else(|| format!("chunk {} ends beyond 2^64 bytes", chunk.index))?;
         }
         if expected_offset != self.total_size_bytes {
             return Err(format!(
@@ -326,6 +388,87 @@ mod tests {
         let mut short = sample();
         short.total_size_bytes = 16;
         assert!(short.check_chunk_layout().is_err());
+    }
+
+    #[test]
+    fn decode_refuses_a_zero_chunk_size_an_index_gap_and_overflowing_sizes() {
+        let encode = |meta: &StreamMetadata| serde_json::to_vec(meta).unwrap();
+        assert_eq!(StreamMetadata::decode(&encode(&sample())), Ok(sample()));
+        let mut zero = sample();
+        zero.chunk_size_bytes = 0;
+        assert_eq!(
+            StreamMetadata::decode(&encode(&zero)),
+            Err(MetadataError::ZeroChunkSize)
+        );
+        let mut gap = sample();
+        gap.chunks[1].index = 7;
+        assert!(matches!(
+            StreamMetadata::decode(&encode(&gap)),
+            Err(MetadataError::Layout(_))
+        ));
+        let mut huge = sample();
+        huge.chunk_size_bytes = u64::MAX;
+        huge.chunks[0].size_bytes = u64::MAX;
+        huge.chunks[1].offset = u64::MAX;
+        huge.chunks[1].size_bytes = 2;
+        assert!(matches!(
+            StreamMetadata::decode(&encode(&huge)),
+            Err(MetadataError::Layout(_))
+        ));
+        let body = encode(&sample());
+        assert!(matches!(
+            StreamMetadata::decode(&body[..body.len() / 2]),
+            Err(MetadataError::Json(_))
+        ));
+        let wrong_type = String::from_utf8(body)
+            .unwrap()
+            .replace("\"chunk_size_bytes\":10", "\"chunk_size_bytes\":\"10\"");
+        assert!(matches!(
+            StreamMetadata::decode(wrong_type.as_bytes()),
+            Err(MetadataError::Json(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = StreamMetadata::decode(&body);
+        }
+
+        #[test]
+        fn decoded_metadata_is_always_usable(
+            chunk_size in proptest::prelude::any::<u64>(),
+            total in proptest::prelude::any::<u64>(),
+            chunks in proptest::collection::vec(
+                (proptest::prelude::any::<u64>(), proptest::prelude::any::<u64>(), proptest::prelude::any::<u64>()),
+                0..6,
+            ),
+        ) {
+            let mut meta = sample();
+            meta.chunk_size_bytes = chunk_size;
+            meta.total_size_bytes = total;
+            meta.chunks = chunks
+                .into_iter()
+                .map(|(index, offset, size_bytes)| ChunkRecord {
+                    index: index % 8,
+                    offset,
+                    size_bytes,
+                    ..sample().chunks[0].clone()
+                })
+                .collect();
+            if let Ok(decoded) = StreamMetadata::decode(&serde_json::to_vec(&meta).unwrap()) {
+                // What readers rely on: ranges of a non-zero size, chunks in
+                // index order, sizes that add up without overflow.
+                proptest::prop_assert!(decoded.chunk_size_bytes > 0);
+                let mut offset = 0u64;
+                for (position, chunk) in decoded.chunks.iter().enumerate() {
+                    proptest::prop_assert_eq!(chunk.index, position as u64);
+                    proptest::prop_assert_eq!(chunk.offset, offset);
+                    offset = offset.checked_add(chunk.size_bytes).unwrap();
+                }
+                proptest::prop_assert_eq!(offset, decoded.total_size_bytes);
+            }
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub struct Metrics {
     upload_errors: IntCounterVec,
     checkpoint_errors: IntCounter,
     source_errors: IntCounter,
+    worker_panics: IntCounter,
     streams_active: IntGauge,
     files_tracked: IntGauge,
     inflight_jobs: IntGauge,
@@ -152,6 +153,11 @@ impl Metrics {
                 &registry,
                 "chunkstream_source_errors_total",
                 "Jobs that failed on the source file (permissions, read errors); retried with backoff.",
+            ),
+            worker_panics: counter(
+                &registry,
+                "chunkstream_worker_panics_total",
+                "Jobs that panicked in a worker (a bug, or data that slipped past validation); each is retried with backoff.",
             ),
             streams_active: gauge(
                 &registry,
@@ -319,6 +325,10 @@ impl Events for Metrics {
 
     fn source_error(&self) {
         self.source_errors.inc();
+    }
+
+    fn worker_panicked(&self) {
+        self.worker_panics.inc();
     }
 
     fn lease_claimed(&self) {

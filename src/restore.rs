@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::config::S3Config;
 use crate::error::AppError;
-use crate::inventory::read_in_ranges;
 use crate::metadata::{KeyLayout, StreamMetadata, StreamStatus};
+use crate::readback::{fetch_metadata, read_in_ranges};
 use crate::store::{ObjectStore, S3Store};
 
 /// What was restored.
@@ -42,24 +42,6 @@ pub fn restore(
     )
 }
 
-/// Reads the stream's metadata.
-pub fn fetch_metadata(
-    store: &dyn ObjectStore,
-    layout: &KeyLayout,
-    stream_id: &str,
-) -> Result<StreamMetadata, AppError> {
-    let key = layout.metadata(stream_id);
-    let body = store.get(&key).map_err(|err| {
-        if err.is_not_found() {
-            AppError::Integrity(format!("no stream {stream_id:?}: {key} does not exist"))
-        } else {
-            AppError::Storage(err)
-        }
-    })?;
-    serde_json::from_slice(&body)
-        .map_err(|err| AppError::Integrity(format!("{key} is not valid stream metadata: {err}")))
-}
-
 pub fn restore_from(
     store: &dyn ObjectStore,
     layout: &KeyLayout,
@@ -74,9 +56,6 @@ pub fn restore_from(
         )));
     }
     let metadata = fetch_metadata(store, layout, stream_id)?;
-    metadata
-        .check_chunk_layout()
-        .map_err(|problem| AppError::Integrity(format!("stream {stream_id}: {problem}")))?;
     if metadata.status == StreamStatus::Incomplete {
         warn!(
             "stream {stream_id} is incomplete ({}): restoring the {} bytes that were uploaded",

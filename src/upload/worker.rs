@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use sha2::{Digest, Sha256};
 
 use crate::config::RetryPolicy;
@@ -147,13 +147,50 @@ impl Worker {
     }
 
     /// Executes jobs until the job channel closes or results cannot be sent.
+    /// Every job yields a result, even one that panicked (see
+    /// [`execute_supervised`](Self::execute_supervised)), so the thread
+    /// outlives its jobs and the coordinator never waits on a dead one.
     pub fn run(mut self, jobs: Receiver<Job>, results: Sender<JobResult>) {
         for job in jobs.iter() {
-            let result = self.execute(job);
+            let result = self.execute_supervised(job);
             if results.send(result).is_err() {
                 break;
             }
         }
+    }
+
+    /// Executes a job, turning a panic into a failed result: logged with
+    /// the stream id, counted, and retried with backoff by the coordinator
+    /// like any other failure.
+    pub fn execute_supervised(&mut self, job: Job) -> JobResult {
+        let stream = job.stream().clone();
+        let executed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(job)));
+        executed.unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_string());
+            let stream_id = stream.stream_id.as_str();
+            error!(
+                stream_id = stream_id;
+                "stream {stream_id}: a job panicked ({message}); it is retried with backoff"
+            );
+            self.events.worker_panicked();
+            // Whatever the job left half-done is dropped with it.
+            self.buffer = Vec::new();
+            self.job_failures.set(0);
+            let reason = format!("job panicked: {message}");
+            self.job_last_error.replace(None);
+            JobResult {
+                stream,
+                outcome: Outcome::Failed(reason.clone()),
+                chunks: None,
+                failed_attempts: 1,
+                last_error: Some(reason),
+            }
+        })
     }
 
     pub fn execute(&mut self, job: Job) -> JobResult {
@@ -619,6 +656,8 @@ mod tests {
     struct MemoryStore {
         objects: Mutex<BTreeMap<String, Vec<u8>>>,
         failures_left: Mutex<u32>,
+        /// Puts that panic (a stand-in for any bug in a job).
+        panics_left: Mutex<u32>,
         puts: Mutex<u32>,
         uploads: Mutex<BTreeMap<String, MemoryUpload>>,
     }
@@ -643,6 +682,11 @@ mod tests {
             digest: &[u8; 32],
         ) -> Result<(), StorageError> {
             *self.puts.lock().unwrap() += 1;
+            let panics = std::mem::replace(&mut *self.panics_left.lock().unwrap(), 0);
+            if panics > 0 {
+                *self.panics_left.lock().unwrap() = panics - 1;
+                panic!("injected panic in put {key}");
+            }
             let mut failures = self.failures_left.lock().unwrap();
             if *failures > 0 {
                 *failures -= 1;
@@ -950,6 +994,65 @@ mod tests {
         assert_eq!(store.get(&record.key).unwrap(), b"89abcdef");
         assert_eq!(*store.puts.lock().unwrap(), 4);
         assert_eq!(checkpoints.chunks.lock().unwrap().len(), 1);
+    }
+
+    /// Counts panicked jobs.
+    #[derive(Default)]
+    struct PanicCount(std::sync::atomic::AtomicU32);
+
+    impl Events for PanicCount {
+        fn worker_panicked(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_panicking_job_becomes_a_failed_result_and_the_worker_lives_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.mp4");
+        std::fs::write(&path, b"0123456789abcdef").unwrap();
+        let store = Arc::new(MemoryStore::default());
+        *store.panics_left.lock().unwrap() = 1;
+        let checkpoints = MemoryCheckpoints::default();
+        let (mut worker, keep) = worker(store.clone(), checkpoints.clone());
+        let panics = Arc::new(PanicCount::default());
+        worker.events = panics.clone();
+        let job = Job::Chunk(ChunkJob {
+            stream: StreamRef {
+                identity: identity_of(&path),
+                stream_id: "a-1".into(),
+                token: TOKEN,
+            },
+            path: path.clone(),
+            index: 0,
+            offset: 0,
+            len: 8,
+        });
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(1);
+        let (results_tx, results_rx) = crossbeam_channel::bounded(1);
+        let thread = std::thread::spawn(move || worker.run(jobs_rx, results_tx));
+        jobs_tx.send(job.clone()).unwrap();
+        let failed = results_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let Outcome::Failed(reason) = &failed.outcome else {
+            panic!("{:?}", failed.outcome)
+        };
+        assert!(reason.contains("injected panic"), "{reason}");
+        assert_eq!(failed.stream.stream_id, "a-1");
+        assert_eq!(panics.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The same thread takes the retry, which succeeds.
+        jobs_tx.send(job).unwrap();
+        let retried = results_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            matches!(retried.outcome, Outcome::ChunkUploaded(_)),
+            "{:?}",
+            retried.outcome
+        );
+        assert_eq!(store.get("p/a-1/chunk-000000").unwrap(), b"01234567");
+        // Closing the job channel ends the thread at once: nothing is stuck.
+        drop((jobs_tx, keep));
+        let started = Instant::now();
+        thread.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

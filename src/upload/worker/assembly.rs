@@ -107,12 +107,10 @@ impl Worker {
         let metadata_key = self.layout.metadata(stream_id);
         let body =
             self.storage_retry((stream_id, token), None, || self.store.get(&metadata_key))?;
-        let mut metadata: StreamMetadata = match serde_json::from_slice(&body) {
+        let mut metadata = match StreamMetadata::decode(&body) {
             Ok(metadata) => metadata,
             Err(err) => {
-                return Ok(Outcome::Failed(format!(
-                    "{metadata_key} is unreadable: {err}"
-                )));
+                return Ok(Outcome::Failed(format!("{metadata_key}: {err}")));
             }
         };
         if metadata.revision != job.revision || metadata.status != StreamStatus::Complete {
