@@ -751,6 +751,29 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_md5_etag_must_match_what_was_sent() {
+        let md5 = md5::compute(b"body").0;
+        let hex = hex::encode(md5);
+        assert!(check_etag("k", &format!("\"{hex}\""), &md5).is_ok());
+        assert!(check_etag("k", &hex.to_uppercase(), &md5).is_ok());
+        let other = hex::encode(md5::compute(b"bodY").0);
+        let err = check_etag("k", &format!("\"{other}\""), &md5).expect_err("mismatch");
+        assert_eq!(err.kind(), "integrity");
+        // Multipart and encrypted-object ETags are not MD5s: nothing to compare.
+        assert!(check_etag("k", "\"abc-3\"", &md5).is_ok());
+        assert!(check_etag("k", "", &md5).is_ok());
+    }
+
+    #[test]
+    fn create_bucket_sends_no_constraint_for_us_east_1_only() {
+        assert_eq!(create_bucket_body("us-east-1"), "");
+        assert!(
+            create_bucket_body("eu-central-1")
+                .contains("<LocationConstraint>eu-central-1</LocationConstraint>")
+        );
+    }
+
+    #[test]
     fn error_bodies_are_summarized() {
         let xml = "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>bad sig</Message></Error>";
         assert_eq!(summarize_body(xml), "SignatureDoesNotMatch: bad sig");
