@@ -4,9 +4,10 @@
 //! The binary (`main.rs`) is glue; everything testable lives here. See
 //! docs/architecture.md for how the pieces fit.
 
-pub mod app;
 pub mod client;
 pub mod config;
+pub mod coordinator;
+pub mod daemon;
 pub mod error;
 pub mod events;
 pub mod health;

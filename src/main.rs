@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Parser;
 
-use chunkstream::app::{self, RunOutcome};
 use chunkstream::config::{Cli, Command, Config, S3Config, parse_log_format, parse_log_level};
+use chunkstream::daemon::{self, RunOutcome};
 use chunkstream::error::AppError;
 use chunkstream::metadata::KeyLayout;
 use chunkstream::store::S3Store;
@@ -46,7 +46,7 @@ fn run(cli: Cli) -> Result<ExitCode, AppError> {
             let config = Config::from_settings(&cli.settings)?;
             logging::init(level, format);
             let stop = install_signal_handler()?;
-            match app::run(config, stop)? {
+            match daemon::run(config, stop)? {
                 RunOutcome::Drained => Ok(ExitCode::SUCCESS),
                 RunOutcome::DrainTimedOut(_) => Ok(ExitCode::FAILURE),
             }

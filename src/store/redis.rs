@@ -110,7 +110,7 @@ pub struct Completion {
 /// Who this process is when it claims streams, and how long a claim lasts.
 #[derive(Debug, Clone)]
 pub struct LeaseHolder {
-    /// Unique per process (see `app::instance_id`).
+    /// Unique per process (see `daemon::instance_id`).
     pub owner: String,
     pub ttl: Duration,
 }

@@ -164,8 +164,7 @@ impl Worker {
     /// like any other failure.
     pub fn execute_supervised(&mut self, job: Job) -> JobResult {
         let stream = job.stream().clone();
-        let executed =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(job)));
+        let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(job)));
         executed.unwrap_or_else(|payload| {
             let message = payload
                 .downcast_ref::<&str>()

@@ -1,0 +1,310 @@
+//! The daemon's wiring: start-up, the threads, and the drain on shutdown.
+//!
+//! Start-up waits for the bucket and Redis (retrying with backoff until a
+//! stop), then starts the HTTP server, the probe, the worker pool and the
+//! scanner, and hands the coordinator its channels. A stop request ends the
+//! coordinator's loop; the drain then lets in-flight jobs settle within
+//! `SHUTDOWN_TIMEOUT`. Nothing here decides anything about a stream: that is
+//! the coordinator's job.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, bounded};
+use log::{error, info, warn};
+
+use crate::config::Config;
+pub use crate::coordinator::RunOutcome;
+use crate::coordinator::{Channels, Coordinator, Observers};
+use crate::error::AppError;
+use crate::events::Events;
+use crate::health::{Dependency, Heartbeat};
+use crate::http::{HttpState, StreamsRequest};
+use crate::lease::HeldLeases;
+use crate::metadata::KeyLayout;
+use crate::metrics::Metrics;
+use crate::scan::FsLister;
+use crate::store::redis::LeaseHolder;
+use crate::store::{BucketError, CheckpointStore, Integrity, ObjectStore, RedisStore, S3Store};
+use crate::upload::job::{Job, JobResult};
+use crate::upload::{Worker, sweep};
+use crate::{http, random_u64};
+
+/// Waits `delay`, or less if a stop is requested. True if a stop was requested.
+fn stop_requested_within(stop: &Receiver<()>, delay: Duration) -> bool {
+    !matches!(
+        stop.recv_timeout(delay),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+    )
+}
+
+/// Retries `attempt` with backoff until it succeeds or a stop is requested.
+fn until_ready<T, E: std::fmt::Display>(
+    config: &Config,
+    stop: &Receiver<()>,
+    heartbeat: &Heartbeat,
+    what: &str,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> Option<T> {
+    let mut failures = 0u32;
+    loop {
+        heartbeat.beat();
+        match attempt() {
+            Ok(value) => return Some(value),
+            Err(err) => {
+                let delay = config.retry.ceiling(failures);
+                error!(
+                    "{what} failed: {err}; retrying in {}",
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                );
+                if stop_requested_within(stop, delay) {
+                    return None;
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// This process's owner id: host name, pid and a random part.
+pub fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "host".to_string());
+    format!(
+        "{host}-{}-{:06x}",
+        std::process::id(),
+        random_u64() & 0xff_ffff
+    )
+}
+
+/// Runs the daemon until `stop` receives a message (or is disconnected).
+pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_poll_interval(config.poll_interval);
+    let events: Arc<dyn Events> = metrics.clone();
+    let heartbeat = Arc::new(Heartbeat::default());
+    let (streams_tx, streams_rx) = bounded::<StreamsRequest>(8);
+    let http = http::HttpServer::start(
+        config.metrics_addr,
+        HttpState {
+            metrics: metrics.clone(),
+            heartbeat: heartbeat.clone(),
+            liveness_limit: config.poll_interval * 3 + Duration::from_secs(5),
+            streams: streams_tx,
+        },
+    )?;
+    let instance = instance_id();
+    info!(
+        "chunkstream {} starting as {instance}; metrics on http://{}; effective config: {config:?}",
+        env!("CARGO_PKG_VERSION"),
+        http.addr
+    );
+
+    let holder = LeaseHolder {
+        owner: instance.clone(),
+        ttl: config.lease.ttl,
+    };
+    let leases = Arc::new(HeldLeases::new(config.lease.ttl));
+    let mut s3 = S3Store::new(&config.s3)?;
+    let bucket_ready = until_ready(&config, &stop, &heartbeat, "checking bucket", || {
+        let outcome = s3.ensure_bucket().map_err(|err| match err {
+            BucketError::Fatal(reason) => Err(reason),
+            BucketError::Storage(err) => Ok(format!(
+                "bucket {:?} at {}: {err}",
+                config.s3.bucket,
+                config.s3.endpoint_display()
+            )),
+        });
+        let shown = outcome.clone().map_err(|err| match err {
+            Ok(retryable) | Err(retryable) => retryable,
+        });
+        events.dependency_checked(Dependency::Storage, shown);
+        match outcome {
+            Err(Err(fatal)) => Ok(Err(fatal)),
+            Err(Ok(retryable)) => Err(retryable),
+            Ok(()) => s3
+                .probe_integrity()
+                .map(Ok)
+                .map_err(|err| format!("checksum probe in bucket {:?}: {err}", config.s3.bucket)),
+        }
+    });
+    let integrity = match bucket_ready {
+        None => {
+            http.stop();
+            return Ok(RunOutcome::Drained);
+        }
+        Some(Err(fatal)) => {
+            http.stop();
+            return Err(AppError::Startup(fatal));
+        }
+        Some(Ok(integrity)) => integrity,
+    };
+    report_integrity(&config, integrity);
+    events.storage_integrity(integrity);
+
+    let mut checkpoints = RedisStore::new(&config.redis, holder.clone())?;
+    let Some(stored) = until_ready(&config, &stop, &heartbeat, "loading checkpoints", || {
+        let loaded = checkpoints.load_streams();
+        let outcome = loaded.as_ref().map(|_| ()).map_err(|err| err.to_string());
+        events.dependency_checked(Dependency::Redis, outcome);
+        loaded
+    }) else {
+        http.stop();
+        return Ok(RunOutcome::Drained);
+    };
+
+    let (job_tx, job_rx) = bounded::<Job>(config.workers);
+    let (result_tx, result_rx) = bounded::<JobResult>(config.workers * 2);
+    let (shutdown_tx, shutdown_rx) = bounded::<()>(1);
+    let probe = spawn_probe(
+        s3.clone(),
+        RedisStore::new(&config.redis, holder.clone())?,
+        events.clone(),
+        &config,
+        shutdown_rx.clone(),
+    )?;
+    let store: Arc<dyn ObjectStore> = Arc::new(s3);
+    let mut workers: Vec<JoinHandle<()>> = Vec::with_capacity(config.workers);
+    for number in 0..config.workers {
+        let worker = Worker::new(
+            store.clone(),
+            Box::new(RedisStore::new(&config.redis, holder.clone())?),
+            KeyLayout::new(&config.s3.prefix),
+            config.retry,
+            shutdown_rx.clone(),
+            events.clone(),
+            leases.clone(),
+        )
+        .with_assembly_max_parts(config.assembly_max_parts);
+        let (jobs, results) = (job_rx.clone(), result_tx.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("worker-{number}"))
+            .spawn(move || worker.run(jobs, results))
+            .map_err(|err| AppError::Startup(format!("cannot start worker thread: {err}")))?;
+        workers.push(handle);
+    }
+    drop((job_rx, result_tx, shutdown_rx));
+
+    let mut coordinator = Coordinator::new(
+        config.clone(),
+        Box::new(FsLister::new(
+            config.watch_dir.clone(),
+            config.file_extensions.clone(),
+            // Quiet for twice the completion timeout: complete, or waiting.
+            config.stream_timeout * 2,
+        )),
+        Box::new(checkpoints),
+        Channels {
+            jobs: job_tx,
+            results: result_rx,
+            streams: streams_rx,
+        },
+        Observers {
+            events,
+            heartbeat,
+            readiness: metrics.readiness(),
+            instance,
+            leases,
+        },
+    );
+    let resumed = coordinator.resume(stored);
+    info!("resumed {resumed} streams from checkpoints");
+    coordinator.run_until(&stop);
+    let outcome = coordinator.drain(shutdown_tx);
+    if outcome == RunOutcome::Drained {
+        for worker in workers {
+            let _ = worker.join();
+        }
+        let _ = probe.join();
+    }
+    http.stop();
+    Ok(outcome)
+}
+
+/// Says once, at start, how uploads are protected against corruption.
+fn report_integrity(config: &Config, integrity: Integrity) {
+    let endpoint = config.s3.endpoint_display();
+    match (integrity.checksum_verified, integrity.content_md5) {
+        (true, false) => info!(
+            "S3 at {endpoint} verifies x-amz-checksum-sha256: every body is checked by the server"
+        ),
+        (true, true) => info!(
+            "S3 at {endpoint} verifies x-amz-checksum-sha256; Content-MD5 is sent too (S3_CONTENT_MD5=always)"
+        ),
+        (false, true) => info!(
+            "S3 at {endpoint} does not verify x-amz-checksum-sha256; every body carries Content-MD5 instead"
+        ),
+        (false, false) => warn!(
+            "S3 at {endpoint} does not verify x-amz-checksum-sha256 and S3_CONTENT_MD5=never: a body corrupted in transit would be stored"
+        ),
+    }
+}
+
+/// How often the probe checks S3 and Redis while both are up.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps readiness fresh when no real traffic does: pings Redis and lists one
+/// key of the bucket every [`PROBE_INTERVAL`], or at the retry backoff (up to
+/// `RETRY_MAX_DELAY`) while something is down. It also runs the multipart
+/// sweep, at start and every [`sweep::SWEEP_INTERVAL`]. Ends when `shutdown`
+/// closes.
+fn spawn_probe(
+    s3: S3Store,
+    mut redis: RedisStore,
+    events: Arc<dyn Events>,
+    config: &Config,
+    shutdown: Receiver<()>,
+) -> Result<JoinHandle<()>, AppError> {
+    let retry = config.retry;
+    let (prefix, max_age) = (config.s3.prefix.clone(), config.multipart_max_age);
+    std::thread::Builder::new()
+        .name("probe".into())
+        .spawn(move || {
+            let mut failures = 0u32;
+            let mut sweep_support = sweep::Support::Unknown;
+            let mut next_sweep = Instant::now();
+            loop {
+                let storage = s3.probe().map_err(|err| err.to_string());
+                let checkpoints = redis.ping().map_err(|err| err.to_string());
+                let healthy = storage.is_ok() && checkpoints.is_ok();
+                events.dependency_checked(Dependency::Storage, storage);
+                events.dependency_checked(Dependency::Redis, checkpoints);
+                if healthy && Instant::now() >= next_sweep {
+                    match sweep::sweep(&s3, &mut redis, &prefix, max_age, &mut sweep_support) {
+                        Ok(report) => {
+                            next_sweep = Instant::now() + sweep::SWEEP_INTERVAL;
+                            events.multipart_uploads_aborted(report.aborted as u64);
+                        }
+                        Err(err) => warn!("multipart sweep failed: {err}; trying again later"),
+                    }
+                }
+                let delay = if healthy {
+                    failures = 0;
+                    PROBE_INTERVAL
+                } else {
+                    failures = failures.saturating_add(1);
+                    retry.ceiling(failures)
+                };
+                if stop_requested_within(&shutdown, delay) {
+                    return;
+                }
+            }
+        })
+        .map_err(|err| AppError::Startup(format!("cannot start probe thread: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_are_unique_per_process_and_name_the_host() {
+        let (a, b) = (instance_id(), instance_id());
+        assert_ne!(a, b);
+        assert!(a.contains(&format!("-{}-", std::process::id())), "{a}");
+    }
+}
