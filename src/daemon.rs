@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded, never, select};
 use log::{error, info, warn};
 
 use crate::config::Config;
 pub use crate::coordinator::RunOutcome;
-use crate::coordinator::{Channels, Coordinator, Observers};
+use crate::coordinator::{Coordinator, Observations, Observers};
 use crate::error::AppError;
 use crate::events::Events;
 use crate::health::{Dependency, Heartbeat};
@@ -24,12 +24,12 @@ use crate::http::{HttpState, StreamsRequest};
 use crate::lease::HeldLeases;
 use crate::metadata::KeyLayout;
 use crate::metrics::Metrics;
-use crate::scan::FsLister;
+use crate::scan::{FsLister, Scan};
 use crate::store::redis::LeaseHolder;
 use crate::store::{BucketError, CheckpointStore, Integrity, ObjectStore, RedisStore, S3Store};
 use crate::upload::job::{Job, JobResult};
 use crate::upload::{Worker, sweep};
-use crate::{http, random_u64};
+use crate::{http, random_u64, scanner};
 
 /// Waits `delay`, or less if a stop is requested. True if a stop was requested.
 fn stop_requested_within(stop: &Receiver<()>, delay: Duration) -> bool {
@@ -187,34 +187,53 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             .map_err(|err| AppError::Startup(format!("cannot start worker thread: {err}")))?;
         workers.push(handle);
     }
-    drop((job_rx, result_tx, shutdown_rx));
-
-    let mut coordinator = Coordinator::new(
-        config.clone(),
+    let (scans, _scanner) = scanner::spawn(
         Box::new(FsLister::new(
             config.watch_dir.clone(),
             config.file_extensions.clone(),
             // Quiet for twice the completion timeout: complete, or waiting.
             config.stream_timeout * 2,
         )),
+        config.poll_interval,
+        events.clone(),
+        shutdown_rx.clone(),
+    )
+    .map_err(|err| AppError::Startup(format!("cannot start scanner thread: {err}")))?;
+    drop((job_rx, result_tx, shutdown_rx));
+
+    let mut coordinator = Coordinator::new(
+        config.clone(),
         Box::new(checkpoints),
-        Channels {
-            jobs: job_tx,
-            results: result_rx,
-            streams: streams_rx,
-        },
+        job_tx,
         Observers {
             events,
-            heartbeat,
             readiness: metrics.readiness(),
             instance,
             leases,
         },
+        Instant::now(),
     );
-    let resumed = coordinator.resume(stored);
+    let resumed = coordinator.resume(stored, Instant::now());
     info!("resumed {resumed} streams from checkpoints");
-    coordinator.run_until(&stop);
-    let outcome = coordinator.drain(shutdown_tx);
+    let liveness_beat = config.poll_interval;
+    drive(
+        &mut coordinator,
+        Inputs {
+            scans,
+            results: result_rx.clone(),
+            streams: streams_rx,
+        },
+        &stop,
+        (&heartbeat, liveness_beat),
+    );
+    let outcome = drain(
+        &mut coordinator,
+        &result_rx,
+        shutdown_tx,
+        config.shutdown_timeout,
+    );
+    // The scanner is not joined: a walk hung on a dead mount would hold the
+    // exit up; it ends with the process.
     if outcome == RunOutcome::Drained {
         for worker in workers {
             let _ = worker.join();
@@ -223,6 +242,86 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     }
     http.stop();
     Ok(outcome)
+}
+
+/// What the coordinator's loop waits on.
+struct Inputs {
+    scans: Receiver<Scan>,
+    results: Receiver<JobResult>,
+    streams: Receiver<StreamsRequest>,
+}
+
+/// The coordinator's loop: a turn whenever a scan or a job result arrives,
+/// a lease renewal is due, or `beat` (the heartbeat) passes, until a stop is
+/// requested.
+fn drive(
+    coordinator: &mut Coordinator,
+    mut inputs: Inputs,
+    stop: &Receiver<()>,
+    (heartbeat, beat): (&Heartbeat, Duration),
+) {
+    let mut observations = Observations::default();
+    loop {
+        coordinator.turn(Instant::now(), std::mem::take(&mut observations));
+        heartbeat.beat();
+        let wait = coordinator
+            .next_deadline()
+            .saturating_duration_since(Instant::now())
+            .min(beat);
+        select! {
+            recv(inputs.scans) -> scan => match scan {
+                Ok(scan) => observations.scan = Some(scan),
+                Err(_) => {
+                    // Only a bug ends the scanner early; /healthz then shows
+                    // no new scans. Never spin on the closed channel.
+                    error!("the scanner thread ended; no more scans");
+                    inputs.scans = never();
+                }
+            },
+            recv(inputs.results) -> result => match result {
+                Ok(result) => observations.results.push(result),
+                Err(_) => inputs.results = never(),
+            },
+            recv(inputs.streams) -> request => match request {
+                Ok(reply) => {
+                    let _ = reply.try_send(coordinator.snapshot(Instant::now()));
+                }
+                Err(_) => inputs.streams = never(),
+            },
+            recv(stop) -> _ => {
+                info!("shutdown requested: no new scans or jobs; draining in-flight work");
+                return;
+            }
+            default(wait) => {}
+        }
+        observations.results.extend(inputs.results.try_iter());
+    }
+}
+
+/// Lets in-flight jobs finish (each is at most one chunk's work), within
+/// `timeout`. Dropping `shutdown` tells workers to stop retrying and to
+/// cancel queued jobs; every job, even one that panicked, reports back.
+fn drain(
+    coordinator: &mut Coordinator,
+    results: &Receiver<JobResult>,
+    shutdown: Sender<()>,
+    timeout: Duration,
+) -> RunOutcome {
+    drop(shutdown);
+    coordinator.begin_drain();
+    let deadline = Instant::now() + timeout;
+    while coordinator.has_jobs_out() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(result) = results.recv_timeout(left) else {
+            break;
+        };
+        let observations = Observations {
+            scan: None,
+            results: vec![result],
+        };
+        coordinator.turn(Instant::now(), observations);
+    }
+    coordinator.finish_drain()
 }
 
 /// Says once, at start, how uploads are protected against corruption.

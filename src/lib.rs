@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod readback;
 pub mod restore;
 pub mod scan;
+pub mod scanner;
 pub mod store;
 pub mod stream;
 pub mod upload;

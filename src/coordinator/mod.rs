@@ -15,19 +15,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, select};
+use crossbeam_channel::{Sender, TrySendError};
 use log::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::events::{Events, Gauges};
-use crate::health::{Dependency, Heartbeat, Readiness};
-use crate::http::{StreamsRequest, StreamsSnapshot};
+use crate::health::{Dependency, Readiness};
+use crate::http::StreamsSnapshot;
 use crate::lease::{HeldLeases, Ownership};
 use crate::metadata::new_stream_id;
 use crate::random_u64;
-use crate::scan::{DirectoryLister, FileIdentity, Observation};
+use crate::scan::{FileIdentity, Observation, Scan};
 use crate::store::CheckpointStore;
 use crate::store::redis::{Claim, LeaseStatus};
 use crate::stream::state::{Event, Rules, Work};
@@ -50,17 +50,18 @@ fn is_power_of_ten(mut n: u32) -> bool {
     n == 1
 }
 
-/// The coordinator's channels.
-pub struct Channels {
-    pub jobs: Sender<Job>,
-    pub results: Receiver<JobResult>,
-    pub streams: Receiver<StreamsRequest>,
+/// What arrived since the last turn.
+#[derive(Debug, Default)]
+pub struct Observations {
+    /// The scanner's latest scan, if a new one is in.
+    pub scan: Option<Scan>,
+    /// Results of finished jobs.
+    pub results: Vec<JobResult>,
 }
 
 /// Where the coordinator reports what it does, and who it is.
 pub struct Observers {
     pub events: Arc<dyn Events>,
-    pub heartbeat: Arc<Heartbeat>,
     pub readiness: Arc<Readiness>,
     /// This process's owner id.
     pub instance: String,
@@ -88,12 +89,9 @@ pub struct Coordinator {
     config: Config,
     rules: Rules,
     table: StreamTable,
-    lister: Box<dyn DirectoryLister>,
     checkpoints: Box<dyn CheckpointStore>,
     events: Arc<dyn Events>,
     jobs: Option<Sender<Job>>,
-    results: Receiver<JobResult>,
-    streams_requests: Receiver<StreamsRequest>,
     readiness: Arc<Readiness>,
     instance: String,
     /// Recently completed or closed streams, newest last.
@@ -113,7 +111,6 @@ pub struct Coordinator {
     /// Identity → stream id of streams just closed or forgotten whose identity
     /// mapping may still be in Redis; a new stream may take it over.
     retired: HashMap<FileIdentity, String>,
-    heartbeat: Arc<Heartbeat>,
     /// Whether the last registration failed (to log an outage once).
     registration_failing: bool,
     /// Redis recoveries already answered with a write-back.
@@ -123,12 +120,12 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn new(
         config: Config,
-        lister: Box<dyn DirectoryLister>,
         checkpoints: Box<dyn CheckpointStore>,
-        channels: Channels,
+        jobs: Sender<Job>,
         observers: Observers,
+        now: Instant,
     ) -> Self {
-        let ownership = Ownership::new(config.lease, observers.leases, Instant::now());
+        let ownership = Ownership::new(config.lease, observers.leases, now);
         let rules = Rules {
             stream_timeout: config.stream_timeout,
             vanish_grace: config.stream_timeout,
@@ -139,12 +136,9 @@ impl Coordinator {
             config,
             rules,
             table: StreamTable::default(),
-            lister,
             checkpoints,
             events: observers.events,
-            jobs: Some(channels.jobs),
-            results: channels.results,
-            streams_requests: channels.streams,
+            jobs: Some(jobs),
             readiness: observers.readiness,
             instance: observers.instance,
             recent: VecDeque::with_capacity(RECENT_STREAMS),
@@ -155,15 +149,13 @@ impl Coordinator {
             ownership,
             demand: 0,
             retired: HashMap::new(),
-            heartbeat: observers.heartbeat,
             registration_failing: false,
             redis_recoveries_handled: 0,
         }
     }
 
     /// Loads checkpointed streams into the table. Returns how many.
-    pub fn resume(&mut self, stored: Vec<crate::store::StoredStream>) -> usize {
-        let now = Instant::now();
+    pub fn resume(&mut self, stored: Vec<crate::store::StoredStream>, now: Instant) -> usize {
         let mut resumed = 0;
         for stream in stored {
             if let Some(tracked) = TrackedStream::from_stored(
@@ -185,74 +177,59 @@ impl Coordinator {
         resumed
     }
 
-    /// The coordinator loop, until a stop is requested.
-    pub fn run_until(&mut self, stop: &Receiver<()>) {
-        let mut next_scan = Instant::now();
-        loop {
-            let now = Instant::now();
-            if now >= next_scan {
-                self.scan(now);
-                self.queue_ready_streams(now);
-                self.publish_gauges();
-                next_scan = now + self.config.poll_interval;
-            }
-            self.write_back_after_redis_recovery();
-            self.renew_leases();
-            self.dispatch(Instant::now());
-            self.heartbeat.beat();
-            // Wake for the next scan, or the next lease renewal if sooner
-            // (POLL_INTERVAL may be longer than a third of LEASE_TTL).
-            let wake = next_scan.min(self.ownership.next_renewal());
-            let wait = wake.saturating_duration_since(Instant::now());
-            select! {
-                recv(self.results) -> result => {
-                    if let Ok(result) = result {
-                        self.handle_result(result);
-                    }
-                }
-                recv(self.streams_requests) -> request => {
-                    if let Ok(reply) = request {
-                        let _ = reply.try_send(self.snapshot());
-                    }
-                }
-                recv(stop) -> _ => {
-                    info!("shutdown requested: no new scans or jobs; draining in-flight work");
-                    return;
-                }
-                default(wait) => {}
-            }
-            while let Ok(result) = self.results.try_recv() {
-                self.handle_result(result);
-            }
+    /// One turn: applies what the workers did and what the scanner saw,
+    /// renews leases when due, and hands out the jobs that fit in the job
+    /// channel. `now` is the only clock the coordinator reads, so tests drive
+    /// it with a fake one.
+    pub fn turn(&mut self, now: Instant, observations: Observations) {
+        for result in observations.results {
+            self.handle_result(result, now);
         }
+        if let Some(scan) = observations.scan {
+            let changes = self.table.apply_scan(&scan, now, &self.rules);
+            self.apply_changes(changes, now);
+            self.queue_ready_streams(now);
+            self.publish_gauges();
+        }
+        self.write_back_after_redis_recovery();
+        self.renew_leases(now);
+        self.dispatch(now);
     }
 
-    /// Lets in-flight jobs finish (each is at most one chunk's work), within
-    /// `SHUTDOWN_TIMEOUT`. Dropping `shutdown` tells workers to stop retrying
-    /// and to cancel queued jobs.
-    pub fn drain(&mut self, shutdown: Sender<()>) -> RunOutcome {
-        drop(shutdown);
+    /// When the next turn is due even if nothing arrives: the next lease
+    /// renewal.
+    pub fn next_deadline(&self) -> Instant {
+        self.ownership.next_renewal()
+    }
+
+    /// Stops handing out jobs: closes this side of the job channel, so the
+    /// workers end once it is empty. In-flight jobs still report back.
+    pub fn begin_drain(&mut self) {
         drop(self.jobs.take());
-        let deadline = Instant::now() + self.config.shutdown_timeout;
-        let inflight_at_start = self.in_flight.len();
-        while !self.in_flight.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match self.results.recv_timeout(left) {
-                Ok(result) => self.handle_result(result),
-                Err(_) => break,
-            }
-        }
+    }
+
+    /// Whether a job is at a worker.
+    pub fn has_jobs_out(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    /// Stream ids with a job out, sorted.
+    pub fn in_flight(&self) -> Vec<String> {
+        let mut streams: Vec<String> = self.in_flight.keys().cloned().collect();
+        streams.sort();
+        streams
+    }
+
+    /// Ends a drain: gives up every lease whose stream has no job still
+    /// running, and says how the drain went.
+    pub fn finish_drain(&mut self) -> RunOutcome {
         self.give_up_leases();
         self.publish_gauges();
-        if self.in_flight.is_empty() {
-            info!("drained: {inflight_at_start} in-flight jobs settled; exiting");
+        let streams = self.in_flight();
+        if streams.is_empty() {
+            info!("drained: every in-flight job settled; exiting");
             RunOutcome::Drained
         } else {
-            let mut streams: Vec<String> = self.in_flight.keys().cloned().collect();
-            streams.sort();
             error!(
                 "SHUTDOWN_TIMEOUT ({}) passed with jobs still running for streams: {}; they resume on the next start",
                 humantime::format_duration(self.config.shutdown_timeout),
@@ -260,18 +237,6 @@ impl Coordinator {
             );
             RunOutcome::DrainTimedOut(streams)
         }
-    }
-
-    fn scan(&mut self, now: Instant) {
-        let started = Instant::now();
-        let scan = self.lister.scan();
-        let elapsed = started.elapsed().as_secs_f64();
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        self.events.scan_finished(elapsed, unix);
-        let changes = self.table.apply_scan(&scan, now, &self.rules);
-        self.apply_changes(changes, now);
     }
 
     fn apply_changes(&mut self, changes: Vec<Change>, now: Instant) {
@@ -468,8 +433,7 @@ impl Coordinator {
     /// every third of `LEASE_TTL`. A lease found lost is dropped (its stream
     /// now belongs to another replica); a stream whose record is gone (Redis
     /// lost its data) is written back, so the next renewal keeps it.
-    fn renew_leases(&mut self) {
-        let sent = Instant::now();
+    fn renew_leases(&mut self, sent: Instant) {
         if !self.ownership.renewal_due(sent) {
             return;
         }
@@ -579,7 +543,7 @@ impl Coordinator {
         now: Instant,
         first_claim_reads: bool,
     ) -> Result<(u64, Option<crate::store::StoredStream>), Unclaimed> {
-        let sent = Instant::now();
+        let sent = now;
         match self.checkpoints.claim(stream_id) {
             Ok(Claim::Granted { token }) => {
                 self.ownership.granted(stream_id, token, sent);
@@ -811,9 +775,8 @@ impl Coordinator {
         }
     }
 
-    fn handle_result(&mut self, result: JobResult) {
+    fn handle_result(&mut self, result: JobResult, now: Instant) {
         self.in_flight.remove(&result.stream.stream_id);
-        let now = Instant::now();
         let Some(stream) = self.table.get_mut(&result.stream) else {
             match result.outcome {
                 Outcome::Closed => self.events.stream_closed("incomplete", 0.0),
@@ -930,8 +893,7 @@ impl Coordinator {
     }
 
     /// Active streams (oldest change first), then the recent ones (newest first).
-    fn snapshot(&self) -> StreamsSnapshot {
-        let now = Instant::now();
+    pub fn snapshot(&self, now: Instant) -> StreamsSnapshot {
         let mut streams: Vec<StreamView> = self
             .table
             .iter()
