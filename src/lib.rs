@@ -24,6 +24,8 @@ pub mod scan;
 pub mod scanner;
 pub mod store;
 pub mod stream;
+#[cfg(test)]
+pub mod testing;
 pub mod upload;
 
 /// A random number from the standard library's per-process random keys; good

@@ -936,12 +936,4 @@ impl Coordinator {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn powers_of_ten_pace_the_repeated_warnings() {
-        let warned: Vec<u32> = (1..=1000).filter(|&n| is_power_of_ten(n)).collect();
-        assert_eq!(warned, vec![1, 10, 100, 1000]);
-    }
-}
+mod tests;
