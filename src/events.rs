@@ -54,6 +54,8 @@ pub struct Gauges {
     pub streams_owned: u64,
     /// Live replicas on this Redis (this one included), at the last renewal.
     pub replicas: u64,
+    /// Streams whose checkpoint record cannot be trusted.
+    pub streams_quarantined: u64,
 }
 
 /// Discards everything.

@@ -45,6 +45,7 @@ pub struct Metrics {
     pending_bytes: IntGauge,
     streams_owned: IntGauge,
     replicas: IntGauge,
+    streams_quarantined: IntGauge,
     leases_claimed: IntCounter,
     leases_lost: IntCounter,
     last_scan_timestamp: prometheus::Gauge,
@@ -188,6 +189,11 @@ impl Metrics {
                 &registry,
                 "chunkstream_replicas",
                 "Live replicas sharing this Redis key prefix, this one included, at the last lease renewal.",
+            ),
+            streams_quarantined: gauge(
+                &registry,
+                "chunkstream_streams_quarantined",
+                "Streams whose checkpoint record in Redis cannot be trusted: nothing is uploaded or closed for them (see /streams for why).",
             ),
             leases_claimed: counter(
                 &registry,
@@ -386,6 +392,7 @@ impl Events for Metrics {
         set(&self.pending_bytes, gauges.pending_bytes);
         set(&self.streams_owned, gauges.streams_owned);
         set(&self.replicas, gauges.replicas);
+        set(&self.streams_quarantined, gauges.streams_quarantined);
     }
 }
 

@@ -3,7 +3,8 @@
 //! The coordinator's scenarios and the workers' tests run against these in
 //! milliseconds, with no server and no sleep: time moves only when a test
 //! calls [`FakeClock::advance`], and the checkpoint store can be made to fail
-//! ([`FakeCheckpoints::set_down`]), to lose its data ([`FakeCheckpoints::wipe`])
+//! ([`FakeCheckpoints::set_down`]), to lose its data ([`FakeCheckpoints::wipe`]),
+//! to hold a corrupt record ([`FakeCheckpoints::corrupt`])
 //! or to hand a lease to another replica ([`FakeCheckpoints::steal`]).
 //! Compiled for tests only.
 
@@ -17,6 +18,7 @@ use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::ChunkRecord;
 use crate::scan::FileIdentity;
 use crate::store::CheckpointStore;
+use crate::store::record::{CorruptRecord, Loaded};
 use crate::store::redis::{
     AssemblyProgress, Claim, Completion, LeaseStatus, Renewal, StoredStatus, StoredStream,
 };
@@ -71,7 +73,23 @@ struct Server {
     /// Owner → membership expiry.
     replicas: BTreeMap<String, Instant>,
     assemblies: BTreeMap<String, AssemblyProgress>,
+    /// Stream id → why its record reads back as corrupt.
+    corrupt: BTreeMap<String, String>,
     down: bool,
+}
+
+impl Server {
+    fn load(&self, id: &str) -> Option<Loaded> {
+        let stream = self.streams.get(id)?;
+        Some(match self.corrupt.get(id) {
+            Some(reason) => Err(CorruptRecord {
+                id: id.to_string(),
+                path: Some(stream.rel_path.clone()),
+                reason: reason.clone(),
+            }),
+            None => Ok(stream.clone()),
+        })
+    }
 }
 
 /// An in-memory checkpoint store with the Redis adapter's semantics (leases
@@ -131,6 +149,13 @@ impl FakeCheckpoints {
                 until,
             },
         );
+    }
+
+    /// From now on the stream's record reads back as corrupt, for `reason`.
+    pub fn corrupt(&self, stream_id: &str, reason: &str) {
+        self.lock_server()
+            .corrupt
+            .insert(stream_id.to_string(), reason.to_string());
     }
 
     /// The stream's record, as stored.
@@ -200,17 +225,17 @@ impl CheckpointStore for FakeCheckpoints {
         self.up().map(drop)
     }
 
-    fn load_streams(&mut self) -> Result<Vec<StoredStream>, CheckpointError> {
+    fn load_streams(&mut self) -> Result<Vec<Loaded>, CheckpointError> {
         let server = self.up()?;
         Ok(server
             .identities
             .values()
-            .filter_map(|id| server.streams.get(id).cloned())
+            .filter_map(|id| server.load(id))
             .collect())
     }
 
-    fn load_stream(&mut self, id: &str) -> Result<Option<StoredStream>, CheckpointError> {
-        Ok(self.up()?.streams.get(id).cloned())
+    fn load_stream(&mut self, id: &str) -> Result<Option<Loaded>, CheckpointError> {
+        Ok(self.up()?.load(id))
     }
 
     fn register_stream(

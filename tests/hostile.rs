@@ -124,3 +124,65 @@ fn corrupt_metadata_makes_restore_and_verify_exit_1() {
         }
     }
 }
+
+#[test]
+fn a_corrupt_checkpoint_record_quarantines_its_stream_and_the_daemon_goes_on() {
+    let Some(env) = TestEnv::start() else { return };
+    let daemon = env.start_daemon(&[]);
+    env.drop_file("bad.mp4", &support::pseudo_random(7 * support::MIB, 1));
+    let bad = env.wait_complete("bad.mp4");
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+
+    // Chunk size 0 in the record, and a chunk record that is not JSON.
+    let mut redis = env.redis.connection();
+    let record = format!("cstest:stream:{}", bad.stream_id);
+    let _: () = redis::cmd("HSET")
+        .arg(&record)
+        .arg("chunk_size")
+        .arg("0")
+        .query(&mut redis)
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{record}:chunks"))
+        .arg("99")
+        .arg("{\"index\":")
+        .query(&mut redis)
+        .unwrap();
+
+    let daemon = env.start_daemon(&[]);
+    let good_source = env.drop_file("good.mp4", &support::pseudo_random(7 * support::MIB, 2));
+    let good = env.wait_complete("good.mp4");
+    env.assert_byte_exact(&good, &good_source);
+    let (code, body) = daemon.http("GET", "/streams");
+    assert_eq!(code, 200, "{body}");
+    let streams: Value = serde_json::from_str(&body).unwrap();
+    let quarantined = streams["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|stream| stream["stream_id"] == bad.stream_id.as_str())
+        .unwrap_or_else(|| panic!("the bad stream is listed: {body}"));
+    assert_eq!(quarantined["state"], "quarantined", "{body}");
+    assert_eq!(quarantined["path"], "bad.mp4", "{body}");
+    assert!(
+        quarantined["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("chunk size 0"),
+        "{body}"
+    );
+    let (_, status_text) = run(&env, &["status", "--url", &daemon.url()]);
+    assert!(status_text.contains("quarantined bad.mp4"), "{status_text}");
+    assert_eq!(daemon.metric("chunkstream_streams_quarantined"), 1.0);
+    // The bucket still holds the complete stream as it was.
+    assert_eq!(env.metadata_for("bad.mp4").unwrap(), bad);
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!("stream {} is corrupt", bad.stream_id))
+            || log.contains(&format!("stream {} is quarantined", bad.stream_id)),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -300,7 +300,7 @@ fn m0_the_lease_scripts_give_one_owner_and_fence_out_a_stale_one() {
         a.mark_complete("s", first, &completion),
         Err(FencedWriteError::LeaseLost)
     ));
-    let record = b.load_stream("s").unwrap().expect("record");
+    let record = b.load_stream("s").unwrap().expect("record").expect("valid");
     assert_eq!(record.status, StoredStatus::Complete);
     assert_eq!(
         record.chunks.len(),

@@ -13,7 +13,7 @@
 //! leases every third of `LEASE_TTL`, and gives a lease up when the stream
 //! is complete or closed (see `lease` and docs/scaling.md).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,6 +29,7 @@ use crate::metadata::new_stream_id;
 use crate::random_u64;
 use crate::scan::{FileIdentity, Observation, Scan};
 use crate::store::CheckpointStore;
+use crate::store::record::{CorruptRecord, Loaded};
 use crate::store::redis::{Claim, LeaseStatus};
 use crate::stream::state::{Event, Rules, Work};
 use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream, file_name};
@@ -70,12 +71,14 @@ pub struct Observers {
 }
 
 /// Why a claim did not give this process a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Unclaimed {
     /// The stream has no record (Redis lost it).
     NoRecord,
     /// Another replica holds it, or Redis cannot be reached.
     Elsewhere,
+    /// Its record cannot be trusted.
+    Corrupt(CorruptRecord),
 }
 
 /// New files registered per poll at most; the rest wait for the next poll.
@@ -115,6 +118,18 @@ pub struct Coordinator {
     registration_failing: bool,
     /// Redis recoveries already answered with a write-back.
     redis_recoveries_handled: u64,
+    /// Streams whose checkpoint record cannot be trusted, by id: neither
+    /// uploaded nor closed, shown in `/streams` until the record is fixed
+    /// or deleted and the process restarted.
+    quarantined: BTreeMap<String, Quarantined>,
+}
+
+/// A quarantined stream: its file (if known) and why.
+#[derive(Debug, Clone)]
+struct Quarantined {
+    identity: Option<FileIdentity>,
+    path: String,
+    reason: String,
 }
 
 impl Coordinator {
@@ -151,13 +166,21 @@ impl Coordinator {
             retired: HashMap::new(),
             registration_failing: false,
             redis_recoveries_handled: 0,
+            quarantined: BTreeMap::new(),
         }
     }
 
     /// Loads checkpointed streams into the table. Returns how many.
-    pub fn resume(&mut self, stored: Vec<crate::store::StoredStream>, now: Instant) -> usize {
+    pub fn resume(&mut self, stored: Vec<Loaded>, now: Instant) -> usize {
         let mut resumed = 0;
         for stream in stored {
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(corrupt) => {
+                    self.quarantine(corrupt, None);
+                    continue;
+                }
+            };
             if let Some(tracked) = TrackedStream::from_stored(
                 stream,
                 &self.config.watch_dir,
@@ -247,6 +270,7 @@ impl Coordinator {
                 // burst of new files is spread over several polls so the
                 // loop (and /healthz) stays responsive.
                 Change::Discovered(_) if registered == REGISTRATIONS_PER_POLL => {}
+                Change::Discovered(observation) if self.is_quarantined(observation.identity) => {}
                 Change::Discovered(observation) => {
                     registered += 1;
                     self.register(&observation, now);
@@ -407,7 +431,8 @@ impl Coordinator {
         }
         // Someone registered this file first: continue their stream.
         match self.checkpoints.load_stream(&id) {
-            Ok(Some(stored)) => {
+            Ok(Some(Err(corrupt))) => self.quarantine(corrupt, Some(observation.identity)),
+            Ok(Some(Ok(stored))) => {
                 if let Some(tracked) = TrackedStream::from_stored(
                     stored,
                     &self.config.watch_dir,
@@ -427,6 +452,36 @@ impl Coordinator {
             ),
             Err(err) => warn!("stream {id}: cannot load its record: {err}"),
         }
+    }
+
+    /// Takes a stream whose record cannot be trusted out of service: it is
+    /// neither uploaded nor closed (either could destroy what is in the
+    /// bucket), its file is not registered again, and `/streams` shows it as
+    /// `quarantined` with the reason. Logged once per stream.
+    fn quarantine(&mut self, corrupt: CorruptRecord, identity: Option<FileIdentity>) {
+        let id = corrupt.id.clone();
+        if let Some(known) = self.quarantined.get_mut(&id) {
+            known.identity = known.identity.or(identity);
+            return;
+        }
+        error!(
+            stream_id = id.as_str();
+            "{corrupt}; stream {id} is quarantined: nothing is uploaded or closed for it until its record is fixed or deleted (then restart)"
+        );
+        self.quarantined.insert(
+            id,
+            Quarantined {
+                identity,
+                path: corrupt.path.unwrap_or_default(),
+                reason: corrupt.reason,
+            },
+        );
+    }
+
+    fn is_quarantined(&self, identity: FileIdentity) -> bool {
+        self.quarantined
+            .values()
+            .any(|stream| stream.identity == Some(identity))
     }
 
     /// Renews this process's leases and its place among the live replicas,
@@ -553,7 +608,11 @@ impl Coordinator {
                     return Ok((token, None));
                 }
                 match self.checkpoints.load_stream(stream_id) {
-                    Ok(Some(stored)) => Ok((token, Some(stored))),
+                    Ok(Some(Ok(stored))) => Ok((token, Some(stored))),
+                    Ok(Some(Err(corrupt))) => {
+                        self.release(stream_id);
+                        Err(Unclaimed::Corrupt(corrupt))
+                    }
                     Ok(None) => {
                         self.release(stream_id);
                         Err(Unclaimed::NoRecord)
@@ -598,6 +657,12 @@ impl Coordinator {
                 return None;
             }
             Err(Unclaimed::Elsewhere) => return None,
+            Err(Unclaimed::Corrupt(corrupt)) => {
+                self.table.remove(&identity);
+                self.ownership.forget(&stream_id);
+                self.quarantine(corrupt, Some(identity));
+                return None;
+            }
         };
         let stream = self.table.stream_mut(&identity)?;
         if !stream.adopt(stored, self.config.assemble) {
@@ -630,7 +695,14 @@ impl Coordinator {
         if let Some(token) = self.ownership.token(&stream.id) {
             return Some((token, stream.chunks.clone()));
         }
-        let (token, stored) = self.claim_lease(&stream.id, now, true).ok()?;
+        let (token, stored) = match self.claim_lease(&stream.id, now, true) {
+            Ok(claimed) => claimed,
+            Err(Unclaimed::Corrupt(corrupt)) => {
+                self.quarantine(corrupt, Some(stream.identity));
+                return None;
+            }
+            Err(Unclaimed::NoRecord | Unclaimed::Elsewhere) => return None,
+        };
         let stored = stored?;
         if stored.status == crate::store::StoredStatus::Active {
             Some((token, stored.chunks))
@@ -909,6 +981,20 @@ impl Coordinator {
                 view
             })
             .collect();
+        streams.extend(self.quarantined.iter().map(|(id, stream)| StreamView {
+            stream_id: id.clone(),
+            path: stream.path.clone(),
+            state: "quarantined".to_string(),
+            size_bytes: 0,
+            uploaded_bytes: 0,
+            chunks_uploaded: 0,
+            last_change_seconds_ago: 0.0,
+            retries: 0,
+            last_error: Some(stream.reason.clone()),
+            upload_rate_bytes_per_second: 0.0,
+            revision: 0,
+            owned: false,
+        }));
         streams.sort_by(|a, b| a.path.cmp(&b.path));
         streams.extend(self.recent.iter().rev().cloned());
         StreamsSnapshot {
@@ -925,6 +1011,7 @@ impl Coordinator {
             inflight_jobs: self.in_flight.len() as u64,
             streams_owned: self.ownership.held_count() as u64,
             replicas: self.ownership.replicas() as u64,
+            streams_quarantined: self.quarantined.len() as u64,
             ..Gauges::default()
         };
         for stream in self.table.iter().filter(|s| s.is_active()) {

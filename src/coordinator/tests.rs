@@ -942,3 +942,60 @@ fn a_drain_past_its_timeout_names_the_streams_still_out() {
         "the lease of a running job is kept"
     );
 }
+
+// ---- hostile records ----
+
+#[test]
+fn a_corrupt_record_at_start_quarantines_its_stream_and_the_others_go_on() {
+    let mut world = world();
+    world.write("bad.mp4", 15 * MIB);
+    world.write("good.mp4", 15 * MIB);
+    world.poll();
+    world.work_off();
+    let bad = world.stream_id("bad.mp4");
+    world
+        .store()
+        .corrupt(&bad, "chunk size 0 is outside 1..=5368709120");
+    // A restart reads the records back.
+    let loaded = world.store().clone().load_streams().unwrap();
+    let store = world.store().replica("replica-restarted");
+    world.replicas.clear();
+    world.add_replica(store, 4);
+    let now = world.now();
+    assert_eq!(world.replicas[0].coordinator.resume(loaded, now), 1);
+    world.advance(TTL);
+    world.write("bad.mp4", 25 * MIB);
+    world.write("good.mp4", 25 * MIB);
+    world.poll();
+    let jobs = world.work_off();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0].stream().stream_id, world.stream_id("good.mp4"));
+    let view = world.view("bad.mp4").unwrap();
+    assert_eq!(view.state, "quarantined");
+    assert!(view.last_error.unwrap().contains("chunk size 0"));
+    assert_eq!(world.store().stream_ids().len(), 2, "not registered again");
+    assert_eq!(world.metric("chunkstream_streams_quarantined"), 1.0);
+}
+
+#[test]
+fn a_record_found_corrupt_at_claim_time_quarantines_the_stream() {
+    let mut world = world();
+    world.write("cam.mp4", 15 * MIB);
+    world.poll();
+    world.work_off();
+    let id = world.stream_id("cam.mp4");
+    world.store().steal(&id, "replica-9");
+    world.poll_for(TTL / 3 + SECOND);
+    world
+        .store()
+        .corrupt(&id, "chunk 7 starts at 1 instead of 73400320");
+    // replica-9's lease lapses; the claim reads the record back.
+    world.write("cam.mp4", 25 * MIB);
+    world.poll_for(TTL);
+    assert!(world.jobs().is_empty());
+    let view = world.view("cam.mp4").unwrap();
+    assert_eq!(view.state, "quarantined");
+    assert!(view.last_error.unwrap().contains("chunk 7"));
+    world.poll_for(5 * SECOND);
+    assert!(world.jobs().is_empty(), "it stays out of service");
+}

@@ -22,7 +22,7 @@
 //! - `P:replicas` sorted set: live owner ids, scored by when they expire.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use redis::{Connection, RedisResult, Script};
 
@@ -30,6 +30,7 @@ use crate::config::{RedisConfig, redact_url};
 use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::{ChunkRecord, unix_millis};
 use crate::scan::FileIdentity;
+use crate::store::record::{Loaded, decode_stream, stream_fields};
 
 /// Streams loaded per pipelined round trip at start.
 const LOAD_BATCH: usize = 256;
@@ -43,7 +44,7 @@ pub enum StoredStatus {
 }
 
 impl StoredStatus {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StoredStatus::Active => "active",
             StoredStatus::Complete => "complete",
@@ -51,7 +52,7 @@ impl StoredStatus {
         }
     }
 
-    fn parse(value: &str) -> Option<Self> {
+    pub(crate) fn parse(value: &str) -> Option<Self> {
         match value {
             "active" => Some(StoredStatus::Active),
             "complete" => Some(StoredStatus::Complete),
@@ -156,11 +157,13 @@ pub trait CheckpointStore: Send {
     /// Round trip to check the store is reachable.
     fn ping(&mut self) -> Result<(), CheckpointError>;
 
-    /// Every live stream (those in the identity index), with their chunks.
-    fn load_streams(&mut self) -> Result<Vec<StoredStream>, CheckpointError>;
+    /// Every live stream (those in the identity index), with their chunks;
+    /// a record that cannot be trusted comes back as a
+    /// [`CorruptRecord`](crate::store::record::CorruptRecord).
+    fn load_streams(&mut self) -> Result<Vec<Loaded>, CheckpointError>;
 
     /// One stream by id, if its record exists.
-    fn load_stream(&mut self, id: &str) -> Result<Option<StoredStream>, CheckpointError>;
+    fn load_stream(&mut self, id: &str) -> Result<Option<Loaded>, CheckpointError>;
 
     /// Maps the stream's identity to `stream.id` and stores its record, in one
     /// atomic step, unless the identity already maps to another stream that is
@@ -603,73 +606,12 @@ fn owned_pairs(pairs: &[(&str, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn from_unix_millis(millis: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(millis)
-}
-
-/// The record fields of a stream, as (name, value) pairs.
-fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)> {
-    vec![
-        ("id", stream.id.clone()),
-        ("identity", stream.identity.key()),
-        ("path", stream.rel_path.clone()),
-        ("file_name", stream.file_name.clone()),
-        ("chunk_size", stream.chunk_size.to_string()),
-        ("started_at_ms", unix_millis(stream.started_at).to_string()),
-        (
-            "last_change_at_ms",
-            unix_millis(stream.last_change_at).to_string(),
-        ),
-        ("status", stream.status.as_str().to_string()),
-        ("revision", stream.revision.to_string()),
-        ("completed_size", stream.completed_size.to_string()),
-        ("completed_mtime_ns", stream.completed_mtime_ns.to_string()),
-        ("assembled_revision", stream.assembled_revision.to_string()),
-    ]
-}
-
-/// Rebuilds a stream from its record and chunk hash; `None` if the record is
-/// missing or unreadable (it is then treated as unknown and re-registered).
-fn parse_stream(
-    fields: &BTreeMap<String, String>,
-    chunks: &BTreeMap<String, String>,
-) -> Option<StoredStream> {
-    let get = |name: &str| fields.get(name).map(String::as_str);
-    let number = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
-    let chunks = chunks
-        .iter()
-        .filter_map(|(index, json)| {
-            let record: ChunkRecord = serde_json::from_str(json).ok()?;
-            (index.parse::<u64>().ok()? == record.index).then_some((record.index, record))
-        })
-        .collect();
-    Some(StoredStream {
-        id: get("id")?.to_string(),
-        identity: FileIdentity::parse_key(get("identity")?)?,
-        rel_path: get("path")?.to_string(),
-        file_name: get("file_name")?.to_string(),
-        chunk_size: number("chunk_size").filter(|&size| size > 0)?,
-        started_at: from_unix_millis(number("started_at_ms")?),
-        last_change_at: from_unix_millis(number("last_change_at_ms")?),
-        status: StoredStatus::parse(get("status")?)?,
-        revision: number("revision").and_then(|r| u32::try_from(r).ok())?,
-        completed_size: number("completed_size").unwrap_or(0),
-        completed_mtime_ns: get("completed_mtime_ns")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
-        assembled_revision: number("assembled_revision")
-            .and_then(|r| u32::try_from(r).ok())
-            .unwrap_or(0),
-        chunks,
-    })
-}
-
 impl CheckpointStore for RedisStore {
     fn ping(&mut self) -> Result<(), CheckpointError> {
         self.with_connection(|con, _| redis::cmd("PING").query::<String>(con).map(|_| ()))
     }
 
-    fn load_streams(&mut self) -> Result<Vec<StoredStream>, CheckpointError> {
+    fn load_streams(&mut self) -> Result<Vec<Loaded>, CheckpointError> {
         let index: BTreeMap<String, String> = self
             .with_connection(|con, keys| redis::cmd("HGETALL").arg(keys.identities()).query(con))?;
         let ids: Vec<String> = index.into_values().collect();
@@ -691,16 +633,15 @@ impl CheckpointStore for RedisStore {
                 Ok(pairs)
             })?;
             for (id, (fields, chunks)) in batch.iter().zip(replies) {
-                match parse_stream(&fields, &chunks) {
-                    Some(stream) => streams.push(stream),
-                    None => log::warn!("ignoring unreadable checkpoint record for stream {id}"),
-                }
+                // A stream in the index with no record left is registered
+                // afresh when its file is seen.
+                streams.extend(decode_stream(id, &fields, &chunks));
             }
         }
         Ok(streams)
     }
 
-    fn load_stream(&mut self, id: &str) -> Result<Option<StoredStream>, CheckpointError> {
+    fn load_stream(&mut self, id: &str) -> Result<Option<Loaded>, CheckpointError> {
         let (fields, chunks): (BTreeMap<String, String>, BTreeMap<String, String>) = self
             .with_connection(|con, keys| {
                 redis::pipe()
@@ -710,7 +651,7 @@ impl CheckpointStore for RedisStore {
                     .arg(keys.chunks(id))
                     .query(con)
             })?;
-        Ok(parse_stream(&fields, &chunks))
+        Ok(decode_stream(id, &fields, &chunks))
     }
 
     fn register_stream(
@@ -973,53 +914,5 @@ impl CheckpointStore for RedisStore {
                 .invoke::<i64>(con)
                 .map(|_| ())
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stored_stream_round_trips_through_its_fields() {
-        let stream = StoredStream {
-            id: "cam-1".into(),
-            identity: FileIdentity {
-                device: 7,
-                inode: 9,
-            },
-            rel_path: "a/cam.mp4".into(),
-            file_name: "cam.mp4".into(),
-            chunk_size: 5 << 20,
-            started_at: from_unix_millis(1_000),
-            last_change_at: from_unix_millis(2_000),
-            status: StoredStatus::Complete,
-            revision: 2,
-            completed_size: 12,
-            completed_mtime_ns: -5,
-            assembled_revision: 1,
-            chunks: BTreeMap::from([(
-                0,
-                ChunkRecord {
-                    index: 0,
-                    key: "cam-1/chunk-000000".into(),
-                    offset: 0,
-                    size_bytes: 12,
-                    sha256: "ab".into(),
-                    uploaded_at: "t".into(),
-                },
-            )]),
-        };
-        let fields: BTreeMap<String, String> = stream_fields(&stream)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        let chunks = stream
-            .chunks
-            .iter()
-            .map(|(i, c)| (i.to_string(), serde_json::to_string(c).unwrap()))
-            .collect();
-        assert_eq!(parse_stream(&fields, &chunks), Some(stream));
-        assert_eq!(parse_stream(&BTreeMap::new(), &chunks), None);
     }
 }

@@ -49,7 +49,8 @@ pub struct StreamView {
     pub stream_id: String,
     pub path: String,
     /// uploading, active, backoff, missing, finalizing, complete, incomplete,
-    /// or elsewhere (another replica owns it).
+    /// elsewhere (another replica owns it), or quarantined (its checkpoint
+    /// record cannot be trusted; `last_error` says why).
     pub state: String,
     pub size_bytes: u64,
     pub uploaded_bytes: u64,

@@ -799,10 +799,13 @@ mod tests {
         fn ping(&mut self) -> Result<(), CheckpointError> {
             Ok(())
         }
-        fn load_streams(&mut self) -> Result<Vec<StoredStream>, CheckpointError> {
+        fn load_streams(&mut self) -> Result<Vec<crate::store::record::Loaded>, CheckpointError> {
             Ok(Vec::new())
         }
-        fn load_stream(&mut self, _: &str) -> Result<Option<StoredStream>, CheckpointError> {
+        fn load_stream(
+            &mut self,
+            _: &str,
+        ) -> Result<Option<crate::store::record::Loaded>, CheckpointError> {
             Ok(None)
         }
         fn register_stream(
