@@ -10,18 +10,21 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::config::{Cli, Config};
-use crate::error::{CheckpointError, FencedWriteError};
+use sha2::{Digest, Sha256};
+
+use crate::error::{CheckpointError, FencedWriteError, StorageError};
 use crate::metadata::ChunkRecord;
 use crate::scan::FileIdentity;
-use crate::store::CheckpointStore;
 use crate::store::record::{CorruptRecord, Loaded};
 use crate::store::redis::{
     AssemblyProgress, Claim, Completion, LeaseStatus, Renewal, StoredStatus, StoredStream,
 };
+use crate::store::{CheckpointStore, ObjectInfo, ObjectStore};
 
 /// A clock that moves only when told to; clones share the time.
 #[derive(Debug, Clone)]
@@ -447,6 +450,237 @@ impl CheckpointStore for FakeCheckpoints {
         if server.identities.get(&key).map(String::as_str) == Some(stream_id) {
             server.identities.remove(&key);
         }
+        Ok(())
+    }
+}
+
+/// An in-memory bucket that can be told to fail the next N puts.
+#[derive(Default)]
+pub struct MemoryStore {
+    pub objects: Mutex<BTreeMap<String, Vec<u8>>>,
+    pub failures_left: Mutex<u32>,
+    /// Puts that panic (a stand-in for any bug in a job).
+    pub panics_left: Mutex<u32>,
+    pub puts: Mutex<u32>,
+    pub uploads: Mutex<BTreeMap<String, MemoryUpload>>,
+}
+
+/// An upload in progress: (key, part number → bytes), by upload id.
+pub type MemoryUpload = (String, BTreeMap<u32, Vec<u8>>);
+
+fn missing(key: &str) -> StorageError {
+    StorageError::Http {
+        status: 404,
+        key: key.into(),
+        body: String::new(),
+    }
+}
+
+impl ObjectStore for MemoryStore {
+    fn put(&self, key: &str, body: &[u8], _: &str, digest: &[u8; 32]) -> Result<(), StorageError> {
+        *self.puts.lock().unwrap() += 1;
+        let panics = std::mem::replace(&mut *self.panics_left.lock().unwrap(), 0);
+        if panics > 0 {
+            *self.panics_left.lock().unwrap() = panics - 1;
+            panic!("injected panic in put {key}");
+        }
+        let mut failures = self.failures_left.lock().unwrap();
+        if *failures > 0 {
+            *failures -= 1;
+            return Err(StorageError::Http {
+                status: 503,
+                key: key.into(),
+                body: "slow down".into(),
+            });
+        }
+        assert_eq!(
+            &<[u8; 32]>::from(Sha256::digest(body)),
+            digest,
+            "checksum header matches body"
+        );
+        self.objects
+            .lock()
+            .unwrap()
+            .insert(key.into(), body.to_vec());
+        Ok(())
+    }
+    fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+        self.objects
+            .lock()
+            .unwrap()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| missing(key))
+    }
+    fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StorageError> {
+        let all = self.get(key)?;
+        Ok(all[start as usize..=(end as usize).min(all.len() - 1)].to_vec())
+    }
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        Ok(self
+            .objects
+            .lock()
+            .unwrap()
+            .get(key)
+            .map(|body| ObjectInfo {
+                size: body.len() as u64,
+                etag: "\"memory\"".into(),
+            }))
+    }
+    fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.objects.lock().unwrap().remove(key);
+        Ok(())
+    }
+    fn initiate_multipart(&self, key: &str, _: &str) -> Result<String, StorageError> {
+        let mut uploads = self.uploads.lock().unwrap();
+        let id = format!("upload-{}", uploads.len());
+        uploads.insert(id.clone(), (key.into(), BTreeMap::new()));
+        Ok(id)
+    }
+    fn upload_part_copy(
+        &self,
+        key: &str,
+        id: &str,
+        part: u32,
+        source: &str,
+    ) -> Result<String, StorageError> {
+        let body = self.get(source)?;
+        let mut uploads = self.uploads.lock().unwrap();
+        let upload = uploads
+            .get_mut(id)
+            .filter(|u| u.0 == key)
+            .ok_or_else(|| missing(key))?;
+        upload.1.insert(part, body);
+        Ok(format!("\"part-{part}\""))
+    }
+    fn complete_multipart(
+        &self,
+        key: &str,
+        id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<String, StorageError> {
+        let (_, copied) = self
+            .uploads
+            .lock()
+            .unwrap()
+            .remove(id)
+            .ok_or_else(|| missing(key))?;
+        assert_eq!(parts.len(), copied.len());
+        let body: Vec<u8> = copied.into_values().flatten().collect();
+        self.objects.lock().unwrap().insert(key.into(), body);
+        Ok("\"whole-1\"".into())
+    }
+    fn abort_multipart(&self, _: &str, id: &str) -> Result<(), StorageError> {
+        self.uploads.lock().unwrap().remove(id);
+        Ok(())
+    }
+}
+
+/// Records the checkpoints a worker writes, with no lease semantics (see
+/// [`FakeCheckpoints`] for those). With `taken_over` set, every fenced
+/// write is refused, as when another replica claimed the stream.
+#[derive(Default, Clone)]
+pub struct MemoryCheckpoints {
+    pub chunks: Arc<Mutex<Vec<(String, ChunkRecord)>>>,
+    pub completed: Arc<Mutex<Vec<String>>>,
+    pub assembly: Arc<Mutex<Option<AssemblyProgress>>>,
+    pub assembled_revision: Arc<Mutex<u32>>,
+    pub taken_over: Arc<AtomicBool>,
+}
+
+impl MemoryCheckpoints {
+    fn fence(&self) -> Result<(), FencedWriteError> {
+        if self.taken_over.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(FencedWriteError::LeaseLost)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl CheckpointStore for MemoryCheckpoints {
+    fn ping(&mut self) -> Result<(), CheckpointError> {
+        Ok(())
+    }
+    fn load_streams(&mut self) -> Result<Vec<Loaded>, CheckpointError> {
+        Ok(Vec::new())
+    }
+    fn load_stream(&mut self, _: &str) -> Result<Option<Loaded>, CheckpointError> {
+        Ok(None)
+    }
+    fn register_stream(
+        &mut self,
+        s: &StoredStream,
+        _: Option<&str>,
+    ) -> Result<String, CheckpointError> {
+        Ok(s.id.clone())
+    }
+    fn checkpoint_chunk(
+        &mut self,
+        id: &str,
+        _: u64,
+        chunk: &ChunkRecord,
+    ) -> Result<(), FencedWriteError> {
+        self.fence()?;
+        self.chunks.lock().unwrap().push((id.into(), chunk.clone()));
+        Ok(())
+    }
+    fn record_path(&mut self, _: &str, _: &str) -> Result<(), CheckpointError> {
+        Ok(())
+    }
+    fn mark_complete(&mut self, id: &str, _: u64, _: &Completion) -> Result<(), FencedWriteError> {
+        self.fence()?;
+        self.completed.lock().unwrap().push(id.into());
+        Ok(())
+    }
+    fn mark_incomplete(&mut self, _: &str, _: u64, _: &str) -> Result<(), FencedWriteError> {
+        self.fence()
+    }
+    fn confirm_lease(&mut self, _: &str, _: u64) -> Result<(), FencedWriteError> {
+        self.fence()
+    }
+    fn restore_stream(
+        &mut self,
+        _: &StoredStream,
+        _: Option<u64>,
+    ) -> Result<bool, CheckpointError> {
+        Ok(false)
+    }
+    fn claim(&mut self, _: &str) -> Result<Claim, CheckpointError> {
+        Ok(Claim::Granted { token: 1 })
+    }
+    fn renew(&mut self, leases: &[(&str, u64)]) -> Result<Renewal, CheckpointError> {
+        Ok(Renewal {
+            replicas: 1,
+            statuses: vec![LeaseStatus::Held; leases.len()],
+        })
+    }
+    fn release(&mut self, _: &str, _: u64) -> Result<(), CheckpointError> {
+        Ok(())
+    }
+    fn leave(&mut self) -> Result<(), CheckpointError> {
+        Ok(())
+    }
+    fn load_assembly(&mut self, _: &str) -> Result<Option<AssemblyProgress>, CheckpointError> {
+        Ok(self.assembly.lock().unwrap().clone())
+    }
+    fn save_assembly(
+        &mut self,
+        _: &str,
+        _: u64,
+        progress: Option<&AssemblyProgress>,
+    ) -> Result<(), FencedWriteError> {
+        self.fence()?;
+        *self.assembly.lock().unwrap() = progress.cloned();
+        Ok(())
+    }
+    fn finish_assembly(&mut self, _: &str, _: u64, revision: u32) -> Result<(), FencedWriteError> {
+        self.fence()?;
+        *self.assembled_revision.lock().unwrap() = revision;
+        *self.assembly.lock().unwrap() = None;
+        Ok(())
+    }
+    fn forget_identity(&mut self, _: FileIdentity, _: &str) -> Result<(), CheckpointError> {
         Ok(())
     }
 }

@@ -1,0 +1,375 @@
+//! The worker's jobs against an in-memory bucket and checkpoint store.
+
+use super::*;
+use crate::config::RetryPolicy;
+use crate::events::NoEvents;
+use crate::scan::FileIdentity;
+use crate::store::redis::AssemblyProgress;
+use crate::testing::{MemoryCheckpoints, MemoryStore};
+use crate::upload::job::{AssembleJob, StreamRef};
+use std::time::Duration;
+
+/// The fencing token the test jobs run under.
+const TOKEN: u64 = 1;
+
+fn worker(store: Arc<MemoryStore>, checkpoints: MemoryCheckpoints) -> (Worker, Sender<()>) {
+    let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(1);
+    let worker = Worker::new(
+        store,
+        Box::new(checkpoints),
+        KeyLayout::new("p/"),
+        RetryPolicy {
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+        },
+        shutdown_rx,
+        Arc::new(NoEvents),
+        held_leases(&["a-1", "cam-1"]),
+    );
+    (worker, shutdown_tx)
+}
+
+/// Leases on `streams` with [`TOKEN`], trusted for an hour.
+fn held_leases(streams: &[&str]) -> Arc<HeldLeases> {
+    let leases = Arc::new(HeldLeases::new(Duration::from_secs(3600)));
+    for stream in streams {
+        leases.renewed(stream, TOKEN, Instant::now());
+    }
+    leases
+}
+
+/// A file `cam.mp4` holding `content`, an in-memory bucket and checkpoint
+/// store, and a worker wired to them, for stream `cam-1`.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    store: Arc<MemoryStore>,
+    checkpoints: MemoryCheckpoints,
+    worker: Worker,
+    _keep: Sender<()>,
+    stream: StreamRef,
+}
+
+impl Fixture {
+    fn new(content: &[u8]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cam.mp4");
+        std::fs::write(&path, content).unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let checkpoints = MemoryCheckpoints::default();
+        let (worker, keep) = worker(store.clone(), checkpoints.clone());
+        let stream = StreamRef {
+            identity: identity_of(&path),
+            stream_id: "cam-1".into(),
+            token: TOKEN,
+        };
+        Self {
+            _dir: dir,
+            path,
+            store,
+            checkpoints,
+            worker,
+            _keep: keep,
+            stream,
+        }
+    }
+}
+
+fn identity_of(path: &Path) -> FileIdentity {
+    let meta = std::fs::metadata(path).unwrap();
+    FileIdentity {
+        device: meta.dev(),
+        inode: meta.ino(),
+    }
+}
+
+#[test]
+fn a_chunk_is_retried_through_failures_then_checkpointed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.mp4");
+    std::fs::write(&path, b"0123456789abcdef").unwrap();
+    let store = Arc::new(MemoryStore::default());
+    *store.failures_left.lock().unwrap() = 3;
+    let checkpoints = MemoryCheckpoints::default();
+    let (mut worker, _keep) = worker(store.clone(), checkpoints.clone());
+    let result = worker.execute(Job::Chunk(ChunkJob {
+        stream: StreamRef {
+            identity: identity_of(&path),
+            stream_id: "a-1".into(),
+            token: TOKEN,
+        },
+        path: path.clone(),
+        index: 1,
+        offset: 8,
+        len: 8,
+    }));
+    let Outcome::ChunkUploaded(record) = result.outcome else {
+        panic!("{:?}", result.outcome)
+    };
+    assert_eq!(record.key, "p/a-1/chunk-000001");
+    assert_eq!(store.get(&record.key).unwrap(), b"89abcdef");
+    assert_eq!(*store.puts.lock().unwrap(), 4);
+    assert_eq!(checkpoints.chunks.lock().unwrap().len(), 1);
+}
+
+/// Counts panicked jobs.
+#[derive(Default)]
+struct PanicCount(std::sync::atomic::AtomicU32);
+
+impl Events for PanicCount {
+    fn worker_panicked(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_panicking_job_becomes_a_failed_result_and_the_worker_lives_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.mp4");
+    std::fs::write(&path, b"0123456789abcdef").unwrap();
+    let store = Arc::new(MemoryStore::default());
+    *store.panics_left.lock().unwrap() = 1;
+    let checkpoints = MemoryCheckpoints::default();
+    let (mut worker, keep) = worker(store.clone(), checkpoints.clone());
+    let panics = Arc::new(PanicCount::default());
+    worker.events = panics.clone();
+    let job = Job::Chunk(ChunkJob {
+        stream: StreamRef {
+            identity: identity_of(&path),
+            stream_id: "a-1".into(),
+            token: TOKEN,
+        },
+        path: path.clone(),
+        index: 0,
+        offset: 0,
+        len: 8,
+    });
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(1);
+    let (results_tx, results_rx) = crossbeam_channel::bounded(1);
+    let thread = std::thread::spawn(move || worker.run(jobs_rx, results_tx));
+    jobs_tx.send(job.clone()).unwrap();
+    let failed = results_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let Outcome::Failed(reason) = &failed.outcome else {
+        panic!("{:?}", failed.outcome)
+    };
+    assert!(reason.contains("injected panic"), "{reason}");
+    assert_eq!(failed.stream.stream_id, "a-1");
+    assert_eq!(panics.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The same thread takes the retry, which succeeds.
+    jobs_tx.send(job).unwrap();
+    let retried = results_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        matches!(retried.outcome, Outcome::ChunkUploaded(_)),
+        "{:?}",
+        retried.outcome
+    );
+    assert_eq!(store.get("p/a-1/chunk-000000").unwrap(), b"01234567");
+    // Closing the job channel ends the thread at once: nothing is stuck.
+    drop((jobs_tx, keep));
+    let started = Instant::now();
+    thread.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn a_shutdown_cancels_retries_and_queued_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.mp4");
+    std::fs::write(&path, b"0123456789").unwrap();
+    let store = Arc::new(MemoryStore::default());
+    *store.failures_left.lock().unwrap() = u32::MAX;
+    let (mut worker, shutdown) = worker(store, MemoryCheckpoints::default());
+    drop(shutdown);
+    let result = worker.execute(Job::Chunk(ChunkJob {
+        stream: StreamRef {
+            identity: identity_of(&path),
+            stream_id: "a-1".into(),
+            token: TOKEN,
+        },
+        path,
+        index: 0,
+        offset: 0,
+        len: 10,
+    }));
+    assert_eq!(result.outcome, Outcome::Cancelled);
+}
+
+/// Completing `cam.mp4` (8-byte chunks) at `size`, with these chunks
+/// already uploaded.
+fn finalize_job(
+    stream: StreamRef,
+    path: &Path,
+    size: u64,
+    chunks: BTreeMap<u64, ChunkRecord>,
+) -> Job {
+    Job::Finalize(FinalizeJob {
+        stream,
+        path: path.to_path_buf(),
+        facts: StreamFacts {
+            rel_path: "cam.mp4".into(),
+            file_name: "cam.mp4".into(),
+            chunk_size: 8,
+            started_at: SystemTime::now(),
+            last_change_at: SystemTime::now(),
+            revision: 1,
+        },
+        expected_size: size,
+        chunks,
+        release_lease: true,
+    })
+}
+
+#[test]
+fn a_replica_that_lost_the_stream_writes_no_metadata_and_no_completion() {
+    let fixture = Fixture::new(b"AAAAAAAABB");
+    let Fixture {
+        path,
+        store,
+        checkpoints,
+        mut worker,
+        stream,
+        _keep,
+        _dir,
+        ..
+    } = fixture;
+    // Chunks went up, then another replica claimed the stream.
+    checkpoints
+        .taken_over
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let result = worker.execute(finalize_job(stream, &path, 10, BTreeMap::new()));
+    assert_eq!(result.outcome, Outcome::LeaseLost);
+    assert!(store.get("p/cam-1/metadata.json").is_err());
+    assert!(checkpoints.completed.lock().unwrap().is_empty());
+    assert!(checkpoints.chunks.lock().unwrap().is_empty());
+}
+
+#[test]
+fn no_object_is_written_once_the_lease_can_no_longer_be_trusted() {
+    let Fixture {
+        path,
+        store,
+        mut worker,
+        stream,
+        _keep,
+        _dir,
+        ..
+    } = Fixture::new(b"AAAAAAAABB");
+    worker.leases.revoke("cam-1");
+    let result = worker.execute(finalize_job(stream.clone(), &path, 10, BTreeMap::new()));
+    assert_eq!(result.outcome, Outcome::LeaseLost);
+    assert_eq!(*store.puts.lock().unwrap(), 0);
+    // A claim with another token does not count either.
+    worker.leases.renewed("cam-1", TOKEN + 1, Instant::now());
+    let result = worker.execute(finalize_job(stream, &path, 10, BTreeMap::new()));
+    assert_eq!(result.outcome, Outcome::LeaseLost);
+    assert_eq!(*store.puts.lock().unwrap(), 0);
+}
+
+#[test]
+fn finalize_reuploads_changed_chunks_and_writes_metadata() {
+    let chunk = 8u64;
+    let Fixture {
+        _dir,
+        path,
+        store,
+        checkpoints,
+        mut worker,
+        _keep,
+        stream,
+    } = Fixture::new(b"AAAAAAAABBBBBBBBCC");
+    // Chunk 0 was uploaded before the writer patched its first bytes.
+    let stale = ChunkRecord {
+        index: 0,
+        key: "p/cam-1/chunk-000000".into(),
+        offset: 0,
+        size_bytes: chunk,
+        sha256: hex::encode(sha256(b"xxxxxxxx")),
+        uploaded_at: rfc3339(SystemTime::now()),
+    };
+    let result = worker.execute(finalize_job(
+        stream,
+        &path,
+        18,
+        BTreeMap::from([(0, stale)]),
+    ));
+    assert!(
+        matches!(result.outcome, Outcome::Finalized { size: 18, .. }),
+        "{:?}",
+        result.outcome
+    );
+    let chunks = result.chunks.unwrap();
+    assert_eq!(chunks.len(), 3);
+    assert_eq!(store.get("p/cam-1/chunk-000000").unwrap(), b"AAAAAAAA");
+    assert_eq!(store.get("p/cam-1/chunk-000002").unwrap(), b"CC");
+    let metadata: StreamMetadata =
+        serde_json::from_slice(&store.get("p/cam-1/metadata.json").unwrap()).unwrap();
+    assert_eq!(metadata.status, StreamStatus::Complete);
+    assert_eq!(
+        metadata.sha256.as_deref(),
+        Some(hex::encode(sha256(b"AAAAAAAABBBBBBBBCC")).as_str())
+    );
+    assert_eq!(metadata.check_chunk_layout(), Ok(()));
+    assert_eq!(metadata.media.duration_seconds, None);
+    assert_eq!(checkpoints.completed.lock().unwrap().as_slice(), ["cam-1"]);
+}
+
+#[test]
+fn finalize_of_a_file_that_changed_size_is_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cam.mp4");
+    std::fs::write(&path, b"AAAA").unwrap();
+    let (mut worker, _keep) = worker(
+        Arc::new(MemoryStore::default()),
+        MemoryCheckpoints::default(),
+    );
+    let stream = StreamRef {
+        identity: identity_of(&path),
+        stream_id: "cam-1".into(),
+        token: TOKEN,
+    };
+    let result = worker.execute(finalize_job(stream, &path, 3, BTreeMap::new()));
+    assert_eq!(result.outcome, Outcome::FinalizeInterrupted);
+}
+
+#[test]
+fn assembly_copies_the_chunks_server_side_and_records_it_in_the_metadata() {
+    let Fixture {
+        _dir,
+        path,
+        store,
+        checkpoints,
+        mut worker,
+        _keep,
+        stream,
+    } = Fixture::new(b"AAAAAAAABBBBBBBBCC");
+    let finalized = worker.execute(finalize_job(stream.clone(), &path, 18, BTreeMap::new()));
+    assert!(matches!(finalized.outcome, Outcome::Finalized { .. }));
+    // A stale upload of an older revision is aborted first.
+    let stale = store
+        .initiate_multipart("p/cam-1/cam.mp4", "video/mp4")
+        .unwrap();
+    *checkpoints.assembly.lock().unwrap() = Some(AssemblyProgress {
+        revision: 0,
+        key: "p/cam-1/cam.mp4".into(),
+        upload_id: stale.clone(),
+        parts: BTreeMap::new(),
+    });
+
+    let result = worker.execute(Job::Assemble(AssembleJob {
+        stream,
+        revision: 1,
+    }));
+    assert_eq!(result.outcome, Outcome::Assembled { revision: 1 });
+    assert_eq!(store.get("p/cam-1/cam.mp4").unwrap(), b"AAAAAAAABBBBBBBBCC");
+    assert!(
+        !store.uploads.lock().unwrap().contains_key(&stale),
+        "stale upload aborted"
+    );
+    let metadata: StreamMetadata =
+        serde_json::from_slice(&store.get("p/cam-1/metadata.json").unwrap()).unwrap();
+    let assembled = metadata.assembled.expect("assembled recorded");
+    assert_eq!(assembled.key, "p/cam-1/cam.mp4");
+    assert_eq!(assembled.size_bytes, 18);
+    assert_eq!(*checkpoints.assembled_revision.lock().unwrap(), 1);
+    assert!(checkpoints.assembly.lock().unwrap().is_none());
+}
