@@ -126,6 +126,24 @@ impl ChunkRecord {
     }
 }
 
+/// The chunks that form a usable prefix of the file: from chunk 0 on, each
+/// at the index and offset where its predecessor ends. Completion, close,
+/// resume and `/streams` all count progress by this one rule.
+pub fn contiguous_prefix(
+    chunks: &std::collections::BTreeMap<u64, ChunkRecord>,
+) -> impl Iterator<Item = &ChunkRecord> {
+    let mut next_offset: u64 = 0;
+    chunks
+        .values()
+        .enumerate()
+        .take_while(move |(position, chunk)| {
+            let fits = chunk.index == *position as u64 && chunk.offset == next_offset;
+            next_offset = next_offset.saturating_add(chunk.size_bytes);
+            fits
+        })
+        .map(|(_, chunk)| chunk)
+}
+
 /// Where the stream came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {

@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::metadata::ChunkRecord;
+use crate::metadata::{ChunkRecord, contiguous_prefix};
 use crate::scan::{FileIdentity, Observation, Scan};
 use crate::store::{StoredStatus, StoredStream};
 use crate::stream::state::{Action, CloseReason, Event, Phase, Rules, StreamState};
@@ -288,24 +288,15 @@ impl TrackedStream {
 
 /// How many chunks from chunk 0 on are uploaded and full-sized.
 fn leading_full_chunks(chunks: &BTreeMap<u64, ChunkRecord>, chunk_size: u64) -> u64 {
-    chunks
-        .values()
-        .enumerate()
-        .take_while(|(position, chunk)| {
-            chunk.index == *position as u64 && chunk.size_bytes == chunk_size
-        })
+    contiguous_prefix(chunks)
+        .take_while(|chunk| chunk.size_bytes == chunk_size)
         .count() as u64
 }
 
 fn contiguous_bytes(chunks: &BTreeMap<u64, ChunkRecord>) -> u64 {
-    let mut next = 0;
-    for chunk in chunks.values() {
-        if chunk.offset != next {
-            break;
-        }
-        next += chunk.size_bytes;
-    }
-    next
+    contiguous_prefix(chunks)
+        .map(|chunk| chunk.size_bytes)
+        .sum()
 }
 
 /// The last component of a `/`-separated relative path.

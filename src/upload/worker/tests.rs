@@ -1,12 +1,16 @@
 //! The worker's jobs against an in-memory bucket and checkpoint store.
 
+use std::collections::BTreeMap;
+
 use super::*;
 use crate::config::RetryPolicy;
 use crate::events::NoEvents;
+use crate::metadata::{StreamMetadata, StreamStatus};
 use crate::scan::FileIdentity;
 use crate::store::redis::AssemblyProgress;
 use crate::testing::{MemoryCheckpoints, MemoryStore};
 use crate::upload::job::{AssembleJob, StreamRef};
+use crate::upload::job::{FinalizeJob, StreamFacts};
 use std::time::Duration;
 
 /// The fencing token the test jobs run under.

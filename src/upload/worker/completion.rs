@@ -1,0 +1,240 @@
+//! The jobs that end a stream revision: completion (verify every chunk
+//! against the file, re-upload what changed, write `metadata.json`, mark the
+//! stream complete) and close (record an incomplete stream's uploaded
+//! prefix). Both write the metadata object only after Redis confirmed the
+//! lease, so a replica that lost the stream never overwrites its new owner's.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::time::SystemTime;
+
+use log::{info, warn};
+use sha2::{Digest, Sha256};
+
+use super::{Stop, Worker, sha256, snapshot};
+use crate::media::mp4_duration_seconds;
+use crate::metadata::{
+    ChunkRecord, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, contiguous_prefix,
+    rfc3339,
+};
+use crate::store::redis::Completion;
+use crate::upload::job::{CloseJob, FinalizeJob, Outcome, StreamFacts};
+
+impl Worker {
+    pub(super) fn finalize(
+        &mut self,
+        job: &FinalizeJob,
+        chunks: &mut BTreeMap<u64, ChunkRecord>,
+    ) -> Outcome {
+        let stream_id = job.stream.stream_id.as_str();
+        let token = job.stream.token;
+        let path = job.path.as_path();
+        let before = match snapshot(path) {
+            Ok(before) => before,
+            Err(err) => return Outcome::Failed(format!("cannot stat {}: {err}", path.display())),
+        };
+        // The identity's device part is normalized (see `FileIdentity`); at
+        // the stream's own path, the inode alone tells the file apart.
+        let same_file = before.inode == job.stream.identity.inode;
+        if !same_file || before.size != job.expected_size {
+            return Outcome::FinalizeInterrupted;
+        }
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(err) => return Outcome::Failed(format!("cannot open {}: {err}", path.display())),
+        };
+
+        let chunk_size = job.facts.chunk_size;
+        let chunk_count = before.size.div_ceil(chunk_size);
+        let mut whole = Sha256::new();
+        let mut reuploaded = 0u32;
+        for index in 0..chunk_count {
+            if self.shutting_down() {
+                return Outcome::Cancelled;
+            }
+            let offset = index * chunk_size;
+            let len = chunk_size.min(before.size - offset);
+            if let Err(err) = self.read_into_buffer(&file, path, offset, len) {
+                if err.source.kind() == std::io::ErrorKind::UnexpectedEof {
+                    return Outcome::FinalizeInterrupted;
+                }
+                return Outcome::Failed(err.to_string());
+            }
+            whole.update(&self.buffer);
+            let digest = sha256(&self.buffer);
+            let previous = chunks.get(&index);
+            if previous.is_some_and(|p| p.size_bytes == len && p.sha256 == hex::encode(digest)) {
+                continue;
+            }
+            // Same place, same length, other bytes: the writer rewrote them
+            // (ffmpeg patching the mdat size, or a +faststart rewrite).
+            let changed = previous.is_some_and(|p| p.size_bytes == len);
+            match self.store_buffer_as_chunk(
+                (stream_id, token),
+                path,
+                (index, offset),
+                digest,
+                changed,
+            ) {
+                Ok(record) => {
+                    if changed {
+                        reuploaded += 1;
+                        info!(
+                            stream_id = stream_id, chunk = index;
+                            "stream {stream_id}: chunk {index} changed on disk after upload; uploaded again"
+                        );
+                    }
+                    chunks.insert(index, record);
+                }
+                Err(stop) => return stop.outcome(|| Outcome::FinalizeInterrupted),
+            }
+        }
+        chunks.retain(|&index, _| index < chunk_count);
+
+        match snapshot(path) {
+            Ok(after) if after == before => {}
+            _ => return Outcome::FinalizeInterrupted,
+        }
+
+        let completed_at = SystemTime::now();
+        let metadata = StreamMetadata {
+            total_size_bytes: before.size,
+            sha256: Some(hex::encode(whole.finalize())),
+            chunks: chunks.values().cloned().collect(),
+            media: Media {
+                duration_seconds: mp4_duration_seconds(path),
+            },
+            ..metadata_of(stream_id, &job.facts, StreamStatus::Complete, completed_at)
+        };
+        if metadata.media.duration_seconds.is_none() {
+            warn!(
+                "stream {stream_id}: {} is not a readable MP4; uploaded byte-exact, media duration unknown",
+                path.display()
+            );
+        }
+        if let Err(stop) = self.write_metadata(&metadata, token) {
+            return stop.outcome(|| Outcome::Cancelled);
+        }
+        let completion = Completion {
+            revision: job.facts.revision,
+            size: before.size,
+            mtime_ns: before.mtime_ns,
+            last_change_at: job.facts.last_change_at,
+            completed_at,
+            release_lease: job.release_lease,
+        };
+        if let Err(stop) = self.checkpoint_with_retry("completion", |store| {
+            store.mark_complete(stream_id, token, &completion)
+        }) {
+            return stop.outcome(|| Outcome::Cancelled);
+        }
+        info!(
+            stream_id = stream_id, path = job.facts.rel_path.as_str();
+            "stream {stream_id}: complete ({}, {} bytes, {} chunks, {reuploaded} re-uploaded after verification, media {}, revision {})",
+            job.facts.rel_path,
+            before.size,
+            chunk_count,
+            metadata
+                .media
+                .duration_seconds
+                .map_or("unknown".to_string(), |s| format!("{s:.2}s")),
+            job.facts.revision
+        );
+        Outcome::Finalized {
+            size: before.size,
+            mtime_ns: before.mtime_ns,
+            revision: job.facts.revision,
+            completed_at,
+            lease_released: job.release_lease,
+        }
+    }
+
+    /// Writes the stream's metadata object, right after Redis confirmed that
+    /// this process still holds the stream with `token`: a replica that lost
+    /// the stream never replaces the metadata its new owner wrote.
+    pub(super) fn write_metadata(
+        &mut self,
+        metadata: &StreamMetadata,
+        token: u64,
+    ) -> Result<(), Stop> {
+        let body = serde_json::to_vec_pretty(metadata).expect("metadata serializes");
+        let key = self.layout.metadata(&metadata.stream_id);
+        self.checkpoint_with_retry("lease check", |store| {
+            store.confirm_lease(&metadata.stream_id, token)
+        })?;
+        self.put_with_retry(
+            (&metadata.stream_id, token),
+            &key,
+            "application/json",
+            &body,
+            &sha256(&body),
+            None,
+        )
+    }
+
+    pub(super) fn close(&mut self, job: &CloseJob) -> Result<Outcome, Stop> {
+        let stream_id = job.stream.stream_id.as_str();
+        let chunks: Vec<ChunkRecord> = contiguous_prefix(&job.chunks).cloned().collect();
+        let uploaded = chunks.iter().map(|chunk| chunk.size_bytes).sum();
+        let metadata = StreamMetadata {
+            reason: Some(job.reason.as_str().to_string()),
+            total_size_bytes: uploaded,
+            chunks,
+            ..metadata_of(
+                stream_id,
+                &job.facts,
+                StreamStatus::Incomplete,
+                SystemTime::now(),
+            )
+        };
+        let token = job.stream.token;
+        self.write_metadata(&metadata, token)?;
+        let reason = job.reason.as_str();
+        self.checkpoint_with_retry("close", |store| {
+            store.mark_incomplete(stream_id, token, reason)
+        })?;
+        warn!(
+            stream_id = stream_id, path = job.facts.rel_path.as_str();
+            "stream {stream_id}: closed as incomplete ({reason}) for {}, {} bytes uploaded in {} chunks",
+            job.facts.rel_path,
+            metadata.total_size_bytes,
+            metadata.chunks.len()
+        );
+        Ok(Outcome::Closed)
+    }
+}
+
+/// The metadata every stream revision has, whatever its status: no bytes,
+/// no chunks, no sha256 and no media facts until the caller fills them in.
+fn metadata_of(
+    stream_id: &str,
+    facts: &StreamFacts,
+    status: StreamStatus,
+    completed_at: SystemTime,
+) -> StreamMetadata {
+    StreamMetadata {
+        schema_version: SCHEMA_VERSION,
+        stream_id: stream_id.to_string(),
+        revision: facts.revision,
+        status,
+        reason: None,
+        source: Source {
+            path: facts.rel_path.clone(),
+            file_name: facts.file_name.clone(),
+        },
+        total_size_bytes: 0,
+        sha256: None,
+        chunk_size_bytes: facts.chunk_size,
+        chunks: Vec::new(),
+        started_at: rfc3339(facts.started_at),
+        completed_at: rfc3339(completed_at),
+        stream_duration_seconds: facts
+            .last_change_at
+            .duration_since(facts.started_at)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        media: Media {
+            duration_seconds: None,
+        },
+        assembled: None,
+    }
+}
