@@ -102,13 +102,6 @@ impl Readiness {
         self.redis_recoveries.load(Ordering::SeqCst)
     }
 
-    pub fn is_up(&self, dependency: Dependency) -> bool {
-        matches!(
-            *self.slot(dependency).lock().expect("readiness lock"),
-            Some(Ok(()))
-        )
-    }
-
     /// Whether the last check of `dependency` failed (unknown is not down).
     pub fn is_down(&self, dependency: Dependency) -> bool {
         matches!(

@@ -211,11 +211,6 @@ impl Ownership {
         }
         self.next_renewal = now + self.policy.ttl / 3;
     }
-
-    /// Asks for a renewal on the next turn (a job reported a lost lease).
-    pub fn renew_soon(&mut self, now: Instant) {
-        self.next_renewal = now;
-    }
 }
 
 #[cfg(test)]
@@ -288,8 +283,6 @@ mod tests {
         assert!(!ownership.renewal_due(now + Duration::from_secs(9)));
         assert_eq!(ownership.next_renewal(), now + Duration::from_secs(10));
         assert!(ownership.renewal_due(now + Duration::from_secs(10)));
-        ownership.renew_soon(now);
-        assert!(ownership.renewal_due(now));
     }
 
     #[test]

@@ -719,13 +719,7 @@ fn map_error(err: S3Error, config: &S3Config, key: &str) -> StorageError {
 
 /// S3 error bodies are XML; keep the code and message, and keep it short.
 fn summarize_body(body: &str) -> String {
-    let pick = |tag: &str| {
-        let open = format!("<{tag}>");
-        let start = body.find(&open)? + open.len();
-        let end = body[start..].find("</")? + start;
-        Some(body[start..end].to_string())
-    };
-    match (pick("Code"), pick("Message")) {
+    match (xml_value(body, "Code"), xml_value(body, "Message")) {
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code,
         _ => body.chars().take(200).collect(),
