@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::{Connection, RedisResult, Script};
 
-use crate::config::{RedisConfig, redact_url};
+use crate::config::{RedisConfig, SentinelConfig, redact_url};
 use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::{ChunkRecord, unix_millis};
 use crate::scan::FileIdentity;
@@ -110,9 +110,48 @@ pub struct Completion {
 /// Who this process is when it claims streams, and how long a claim lasts.
 #[derive(Debug, Clone)]
 pub struct LeaseHolder {
-    /// Unique per process (see `app::instance_id`).
+    /// Unique per process: `app::instance_id`, or with `INSTANCE_ID` an
+    /// incarnation of it ([`LeaseHolder::incarnation`]).
     pub owner: String,
     pub ttl: Duration,
+}
+
+/// Separates an `INSTANCE_ID` from the per-process part of an owner id;
+/// `INSTANCE_ID` cannot contain it, nor can host names.
+const INCARNATION_SEPARATOR: char = '#';
+
+impl LeaseHolder {
+    /// The owner id of one process running as `INSTANCE_ID` `id`.
+    pub fn incarnation(id: &str, nonce: u64) -> String {
+        format!("{id}{INCARNATION_SEPARATOR}{nonce:08x}")
+    }
+
+    /// The `INSTANCE_ID` this owner is an incarnation of, if any.
+    pub fn instance(&self) -> Option<&str> {
+        self.owner
+            .split_once(INCARNATION_SEPARATOR)
+            .map(|(id, _)| id)
+    }
+
+    /// `ID#` for an incarnation, empty otherwise: what the scripts match
+    /// earlier incarnations by.
+    fn incarnation_prefix(&self) -> String {
+        self.instance()
+            .map(|id| format!("{id}{INCARNATION_SEPARATOR}"))
+            .unwrap_or_default()
+    }
+}
+
+/// What a claim on this process's `INSTANCE_ID` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceClaim {
+    /// This process is the instance's live incarnation now.
+    Taken,
+    /// Another incarnation holds it, for `remaining` (`None`: no expiry).
+    HeldBy {
+        owner: String,
+        remaining: Option<Duration>,
+    },
 }
 
 /// The answer to a claim.
@@ -280,6 +319,10 @@ impl Keys {
     fn replicas(&self) -> String {
         format!("{}:replicas", self.prefix)
     }
+    /// The liveness key of an `INSTANCE_ID` (held by its live incarnation).
+    fn instance(&self, id: &str) -> String {
+        format!("{}:instance:{id}", self.prefix)
+    }
 }
 
 /// The fencing check every lease-guarded script starts with: the stream's
@@ -332,15 +375,22 @@ return 1
 ";
 
 /// Claim a stream that has a record and no other holder: set the lease and
-/// bump the fencing token. Returns {token, owner, ttl ms}; token 0 when
-/// someone else holds it, -1 when there is no record.
+/// bump the fencing token. A holder that is an earlier incarnation of the
+/// caller's `INSTANCE_ID` (ARGV[3], `ID#`, empty without one) counts as no
+/// holder once the caller holds the instance's liveness key (KEYS[3]): that
+/// process is gone, and this is instant resume. Returns {token, owner, ttl
+/// ms}; token 0 when someone else holds it, -1 when there is no record.
 const CLAIM_LUA: &str = r"
 if redis.call('HEXISTS', KEYS[2], 'id') == 0 then
   return {-1, '', 0}
 end
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then
-  return {0, holder, redis.call('PTTL', KEYS[1])}
+  local predecessor = ARGV[3] ~= '' and string.sub(holder, 1, #ARGV[3]) == ARGV[3]
+    and redis.call('GET', KEYS[3]) == ARGV[1]
+  if not predecessor then
+    return {0, holder, redis.call('PTTL', KEYS[1])}
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {redis.call('HINCRBY', KEYS[2], 'fence', 1), ARGV[1], tonumber(ARGV[2])}
@@ -368,6 +418,41 @@ for i = 2, #KEYS, 2 do
   end
 end
 return result
+";
+
+/// Take an `INSTANCE_ID`'s liveness key unless another incarnation holds it,
+/// and drop earlier incarnations from the replica set. KEYS: the liveness
+/// key, the replica set. ARGV: owner, ttl, the incarnation prefix `ID#`.
+/// Returns {1, owner, ttl} when taken, else {0, holder, its PTTL}.
+const INSTANCE_CLAIM_LUA: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+  return {0, current, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if member ~= ARGV[1] and string.sub(member, 1, #ARGV[3]) == ARGV[3] then
+    redis.call('ZREM', KEYS[2], member)
+  end
+end
+return {1, ARGV[1], tonumber(ARGV[2])}
+";
+
+/// Keep (ttl > 0) or give up (ttl 0) an `INSTANCE_ID`'s liveness key, unless
+/// another incarnation took it: 1 done, 0 taken. A key that lapsed (Redis
+/// was out of reach) is taken again: no other incarnation claimed it.
+/// KEYS: the liveness key. ARGV: owner, ttl.
+const INSTANCE_REFRESH_LUA: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '0' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
 ";
 
 /// Delete the lease only if the caller still holds it with this token.
@@ -423,10 +508,166 @@ end
 return 1
 ";
 
+/// Where the master is: one fixed server (`REDIS_URL`), or whichever server
+/// the sentinels name now.
+enum Target {
+    Server(redis::Client),
+    Sentinel(Sentinels),
+}
+
+/// Redis Sentinel: asked for the master's address on every new connection.
+struct Sentinels {
+    /// In the order to ask them; the last one that answered goes first.
+    sentinels: Vec<redis::ConnectionInfo>,
+    master_name: String,
+    /// Password for the master.
+    master_settings: redis::RedisConnectionInfo,
+    /// The master last connected to, to log a failover once.
+    master: Option<(String, u16)>,
+}
+
+impl Sentinels {
+    fn new(config: &SentinelConfig) -> Self {
+        let settings = |password: &Option<String>| {
+            let settings = redis::RedisConnectionInfo::default();
+            match password {
+                Some(password) => settings.set_password(password),
+                None => settings,
+            }
+        };
+        let sentinel_settings = settings(&config.sentinel_password);
+        Self {
+            sentinels: config
+                .sentinels
+                .iter()
+                .map(|(host, port)| {
+                    tcp_info(host, *port).set_redis_settings(sentinel_settings.clone())
+                })
+                .collect(),
+            master_name: config.master.clone(),
+            master_settings: settings(&config.password),
+            master: None,
+        }
+    }
+
+    /// Asks the sentinels in turn for the master and connects to it, making
+    /// sure it is a master (a sentinel may not know of a failover yet).
+    /// Returns the connection and how many replicas the master has.
+    fn connect_master(&mut self, timeout: Duration) -> Result<(Connection, usize), String> {
+        let mut failures = Vec::new();
+        for position in 0..self.sentinels.len() {
+            let sentinel = &self.sentinels[position];
+            let sentinel_shown = format!("sentinel {}", sentinel.addr());
+            let address = open(sentinel, timeout).and_then(|mut con| {
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.master_name)
+                    .query::<Option<(String, u16)>>(&mut con)
+            });
+            let (host, port) = match address {
+                Ok(Some(address)) => address,
+                Ok(None) => {
+                    failures.push(format!(
+                        "{sentinel_shown} does not know master {:?}",
+                        self.master_name
+                    ));
+                    continue;
+                }
+                Err(err) => {
+                    failures.push(format!("{sentinel_shown}: {err}"));
+                    continue;
+                }
+            };
+            let master_info =
+                tcp_info(&host, port).set_redis_settings(self.master_settings.clone());
+            let connected = open(&master_info, timeout).and_then(|mut con| {
+                let replicas = master_replicas(&mut con)?;
+                Ok((con, replicas))
+            });
+            match connected {
+                Ok((con, Some(replicas))) => {
+                    self.sentinels[..=position].rotate_right(1);
+                    let address = (host, port);
+                    if self.master.as_ref() != Some(&address) {
+                        if let Some((old_host, old_port)) = &self.master {
+                            log::warn!(
+                                "Redis master {:?} moved from {old_host}:{old_port} to {}:{} (failover); carrying on there",
+                                self.master_name,
+                                address.0,
+                                address.1
+                            );
+                        }
+                        self.master = Some(address);
+                    }
+                    return Ok((con, replicas));
+                }
+                Ok((_, None)) => failures.push(format!(
+                    "{sentinel_shown} names {host}:{port}, which is not a master (yet)"
+                )),
+                Err(err) => failures.push(format!(
+                    "master {host}:{port} (from {sentinel_shown}): {err}"
+                )),
+            }
+        }
+        Err(failures.join("; "))
+    }
+}
+
+fn tcp_info(host: &str, port: u16) -> redis::ConnectionInfo {
+    use redis::IntoConnectionInfo;
+    redis::ConnectionAddr::Tcp(host.to_string(), port)
+        .into_connection_info()
+        .expect("a TCP address is a valid connection info")
+}
+
+/// A connection with connect, read and write timeouts.
+fn open(info: &redis::ConnectionInfo, timeout: Duration) -> RedisResult<Connection> {
+    redis::Client::open(info.clone())?
+        .get_connection_with_timeout(timeout)
+        .and_then(|connection| with_timeouts(connection, timeout))
+}
+
+fn with_timeouts(connection: Connection, timeout: Duration) -> RedisResult<Connection> {
+    connection.set_read_timeout(Some(timeout))?;
+    connection.set_write_timeout(Some(timeout))?;
+    Ok(connection)
+}
+
+/// `ROLE`: `None` unless the server is a master; else how many replicas
+/// are attached and have acknowledged data (a replica still in its first
+/// sync reports offset 0 and cannot acknowledge yet).
+fn master_replicas(con: &mut Connection) -> RedisResult<Option<usize>> {
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query(con)?;
+    let text = |value: &redis::Value| redis::from_redis_value_ref::<String>(value).ok();
+    if role.first().and_then(text).as_deref() != Some("master") {
+        return Ok(None);
+    }
+    let replicas = match role.get(2) {
+        Some(redis::Value::Array(replicas)) => replicas
+            .iter()
+            .filter(|replica| match replica {
+                redis::Value::Array(fields) => fields
+                    .get(2)
+                    .and_then(text)
+                    .and_then(|offset| offset.parse::<i64>().ok())
+                    .is_some_and(|offset| offset > 0),
+                _ => false,
+            })
+            .count(),
+        _ => 0,
+    };
+    Ok(Some(replicas))
+}
+
 /// A Redis connection that is replaced after any connection-level failure.
 pub struct RedisStore {
-    client: redis::Client,
+    target: Target,
     connection: Option<Connection>,
+    /// Sentinel mode: replicas of the connected master that acknowledge
+    /// writes (from `ROLE`); 0 while it has none.
+    replicas: usize,
+    /// Sentinel mode: whether "no replica" was already logged.
+    unreplicated_logged: bool,
     keys: Keys,
     timeout: Duration,
     shown_url: String,
@@ -438,6 +679,8 @@ pub struct RedisStore {
     claim: Script,
     renew: Script,
     release: Script,
+    instance_claim: Script,
+    instance_refresh: Script,
 }
 
 /// A fenced write: which hash, which fields to delete, which pairs to set,
@@ -450,20 +693,44 @@ struct FencedWrite<'a> {
 }
 
 impl RedisStore {
+    /// A store on the one server of `config.url`.
     pub fn new(config: &RedisConfig, holder: LeaseHolder) -> Result<Self, CheckpointError> {
         let shown_url = redact_url(&config.url);
         let client = redis::Client::open(config.url.as_str()).map_err(|err| CheckpointError {
             url: shown_url.clone(),
             detail: err.to_string(),
         })?;
-        Ok(Self {
-            client,
+        Ok(Self::with_target(Target::Server(client), config, holder))
+    }
+
+    /// A store on the server the configuration names: `REDIS_URL`, or the
+    /// master the sentinels name, followed through failovers.
+    pub fn connect(
+        config: &RedisConfig,
+        sentinel: Option<&SentinelConfig>,
+        holder: LeaseHolder,
+    ) -> Result<Self, CheckpointError> {
+        match sentinel {
+            Some(sentinel) => Ok(Self::with_target(
+                Target::Sentinel(Sentinels::new(sentinel)),
+                config,
+                holder,
+            )),
+            None => Self::new(config, holder),
+        }
+    }
+
+    fn with_target(target: Target, config: &RedisConfig, holder: LeaseHolder) -> Self {
+        Self {
+            target,
             connection: None,
+            replicas: 0,
+            unreplicated_logged: false,
             keys: Keys {
                 prefix: config.key_prefix.clone(),
             },
             timeout: config.timeout,
-            shown_url,
+            shown_url: redact_url(&config.url),
             holder,
             register: Script::new(REGISTER_LUA),
             restore: Script::new(RESTORE_LUA),
@@ -472,7 +739,9 @@ impl RedisStore {
             claim: Script::new(CLAIM_LUA),
             renew: Script::new(&format!("{HOLDS_LUA}{RENEW_LUA}")),
             release: Script::new(RELEASE_LUA),
-        })
+            instance_claim: Script::new(INSTANCE_CLAIM_LUA),
+            instance_refresh: Script::new(INSTANCE_REFRESH_LUA),
+        }
     }
 
     fn ttl_millis(&self) -> u64 {
@@ -488,7 +757,7 @@ impl RedisStore {
     ) -> Result<(), FencedWriteError> {
         let script = self.fenced_write.clone();
         let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
-        let written: i64 = self.with_connection(|con, keys| {
+        let written: i64 = self.with_write(|con, keys| {
             let mut invocation = script.key(keys.lease(stream_id));
             invocation
                 .key(keys.stream(stream_id))
@@ -553,38 +822,122 @@ impl RedisStore {
     }
 
     /// Runs `call` on a live connection, opening one if needed. Any I/O-level
-    /// failure drops the connection so that the next call reconnects.
+    /// failure, or an answer that the server is not a usable master, drops the
+    /// connection so that the next call reconnects (with Sentinel, to
+    /// whichever server is the master by then).
     fn with_connection<T>(
         &mut self,
         call: impl FnOnce(&mut Connection, &Keys) -> RedisResult<T>,
     ) -> Result<T, CheckpointError> {
         if self.connection.is_none() {
-            let connection = self
-                .client
-                .get_connection_with_timeout(self.timeout)
-                .and_then(|connection| {
-                    connection.set_read_timeout(Some(self.timeout))?;
-                    connection.set_write_timeout(Some(self.timeout))?;
-                    Ok(connection)
-                })
-                .map_err(|err| self.error(&err))?;
+            let (connection, replicas) = match &mut self.target {
+                Target::Server(client) => client
+                    .get_connection_with_timeout(self.timeout)
+                    .and_then(|connection| with_timeouts(connection, self.timeout))
+                    .map(|connection| (connection, 0))
+                    .map_err(|err| self.error(&err))?,
+                Target::Sentinel(sentinels) => {
+                    sentinels
+                        .connect_master(self.timeout)
+                        .map_err(|detail| CheckpointError {
+                            url: self.shown_url.clone(),
+                            detail,
+                        })?
+                }
+            };
             self.connection = Some(connection);
+            self.replicas = replicas;
         }
         let connection = self.connection.as_mut().expect("connected above");
         let result = call(connection, &self.keys);
-        match result {
-            Ok(value) => Ok(value),
-            Err(err) => {
-                if err.is_io_error()
-                    || err.is_connection_dropped()
-                    || err.is_timeout()
-                    || err.is_connection_refusal()
-                {
-                    self.connection = None;
-                }
-                Err(self.error(&err))
-            }
+        result.map_err(|err| self.failed(&err))
+    }
+
+    /// Runs a write, then, with Sentinel, makes sure a replica has it before
+    /// it counts: a failover promotes a replica, and a write only the dead
+    /// master had would be lost, a fencing token or a lease included (see
+    /// docs/reliability.md).
+    fn with_write<T>(
+        &mut self,
+        call: impl FnOnce(&mut Connection, &Keys) -> RedisResult<T>,
+    ) -> Result<T, CheckpointError> {
+        let value = self.with_connection(call)?;
+        if matches!(self.target, Target::Sentinel(_)) {
+            self.replicated()?;
         }
+        Ok(value)
+    }
+
+    /// `WAIT 1` for the writes made on this connection so far, while the
+    /// master has a replica. A master without one (its replica died or is
+    /// resyncing) is used as it is, with a warning: refusing would make the
+    /// replica a single point of failure. Every call here runs on the
+    /// connection the write used: a failure returns before anything could
+    /// reconnect to another server.
+    fn replicated(&mut self) -> Result<(), CheckpointError> {
+        let wait_millis = u64::try_from((self.timeout / 2).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let wait = |con: &mut Connection, _: &Keys| -> RedisResult<i64> {
+            redis::cmd("WAIT").arg(1).arg(wait_millis).query(con)
+        };
+        let had = self.replicas;
+        if had > 0 && self.with_connection(wait)? >= 1 {
+            return Ok(());
+        }
+        // No replica known, or none acknowledged: what does the master have now?
+        let Some(now) = self.with_connection(|con, _| master_replicas(con))? else {
+            self.connection = None;
+            return Err(self.unusable("the server is no longer the master; retrying"));
+        };
+        self.replicas = now;
+        if now == 0 {
+            if !self.unreplicated_logged {
+                log::warn!(
+                    "Redis master of {} has no replica: writes are not replicated until one is back",
+                    self.shown_url
+                );
+                self.unreplicated_logged = true;
+            }
+            return Ok(());
+        }
+        self.unreplicated_logged = false;
+        // A replica (re)appeared since the last write: wait for it once.
+        if had == 0 && self.with_connection(wait)? >= 1 {
+            return Ok(());
+        }
+        Err(self.unusable(&format!(
+            "no replica acknowledged the write within {wait_millis} ms; retrying"
+        )))
+    }
+
+    fn unusable(&self, detail: &str) -> CheckpointError {
+        CheckpointError {
+            url: self.shown_url.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// The error for a failed call; drops the connection when the failure
+    /// means it, or the server behind it, cannot be used any more.
+    fn failed(&mut self, err: &redis::RedisError) -> CheckpointError {
+        use redis::{ErrorKind, ServerErrorKind};
+        if err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_timeout()
+            || err.is_connection_refusal()
+            || matches!(
+                err.kind(),
+                ErrorKind::Server(
+                    ServerErrorKind::ReadOnly
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::BusyLoading
+                )
+            )
+        {
+            self.connection = None;
+        }
+        self.error(err)
     }
 
     fn error(&self, err: &redis::RedisError) -> CheckpointError {
@@ -592,6 +945,56 @@ impl RedisStore {
             url: self.shown_url.clone(),
             detail: err.to_string(),
         }
+    }
+}
+
+/// The liveness key of this process's `INSTANCE_ID` (see `instance`). Only
+/// for owners that are incarnations; the others never call these.
+impl RedisStore {
+    fn instance_key(&self) -> Result<String, CheckpointError> {
+        self.holder
+            .instance()
+            .map(|id| self.keys.instance(id))
+            .ok_or_else(|| self.unusable("this process has no INSTANCE_ID"))
+    }
+
+    /// Takes the instance's liveness key for `ttl`, unless another
+    /// incarnation holds it.
+    pub fn claim_instance(&mut self, ttl: Duration) -> Result<InstanceClaim, CheckpointError> {
+        let key = self.instance_key()?;
+        let script = self.instance_claim.clone();
+        let owner = self.holder.owner.clone();
+        let prefix = self.holder.incarnation_prefix();
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let (taken, holder, remaining_ms): (i64, String, i64) = self.with_write(|con, keys| {
+            script
+                .key(&key)
+                .key(keys.replicas())
+                .arg(&owner)
+                .arg(millis)
+                .arg(&prefix)
+                .invoke(con)
+        })?;
+        Ok(if taken == 1 {
+            InstanceClaim::Taken
+        } else {
+            InstanceClaim::HeldBy {
+                owner: holder,
+                remaining: u64::try_from(remaining_ms).ok().map(Duration::from_millis),
+            }
+        })
+    }
+
+    /// Keeps the liveness key for another `ttl` (or, with a zero `ttl`, gives
+    /// it up). False if another incarnation took it.
+    pub fn refresh_instance(&mut self, ttl: Duration) -> Result<bool, CheckpointError> {
+        let key = self.instance_key()?;
+        let script = self.instance_refresh.clone();
+        let owner = self.holder.owner.clone();
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let kept: i64 =
+            self.with_write(|con, _| script.key(&key).arg(&owner).arg(millis).invoke(con))?;
+        Ok(kept == 1)
     }
 }
 
@@ -719,7 +1122,7 @@ impl CheckpointStore for RedisStore {
         retired: Option<&str>,
     ) -> Result<String, CheckpointError> {
         let register = self.register.clone();
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             let mut invocation = register.key(keys.identities());
             invocation
                 .key(keys.stream(&stream.id))
@@ -755,7 +1158,7 @@ impl CheckpointStore for RedisStore {
     }
 
     fn record_path(&mut self, stream_id: &str, rel_path: &str) -> Result<(), CheckpointError> {
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             redis::cmd("HSET")
                 .arg(keys.stream(stream_id))
                 .arg("path")
@@ -814,7 +1217,7 @@ impl CheckpointStore for RedisStore {
         if let Some(token) = token {
             fields.push(("fence", token.to_string()));
         }
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             let mut invocation = restore.key(keys.identities());
             invocation
                 .key(keys.stream(&stream.id))
@@ -880,15 +1283,18 @@ impl CheckpointStore for RedisStore {
     fn claim(&mut self, stream_id: &str) -> Result<Claim, CheckpointError> {
         let script = self.claim.clone();
         let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
-        let (token, holder, remaining_ms): (i64, String, i64) =
-            self.with_connection(|con, keys| {
-                script
-                    .key(keys.lease(stream_id))
-                    .key(keys.stream(stream_id))
-                    .arg(&owner)
-                    .arg(ttl)
-                    .invoke(con)
-            })?;
+        let prefix = self.holder.incarnation_prefix();
+        let instance = self.holder.instance().unwrap_or_default().to_string();
+        let (token, holder, remaining_ms): (i64, String, i64) = self.with_write(|con, keys| {
+            script
+                .key(keys.lease(stream_id))
+                .key(keys.stream(stream_id))
+                .key(keys.instance(&instance))
+                .arg(&owner)
+                .arg(ttl)
+                .arg(&prefix)
+                .invoke(con)
+        })?;
         Ok(match token {
             -1 => Claim::NoRecord,
             0 => Claim::HeldBy {
@@ -904,7 +1310,7 @@ impl CheckpointStore for RedisStore {
     fn renew(&mut self, leases: &[(&str, u64)]) -> Result<Renewal, CheckpointError> {
         let script = self.renew.clone();
         let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
-        let reply: Vec<i64> = self.with_connection(|con, keys| {
+        let reply: Vec<i64> = self.with_write(|con, keys| {
             let mut invocation = script.key(keys.replicas());
             for (stream_id, _) in leases {
                 invocation
@@ -937,7 +1343,7 @@ impl CheckpointStore for RedisStore {
     fn release(&mut self, stream_id: &str, token: u64) -> Result<(), CheckpointError> {
         let script = self.release.clone();
         let owner = self.holder.owner.clone();
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             script
                 .key(keys.lease(stream_id))
                 .key(keys.stream(stream_id))
@@ -950,7 +1356,7 @@ impl CheckpointStore for RedisStore {
 
     fn leave(&mut self) -> Result<(), CheckpointError> {
         let owner = self.holder.owner.clone();
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             redis::cmd("ZREM")
                 .arg(keys.replicas())
                 .arg(&owner)
@@ -965,7 +1371,7 @@ impl CheckpointStore for RedisStore {
         stream_id: &str,
     ) -> Result<(), CheckpointError> {
         let forget = self.forget.clone();
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             forget
                 .key(keys.identities())
                 .arg(identity.key())
