@@ -4,8 +4,8 @@
 #   scripts/test.sh            # everything
 #   scripts/test.sh -- NAME    # only tests whose name contains NAME
 #
-# Installs, when missing: redis-server, ffmpeg/ffprobe and promtool (Debian
-# package prometheus) with apt-get, and the S3 test server s3s-fs 0.14.1
+# Installs, when missing: redis-server, redis-sentinel, ffmpeg/ffprobe and
+# promtool (Debian package prometheus) with apt-get, and the S3 test server s3s-fs 0.14.1
 # (cargo install). With CI=true a tool that is
 # still missing afterwards is a failure, never a skip.
 set -euo pipefail
@@ -16,6 +16,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 apt_packages=()
 command -v redis-server >/dev/null || apt_packages+=(redis-server)
+command -v redis-sentinel >/dev/null || apt_packages+=(redis-sentinel)
 { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || apt_packages+=(ffmpeg)
 command -v promtool >/dev/null || apt_packages+=(prometheus)
 if ((${#apt_packages[@]})); then
@@ -36,7 +37,7 @@ if ! s3s-fs --version 2>/dev/null | grep -qx "s3s-fs $S3S_FS_VERSION"; then
 fi
 
 missing=()
-for tool in redis-server ffmpeg ffprobe promtool s3s-fs; do
+for tool in redis-server redis-sentinel ffmpeg ffprobe promtool s3s-fs; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if ((${#missing[@]})); then
