@@ -32,10 +32,10 @@ use crate::store::redis::InstanceClaim;
 
 /// How long the liveness key lasts without a refresh: the longest a
 /// restart waits for a crashed predecessor's key to lapse.
-pub const LIVENESS_TTL: Duration = Duration::from_secs(3);
+pub const LIVENESS_TTL: Duration = Duration::from_secs(2);
 
 /// How often the live incarnation refreshes its key.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// How often a starting process looks at a key held by another incarnation.
 const WATCH: Duration = Duration::from_millis(200);
