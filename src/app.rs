@@ -158,7 +158,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     let liveness = match &config.instance_id {
         Some(id) => {
             let mut store = redis_store()?;
-            if !instance::take_over(&mut store, id, &leases, config.retry, &stop)? {
+            let waiting = (config.retry, &*heartbeat);
+            if !instance::take_over(&mut store, id, &leases, waiting, &stop)? {
                 http.stop();
                 return Ok(RunOutcome::Drained);
             }

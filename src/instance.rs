@@ -26,6 +26,7 @@ use log::{debug, error, info, warn};
 
 use crate::config::RetryPolicy;
 use crate::error::{AppError, ConfigError};
+use crate::health::Heartbeat;
 use crate::lease::HeldLeases;
 use crate::store::RedisStore;
 use crate::store::redis::InstanceClaim;
@@ -44,19 +45,21 @@ const WATCH: Duration = Duration::from_millis(200);
 const REFRESH_MARGIN: Duration = Duration::from_millis(150);
 
 /// Takes the liveness key of `INSTANCE_ID` `id` for this process (`store`'s
-/// owner). Returns false if a stop was requested first, and a configuration
-/// error naming `INSTANCE_ID` if another live process holds it.
+/// owner), beating `alive` meanwhile. Returns false if a stop was requested
+/// first, and a configuration error naming `INSTANCE_ID` if another live
+/// process holds it.
 pub fn take_over(
     store: &mut RedisStore,
     id: &str,
     leases: &HeldLeases,
-    retry: RetryPolicy,
+    (retry, alive): (RetryPolicy, &Heartbeat),
     stop: &Receiver<()>,
 ) -> Result<bool, AppError> {
     // The holder last seen, the TTL it had left, and when that was asked.
     let mut seen: Option<(String, Option<Duration>, Instant)> = None;
     let mut failures = 0u32;
     loop {
+        alive.beat();
         let sent = Instant::now();
         let delay = match store.claim_instance(LIVENESS_TTL) {
             Ok(InstanceClaim::Taken) => {

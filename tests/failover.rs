@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use support::{
-    Daemon, MIB, Process, RedisServer, TestEnv, append, chunkstream_binary, free_port,
-    pseudo_random, require_tool, uploads_in_log, wait_for,
+    Daemon, MIB, Process, RedisServer, TestEnv, UPLOADED, append, chunkstream_binary, free_port,
+    log_entries, pseudo_random, require_tool, uploads_in_log, wait_for,
 };
 
 const MASTER_NAME: &str = "cstest-master";
@@ -107,13 +107,8 @@ impl Sentinels {
 
 /// The timestamps of the chunk uploads in a JSON log.
 fn upload_times(log: &str) -> Vec<SystemTime> {
-    log.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|entry| {
-            entry["msg"]
-                .as_str()
-                .is_some_and(|msg| msg.contains(" uploaded ("))
-        })
+    log_entries(log, UPLOADED)
+        .into_iter()
         .filter_map(|entry| humantime::parse_rfc3339(entry["ts"].as_str()?).ok())
         .collect()
 }
@@ -121,17 +116,9 @@ fn upload_times(log: &str) -> Vec<SystemTime> {
 /// How many times each stream was logged complete, over several logs.
 fn completions(logs: &[String]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
-    for line in logs.iter().flat_map(|log| log.lines()) {
-        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if entry["msg"]
-            .as_str()
-            .is_some_and(|msg| msg.contains(": complete ("))
-        {
-            let id = entry["stream_id"].as_str().unwrap_or_default().to_string();
-            *counts.entry(id).or_default() += 1;
-        }
+    for entry in logs.iter().flat_map(|log| log_entries(log, ": complete (")) {
+        let id = entry["stream_id"].as_str().unwrap_or_default().to_string();
+        *counts.entry(id).or_default() += 1;
     }
     counts
 }
