@@ -225,11 +225,13 @@ fn f1_a_redis_master_killed_mid_upload_fails_over_to_its_replica_with_no_chunk_l
             meta.stream_id
         );
     }
-    assert!(
-        logs.iter()
-            .any(|log| log.contains("(failover); carrying on there")),
-        "a replica logged the new master"
-    );
+    for log in &logs {
+        assert_eq!(
+            log.matches("(failover); carrying on there").count(),
+            1,
+            "each replica follows the failover and says so once:\n{log}"
+        );
+    }
 
     // The outage uploads saw: from the kill to the first chunk checkpointed
     // on the new master.

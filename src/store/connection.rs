@@ -12,6 +12,7 @@
 //! Redis replicates asynchronously, and a failover to a replica that missed
 //! a write would forget it, a lease or a fencing token included.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::{Connection, RedisResult};
@@ -33,8 +34,56 @@ struct Sentinels {
     master_name: String,
     /// Password for the master.
     master_settings: redis::RedisConnectionInfo,
-    /// The master last connected to, to log a failover once.
+}
+
+/// What this process last reported about the master. Every coordinator,
+/// worker and probe has its own link; this is shared so that a failover,
+/// or a master left without replica, is logged once per process.
+struct Reported {
     master: Option<(String, u16)>,
+    unreplicated: bool,
+}
+
+static REPORTED: Mutex<Reported> = Mutex::new(Reported {
+    master: None,
+    unreplicated: false,
+});
+
+fn reported() -> std::sync::MutexGuard<'static, Reported> {
+    REPORTED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Logs a failover the first time any link of this process finds the
+/// master `name` at a new address.
+fn report_master(name: &str, address: &(String, u16)) {
+    let mut reported = reported();
+    if reported.master.as_ref() == Some(address) {
+        return;
+    }
+    if let Some((old_host, old_port)) = &reported.master {
+        log::warn!(
+            "Redis master {name:?} moved from {old_host}:{old_port} to {}:{} (failover); carrying on there",
+            address.0,
+            address.1
+        );
+    }
+    reported.master = Some(address.clone());
+}
+
+/// Logs when the master has no replica left (writes are then not
+/// replicated), and when it has one again.
+fn report_replicas(replicas: usize, shown_url: &str) {
+    let mut reported = reported();
+    match (replicas, reported.unreplicated) {
+        (0, false) => log::warn!(
+            "Redis master of {shown_url} has no replica: writes are not replicated until one is back"
+        ),
+        (1.., true) => log::info!("Redis master of {shown_url} has a replica again"),
+        _ => return,
+    }
+    reported.unreplicated = replicas == 0;
 }
 
 impl Sentinels {
@@ -57,7 +106,6 @@ impl Sentinels {
                 .collect(),
             master_name: config.master.clone(),
             master_settings: settings(&config.password),
-            master: None,
         }
     }
 
@@ -98,18 +146,7 @@ impl Sentinels {
             match connected {
                 Ok((con, Some(replicas))) => {
                     self.sentinels[..=position].rotate_right(1);
-                    let address = (host, port);
-                    if self.master.as_ref() != Some(&address) {
-                        if let Some((old_host, old_port)) = &self.master {
-                            log::warn!(
-                                "Redis master {:?} moved from {old_host}:{old_port} to {}:{} (failover); carrying on there",
-                                self.master_name,
-                                address.0,
-                                address.1
-                            );
-                        }
-                        self.master = Some(address);
-                    }
+                    report_master(&self.master_name, &(host, port));
                     return Ok((con, replicas));
                 }
                 Ok((_, None)) => failures.push(format!(
@@ -145,8 +182,9 @@ fn with_timeouts(connection: Connection, timeout: Duration) -> RedisResult<Conne
 }
 
 /// `ROLE`: `None` unless the server is a master; else how many replicas
-/// are attached and have acknowledged data (a replica still in its first
-/// sync reports offset 0 and cannot acknowledge yet).
+/// are connected to it. (One still in its first sync cannot acknowledge
+/// yet: writes then fail the `WAIT` and are retried until it can, which is
+/// safer than counting it out.)
 fn master_replicas(con: &mut Connection) -> RedisResult<Option<usize>> {
     let role: Vec<redis::Value> = redis::cmd("ROLE").query(con)?;
     let text = |value: &redis::Value| redis::from_redis_value_ref::<String>(value).ok();
@@ -154,17 +192,7 @@ fn master_replicas(con: &mut Connection) -> RedisResult<Option<usize>> {
         return Ok(None);
     }
     let replicas = match role.get(2) {
-        Some(redis::Value::Array(replicas)) => replicas
-            .iter()
-            .filter(|replica| match replica {
-                redis::Value::Array(fields) => fields
-                    .get(2)
-                    .and_then(text)
-                    .and_then(|offset| offset.parse::<i64>().ok())
-                    .is_some_and(|offset| offset > 0),
-                _ => false,
-            })
-            .count(),
+        Some(redis::Value::Array(replicas)) => replicas.len(),
         _ => 0,
     };
     Ok(Some(replicas))
@@ -178,8 +206,6 @@ pub(super) struct Link {
     /// Sentinel mode: replicas of the connected master that acknowledge
     /// writes (from `ROLE`); 0 while it has none.
     replicas: usize,
-    /// Sentinel mode: whether "no replica" was already logged.
-    unreplicated_logged: bool,
     /// Connect, read and write timeout (`REDIS_TIMEOUT`).
     timeout: Duration,
     /// Where Redis is, for messages (no password).
@@ -207,7 +233,6 @@ impl Link {
             target,
             connection: None,
             replicas: 0,
-            unreplicated_logged: false,
             timeout: config.timeout,
             shown_url: redact_url(&config.url),
         }
@@ -278,17 +303,10 @@ impl Link {
             return Err(self.failure("the server is no longer the master; retrying"));
         };
         self.replicas = now;
+        report_replicas(now, &self.shown_url);
         if now == 0 {
-            if !self.unreplicated_logged {
-                log::warn!(
-                    "Redis master of {} has no replica: writes are not replicated until one is back",
-                    self.shown_url
-                );
-                self.unreplicated_logged = true;
-            }
             return Ok(());
         }
-        self.unreplicated_logged = false;
         // A replica (re)appeared since the last write: wait for it once.
         if had == 0 && self.call(wait)? >= 1 {
             return Ok(());
