@@ -4,11 +4,11 @@
 #   scripts/test.sh            # everything
 #   scripts/test.sh -- NAME    # only tests whose name contains NAME
 #
-# Installs, when missing: redis-server, ffmpeg/ffprobe, promtool (Debian
-# package prometheus) and Ceph RGW (radosgw, ceph-mon, ceph-osd, ceph-common)
-# with apt-get; the S3 test servers s3s-fs 0.14.1 (cargo install) and moto
-# server (pip). With CI=true a tool that is still missing afterwards is a
-# failure, never a skip.
+# Installs, when missing: redis-server, redis-sentinel, ffmpeg/ffprobe,
+# promtool (Debian package prometheus) and Ceph RGW (radosgw, ceph-mon,
+# ceph-osd, ceph-common) with apt-get; the S3 test servers s3s-fs 0.14.1
+# (cargo install) and moto server (pip). With CI=true a tool that is still
+# missing afterwards is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +18,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 apt_packages=()
 command -v redis-server >/dev/null || apt_packages+=(redis-server)
+command -v redis-sentinel >/dev/null || apt_packages+=(redis-sentinel)
 { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || apt_packages+=(ffmpeg)
 command -v promtool >/dev/null || apt_packages+=(prometheus)
 # Ceph RGW for the compatibility suite (tests/testbeds/rgw needs bc, uuidgen, curl too).
@@ -47,7 +48,7 @@ if ! python3 -m pip show moto 2>/dev/null | grep -qx "Version: $MOTO_VERSION" ||
 fi
 
 missing=()
-for tool in redis-server ffmpeg ffprobe promtool s3s-fs radosgw ceph-mon ceph-osd moto_server; do
+for tool in redis-server redis-sentinel ffmpeg ffprobe promtool s3s-fs radosgw ceph-mon ceph-osd moto_server; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if ((${#missing[@]})); then

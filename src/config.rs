@@ -176,16 +176,26 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub aws_secret_access_key: Option<String>,
-    /// Redis URL for checkpoints; rediss:// for TLS.
+    /// Redis URL for checkpoints, one server; rediss:// for TLS. Default redis://127.0.0.1:6379/0; leave it unset with REDIS_SENTINELS.
+    #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Redis Sentinels, host:port,host:port,...: instead of REDIS_URL, follow the master they name through failovers.
+    #[arg(long, env = "REDIS_SENTINELS", default_value = "", global = true)]
+    pub redis_sentinels: String,
+    /// The master name the sentinels monitor (required with REDIS_SENTINELS).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", default_value = "", global = true)]
+    pub redis_sentinel_master: String,
+    /// Password of the sentinels themselves, if they require one.
     #[arg(
         long,
-        env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/0",
+        env = "REDIS_SENTINEL_PASSWORD",
         global = true,
-        hide_env_values = true,
-        hide_default_value = false
+        hide_env_values = true
     )]
-    pub redis_url: String,
+    pub redis_sentinel_password: Option<String>,
+    /// Password of the Redis master the sentinels name (with REDIS_URL, put it in the URL instead).
+    #[arg(long, env = "REDIS_PASSWORD", global = true, hide_env_values = true)]
+    pub redis_password: Option<String>,
     /// Namespace for every Redis key.
     #[arg(
         long,
@@ -226,6 +236,9 @@ pub struct Settings {
     /// Most streams one replica owns at once; 0 means its fair share of the active streams, with no fixed cap.
     #[arg(long, env = "MAX_OWNED_STREAMS", default_value = "0", global = true)]
     pub max_owned_streams: String,
+    /// Stable name of this replica (e.g. the pod name), so a restart takes its streams back at once; empty means a fresh identity per process. Never give two live processes the same one.
+    #[arg(long, env = "INSTANCE_ID", default_value = "", global = true)]
+    pub instance_id: String,
 }
 
 /// Everything the daemon needs, validated.
@@ -252,6 +265,10 @@ pub struct Config {
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
     pub lease: LeasePolicy,
+    /// `Some` when the master is found through Redis Sentinel.
+    pub sentinel: Option<SentinelConfig>,
+    /// `INSTANCE_ID`, if set: this replica's stable name.
+    pub instance_id: Option<String>,
 }
 
 /// How replicas share streams (see docs/scaling.md).
@@ -341,6 +358,8 @@ impl S3Config {
 /// How to reach Redis.
 #[derive(Clone)]
 pub struct RedisConfig {
+    /// `REDIS_URL`; with Sentinel, a description for messages only
+    /// (`redis+sentinel://HOST:PORT,.../MASTER`, no passwords).
     pub url: String,
     pub key_prefix: String,
     pub timeout: Duration,
@@ -352,6 +371,31 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &redact_url(&self.url))
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// How to find the Redis master through Redis Sentinel.
+#[derive(Clone)]
+pub struct SentinelConfig {
+    /// Sentinel addresses (host, port), in the order given.
+    pub sentinels: Vec<(String, u16)>,
+    /// The master name the sentinels monitor.
+    pub master: String,
+    /// `REDIS_SENTINEL_PASSWORD`: for the sentinels.
+    pub sentinel_password: Option<String>,
+    /// `REDIS_PASSWORD`: for the master.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |secret: &Option<String>| secret.as_ref().map(|_| "***");
+        f.debug_struct("SentinelConfig")
+            .field("sentinels", &self.sentinels)
+            .field("master", &self.master)
+            .field("sentinel_password", &shown(&self.sentinel_password))
+            .field("password", &shown(&self.password))
             .finish()
     }
 }
@@ -420,6 +464,7 @@ impl Config {
                 "expected HOST:PORT with an IP address, e.g. 0.0.0.0:9102",
             )
         })?;
+        let sentinel = SentinelConfig::from_settings(settings)?;
         Ok(Self {
             watch_dir,
             file_extensions,
@@ -446,13 +491,15 @@ impl Config {
             })?,
             multipart_max_age: parse_duration("MULTIPART_MAX_AGE", &settings.multipart_max_age)?,
             s3: S3Config::from_settings(settings)?,
-            redis: RedisConfig::from_settings(settings)?,
+            redis: RedisConfig::from_settings(settings, sentinel.as_ref())?,
             retry,
             metrics_addr,
             log_level: parse_log_level(&settings.log_level)?,
             log_format: parse_log_format(&settings.log_format)?,
             shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &settings.shutdown_timeout)?,
             lease: LeasePolicy::from_settings(settings)?,
+            sentinel,
+            instance_id: parse_instance_id(&settings.instance_id)?,
         })
     }
 }
@@ -581,9 +628,143 @@ impl S3Config {
     }
 }
 
+/// A setting given as an empty string counts as unset (Compose passes
+/// `${VAR:-}` through as empty).
+fn given(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+impl SentinelConfig {
+    /// `None` in single-server mode (`REDIS_URL`). Exactly one mode: the
+    /// Sentinel settings without `REDIS_SENTINELS`, or `REDIS_URL` with it,
+    /// are errors that name the variable.
+    fn from_settings(settings: &Settings) -> Result<Option<Self>, ConfigError> {
+        let sentinels = settings.redis_sentinels.trim();
+        let master = settings.redis_sentinel_master.trim();
+        if sentinels.is_empty() {
+            let needs_sentinels = [
+                ("REDIS_SENTINEL_MASTER", !master.is_empty()),
+                (
+                    "REDIS_SENTINEL_PASSWORD",
+                    given(&settings.redis_sentinel_password).is_some(),
+                ),
+                ("REDIS_PASSWORD", given(&settings.redis_password).is_some()),
+            ];
+            if let Some((variable, _)) = needs_sentinels.into_iter().find(|(_, set)| *set) {
+                return Err(ConfigError {
+                    variable,
+                    reason:
+                        "only used with REDIS_SENTINELS (with REDIS_URL, put a password in the URL)"
+                            .into(),
+                });
+            }
+            return Ok(None);
+        }
+        if given(&settings.redis_url).is_some() {
+            return Err(ConfigError {
+                variable: "REDIS_URL",
+                reason: "set either REDIS_URL (one server) or REDIS_SENTINELS (failover), not both"
+                    .into(),
+            });
+        }
+        let sentinels = sentinels
+            .split(',')
+            .map(str::trim)
+            .filter(|address| !address.is_empty())
+            .map(|address| {
+                parse_host_port(address).ok_or_else(|| {
+                    ConfigError::bad_value(
+                        "REDIS_SENTINELS",
+                        address,
+                        "expected host:port,host:port,... (e.g. sentinel-0:26379)",
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let master = non_empty("REDIS_SENTINEL_MASTER", master)?;
+        if master.chars().any(char::is_whitespace) {
+            return Err(ConfigError::bad_value(
+                "REDIS_SENTINEL_MASTER",
+                master,
+                "must not contain whitespace",
+            ));
+        }
+        Ok(Some(Self {
+            sentinels,
+            master: master.to_string(),
+            sentinel_password: given(&settings.redis_sentinel_password).map(str::to_string),
+            password: given(&settings.redis_password).map(str::to_string),
+        }))
+    }
+
+    /// The sentinels and the master name, for messages (no passwords).
+    pub fn describe(&self) -> String {
+        let addresses: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|(host, port)| format!("{host}:{port}"))
+            .collect();
+        format!("redis+sentinel://{}/{}", addresses.join(","), self.master)
+    }
+}
+
+/// `host:port` or `[v6]:port`, with a port above 0.
+fn parse_host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port.parse::<u16>().ok().filter(|&port| port > 0)?;
+    (!host.is_empty() && !host.contains(char::is_whitespace)).then(|| (host.to_string(), port))
+}
+
+/// `INSTANCE_ID`: empty means none; otherwise a name like a pod's.
+fn parse_instance_id(value: &str) -> Result<Option<String>, ConfigError> {
+    let id = value.trim();
+    if id.is_empty() {
+        return Ok(None);
+    }
+    let valid = id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid {
+        return Err(ConfigError::bad_value(
+            "INSTANCE_ID",
+            value,
+            "expected at most 128 characters of a-z, A-Z, 0-9, '-', '_' and '.' (e.g. the pod name)",
+        ));
+    }
+    Ok(Some(id.to_string()))
+}
+
+/// The single-server default of `REDIS_URL`.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
 impl RedisConfig {
-    fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
-        let url = settings.redis_url.trim().to_string();
+    /// `REDIS_URL`, or with `sentinel` a description of it (validated by
+    /// [`SentinelConfig::from_settings`]).
+    fn from_settings(
+        settings: &Settings,
+        sentinel: Option<&SentinelConfig>,
+    ) -> Result<Self, ConfigError> {
+        let key_prefix = non_empty("REDIS_KEY_PREFIX", &settings.redis_key_prefix)?.to_string();
+        if key_prefix.chars().any(char::is_whitespace) {
+            return Err(ConfigError::bad_value(
+                "REDIS_KEY_PREFIX",
+                &key_prefix,
+                "must not contain whitespace",
+            ));
+        }
+        let timeout = parse_duration("REDIS_TIMEOUT", &settings.redis_timeout)?;
+        if let Some(sentinel) = sentinel {
+            return Ok(Self {
+                url: sentinel.describe(),
+                key_prefix,
+                timeout,
+            });
+        }
+        let url = given(&settings.redis_url)
+            .unwrap_or(DEFAULT_REDIS_URL)
+            .to_string();
         let shown = redact_url(&url);
         if !(url.starts_with("redis://")
             || url.starts_with("rediss://")
@@ -600,18 +781,10 @@ impl RedisConfig {
             let detail = err.to_string().replace(&url, &shown);
             return Err(ConfigError::bad_value("REDIS_URL", &shown, detail));
         }
-        let key_prefix = non_empty("REDIS_KEY_PREFIX", &settings.redis_key_prefix)?.to_string();
-        if key_prefix.chars().any(char::is_whitespace) {
-            return Err(ConfigError::bad_value(
-                "REDIS_KEY_PREFIX",
-                &key_prefix,
-                "must not contain whitespace",
-            ));
-        }
         Ok(Self {
             url,
             key_prefix,
-            timeout: parse_duration("REDIS_TIMEOUT", &settings.redis_timeout)?,
+            timeout,
         })
     }
 }
@@ -828,12 +1001,64 @@ mod tests {
             ("--aws-access-key-id=AKIA", "AWS_SECRET_ACCESS_KEY"),
             ("--s3-request-timeout=never", "S3_REQUEST_TIMEOUT"),
             ("--redis-timeout=0s", "REDIS_TIMEOUT"),
+            ("--redis-sentinels=s1", "REDIS_SENTINELS"),
+            ("--redis-sentinels=s1:0", "REDIS_SENTINELS"),
+            ("--redis-sentinels=s1:26379", "REDIS_SENTINEL_MASTER"),
+            ("--redis-sentinel-master=m", "REDIS_SENTINEL_MASTER"),
+            ("--redis-sentinel-password=pw", "REDIS_SENTINEL_PASSWORD"),
+            ("--redis-password=pw", "REDIS_PASSWORD"),
+            ("--instance-id=pod 0", "INSTANCE_ID"),
+            ("--instance-id=a#b", "INSTANCE_ID"),
         ];
         for (flag, variable) in cases {
             let err = config(&[flag]).expect_err(flag);
             assert_eq!(err.variable, *variable, "{flag}");
             assert!(err.to_string().contains(variable), "{flag}: {err}");
         }
+    }
+
+    #[test]
+    fn sentinel_mode_replaces_the_url_and_never_combines_with_it() {
+        let chosen = config(&[
+            "--redis-sentinels=10.0.0.1:26379, sentinel-1:26380,[::1]:26381",
+            "--redis-sentinel-master=mymaster",
+            "--redis-sentinel-password=SENTINELSECRET",
+            "--redis-password=MASTERSECRET",
+        ])
+        .unwrap();
+        let sentinel = chosen.sentinel.as_ref().unwrap();
+        assert_eq!(
+            sentinel.sentinels,
+            vec![
+                ("10.0.0.1".to_string(), 26379),
+                ("sentinel-1".to_string(), 26380),
+                ("::1".to_string(), 26381)
+            ]
+        );
+        assert_eq!(sentinel.master, "mymaster");
+        assert_eq!(
+            chosen.redis.url,
+            "redis+sentinel://10.0.0.1:26379,sentinel-1:26380,::1:26381/mymaster"
+        );
+        let shown = format!("{chosen:?}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+
+        let both = config(&[
+            "--redis-url=redis://r:6379/0",
+            "--redis-sentinels=s:26379",
+            "--redis-sentinel-master=m",
+        ])
+        .unwrap_err();
+        assert_eq!(both.variable, "REDIS_URL");
+        assert!(both.to_string().contains("not both"), "{both}");
+        // Empty values (as Compose passes them) are unset.
+        let single =
+            config(&["--redis-sentinels=", "--redis-password=", "--instance-id="]).unwrap();
+        assert!(single.sentinel.is_none());
+        assert_eq!(single.redis.url, DEFAULT_REDIS_URL);
+        assert_eq!(single.instance_id, None);
+        let named = config(&["--instance-id=chunkstream-0"]).unwrap();
+        assert_eq!(named.instance_id.as_deref(), Some("chunkstream-0"));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::store::redis::LeaseHolder;
 use crate::store::{BucketError, CheckpointStore, Integrity, ObjectStore, RedisStore, S3Store};
 use crate::upload::job::{Job, JobResult};
 use crate::upload::{Worker, sweep};
-use crate::{http, random_u64, scanner};
+use crate::{http, instance, random_u64, scanner};
 
 /// Waits `delay`, or less if a stop is requested. True if a stop was requested.
 fn stop_requested_within(stop: &Receiver<()>, delay: Duration) -> bool {
@@ -97,7 +97,10 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             streams: streams_tx,
         },
     )?;
-    let instance = instance_id();
+    let instance = match &config.instance_id {
+        Some(id) => LeaseHolder::incarnation(id, random_u64()),
+        None => instance_id(),
+    };
     info!(
         "chunkstream {} starting as {instance}; metrics on http://{}; effective config: {config:?}",
         env!("CARGO_PKG_VERSION"),
@@ -146,7 +149,27 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     report_integrity(&config, integrity);
     events.storage_integrity(integrity);
 
-    let mut checkpoints = RedisStore::new(&config.redis, holder.clone())?;
+    let redis_store =
+        || RedisStore::connect(&config.redis, config.sentinel.as_ref(), holder.clone());
+    let mut checkpoints = redis_store()?;
+    let (liveness_tx, liveness_rx) = bounded::<bool>(1);
+    let liveness = match &config.instance_id {
+        Some(id) => {
+            let mut store = redis_store()?;
+            let waiting = (config.retry, &*heartbeat);
+            if !instance::take_over(&mut store, id, &leases, waiting, &stop)? {
+                http.stop();
+                return Ok(RunOutcome::Drained);
+            }
+            Some(instance::spawn_heartbeat(
+                store,
+                id.clone(),
+                leases.clone(),
+                liveness_rx,
+            )?)
+        }
+        None => None,
+    };
     let Some(stored) = until_ready(&config, &stop, &heartbeat, "loading checkpoints", || {
         let loaded = checkpoints.load_streams();
         let outcome = loaded.as_ref().map(|_| ()).map_err(|err| err.to_string());
@@ -162,7 +185,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     let (shutdown_tx, shutdown_rx) = bounded::<()>(1);
     let probe = spawn_probe(
         s3.clone(),
-        RedisStore::new(&config.redis, holder.clone())?,
+        redis_store()?,
         events.clone(),
         &config,
         shutdown_rx.clone(),
@@ -172,7 +195,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     for number in 0..config.workers {
         let worker = Worker::new(
             store.clone(),
-            Box::new(RedisStore::new(&config.redis, holder.clone())?),
+            Box::new(redis_store()?),
             KeyLayout::new(&config.s3.prefix),
             config.retry,
             shutdown_rx.clone(),
@@ -239,6 +262,12 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             let _ = worker.join();
         }
         let _ = probe.join();
+    }
+    // After a clean drain the liveness key is given up, so a restart need
+    // not wait for it; otherwise it lapses while stuck jobs die with us.
+    let _ = liveness_tx.send(outcome == RunOutcome::Drained);
+    if let Some(liveness) = liveness {
+        let _ = liveness.join();
     }
     http.stop();
     Ok(outcome)

@@ -23,11 +23,19 @@ use crate::config::LeasePolicy;
 /// granted or last renewed it was sent. When renewals stop succeeding (a long
 /// pause, a partition) it runs out, and workers stop writing objects for the
 /// stream before another replica can have taken it over.
+///
+/// With `INSTANCE_ID`, every lease also depends on this process still being
+/// the instance's live incarnation: a restart of the same instance takes
+/// the leases over at once, so writes stop as soon as the liveness key can
+/// no longer be trusted (see `instance`).
 #[derive(Debug)]
 pub struct HeldLeases {
     /// The part of `LEASE_TTL` trusted from the moment a request was sent.
     trusted: Duration,
     leases: Mutex<HashMap<String, HeldLease>>,
+    /// With `INSTANCE_ID`: until when this process is certainly its live
+    /// incarnation. `None` without one.
+    incarnation_until: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +51,27 @@ impl HeldLeases {
             // Redis's, and the time the request took to arrive.
             trusted: ttl - ttl / 10,
             leases: Mutex::new(HashMap::new()),
+            incarnation_until: Mutex::new(None),
         }
+    }
+
+    /// Records that this process held its `INSTANCE_ID`'s liveness key,
+    /// lasting `ttl`, by a request sent at `sent`. From the first call on,
+    /// every lease is trusted only while this is.
+    pub fn incarnation_confirmed(&self, ttl: Duration, sent: Instant) {
+        let until = sent + (ttl - ttl / 10);
+        let mut current = self
+            .incarnation_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = Some(current.map_or(until, |known| known.max(until)));
+    }
+
+    fn incarnation_valid(&self, now: Instant) -> bool {
+        self.incarnation_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none_or(|until| now < until)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldLease>> {
@@ -83,6 +111,7 @@ impl HeldLeases {
         self.lock()
             .get(stream_id)
             .is_some_and(|lease| lease.token == token && now < lease.valid_until)
+            && self.incarnation_valid(now)
     }
 
     /// Every held lease (stream id, token), sorted.
@@ -299,5 +328,20 @@ mod tests {
         assert!(leases.is_valid("s", 1, sent + Duration::from_secs(8)));
         assert!(leases.revoke("s"));
         assert!(!leases.is_valid("s", 1, sent));
+    }
+
+    #[test]
+    fn with_an_instance_id_a_lease_is_trusted_only_while_the_incarnation_is() {
+        let leases = HeldLeases::new(Duration::from_secs(30));
+        let sent = Instant::now();
+        leases.renewed("s", 1, sent);
+        assert!(leases.is_valid("s", 1, sent + Duration::from_secs(20)));
+        leases.incarnation_confirmed(Duration::from_secs(3), sent);
+        assert!(leases.is_valid("s", 1, sent + Duration::from_secs(2)));
+        assert!(!leases.is_valid("s", 1, sent + Duration::from_secs(3)));
+        // A later heartbeat extends it; an older one never shortens it.
+        leases.incarnation_confirmed(Duration::from_secs(3), sent + Duration::from_secs(2));
+        leases.incarnation_confirmed(Duration::from_secs(3), sent);
+        assert!(leases.is_valid("s", 1, sent + Duration::from_secs(4)));
     }
 }

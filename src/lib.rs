@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod http;
+pub mod instance;
 pub mod inventory;
 pub mod lease;
 pub mod logging;

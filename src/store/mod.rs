@@ -4,6 +4,7 @@
 //! and the workers can be reasoned about (and unit-tested) without either
 //! server, and a failure mode of one client library stays in one file.
 
+mod connection;
 pub mod record;
 pub mod redis;
 pub mod s3;

@@ -8,9 +8,9 @@
 //!
 //! Every write is a single atomic operation (one command, a MULTI/EXEC
 //! pipeline, or a Lua script) and writes absolute values, so a retried write
-//! whose reply was lost can never count twice. The redis crate does not
-//! reconnect by itself, so a failed connection is dropped here and the next
-//! call opens a new one; every call has connect, read and write timeouts.
+//! whose reply was lost can never count twice. Connections, reconnects,
+//! Sentinel and the replication of writes are `connection`'s business;
+//! every call has connect, read and write timeouts.
 //!
 //! Key layout (`P` is `REDIS_KEY_PREFIX`):
 //! - `P:identities` hash: `device:inode` → stream id, for live streams.
@@ -20,13 +20,16 @@
 //! - `P:lease:{id}` string: the owner id of the replica that holds the
 //!   stream, expiring after `LEASE_TTL` unless renewed.
 //! - `P:replicas` sorted set: live owner ids, scored by when they expire.
+//! - `P:instance:{ID}` string: with `INSTANCE_ID`, the owner id of its live
+//!   incarnation, expiring unless refreshed (see `instance`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use redis::{Connection, RedisResult, Script};
 
-use crate::config::{RedisConfig, redact_url};
+use super::connection::Link;
+use crate::config::{RedisConfig, SentinelConfig};
 use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::{ChunkRecord, unix_millis};
 use crate::scan::FileIdentity;
@@ -111,9 +114,48 @@ pub struct Completion {
 /// Who this process is when it claims streams, and how long a claim lasts.
 #[derive(Debug, Clone)]
 pub struct LeaseHolder {
-    /// Unique per process (see `daemon::instance_id`).
+    /// Unique per process: `daemon::instance_id`, or with `INSTANCE_ID` an
+    /// incarnation of it ([`LeaseHolder::incarnation`]).
     pub owner: String,
     pub ttl: Duration,
+}
+
+/// Separates an `INSTANCE_ID` from the per-process part of an owner id;
+/// `INSTANCE_ID` cannot contain it, nor can host names.
+const INCARNATION_SEPARATOR: char = '#';
+
+impl LeaseHolder {
+    /// The owner id of one process running as `INSTANCE_ID` `id`.
+    pub fn incarnation(id: &str, nonce: u64) -> String {
+        format!("{id}{INCARNATION_SEPARATOR}{:08x}", nonce & 0xffff_ffff)
+    }
+
+    /// The `INSTANCE_ID` this owner is an incarnation of, if any.
+    pub fn instance(&self) -> Option<&str> {
+        self.owner
+            .split_once(INCARNATION_SEPARATOR)
+            .map(|(id, _)| id)
+    }
+
+    /// `ID#` for an incarnation, empty otherwise: what the scripts match
+    /// earlier incarnations by.
+    fn incarnation_prefix(&self) -> String {
+        self.instance()
+            .map(|id| format!("{id}{INCARNATION_SEPARATOR}"))
+            .unwrap_or_default()
+    }
+}
+
+/// What a claim on this process's `INSTANCE_ID` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceClaim {
+    /// This process is the instance's live incarnation now.
+    Taken,
+    /// Another incarnation holds it, for `remaining` (`None`: no expiry).
+    HeldBy {
+        owner: String,
+        remaining: Option<Duration>,
+    },
 }
 
 /// The answer to a claim.
@@ -283,6 +325,10 @@ impl Keys {
     fn replicas(&self) -> String {
         format!("{}:replicas", self.prefix)
     }
+    /// The liveness key of an `INSTANCE_ID` (held by its live incarnation).
+    fn instance(&self, id: &str) -> String {
+        format!("{}:instance:{id}", self.prefix)
+    }
 }
 
 /// The fencing check every lease-guarded script starts with: the stream's
@@ -335,15 +381,22 @@ return 1
 ";
 
 /// Claim a stream that has a record and no other holder: set the lease and
-/// bump the fencing token. Returns {token, owner, ttl ms}; token 0 when
-/// someone else holds it, -1 when there is no record.
+/// bump the fencing token. A holder that is an earlier incarnation of the
+/// caller's `INSTANCE_ID` (ARGV[3], `ID#`, empty without one) counts as no
+/// holder once the caller holds the instance's liveness key (KEYS[3]): that
+/// process is gone, and this is instant resume. Returns {token, owner, ttl
+/// ms}; token 0 when someone else holds it, -1 when there is no record.
 const CLAIM_LUA: &str = r"
 if redis.call('HEXISTS', KEYS[2], 'id') == 0 then
   return {-1, '', 0}
 end
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then
-  return {0, holder, redis.call('PTTL', KEYS[1])}
+  local predecessor = ARGV[3] ~= '' and string.sub(holder, 1, #ARGV[3]) == ARGV[3]
+    and redis.call('GET', KEYS[3]) == ARGV[1]
+  if not predecessor then
+    return {0, holder, redis.call('PTTL', KEYS[1])}
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {redis.call('HINCRBY', KEYS[2], 'fence', 1), ARGV[1], tonumber(ARGV[2])}
@@ -371,6 +424,41 @@ for i = 2, #KEYS, 2 do
   end
 end
 return result
+";
+
+/// Take an `INSTANCE_ID`'s liveness key unless another incarnation holds it,
+/// and drop earlier incarnations from the replica set. KEYS: the liveness
+/// key, the replica set. ARGV: owner, ttl, the incarnation prefix `ID#`.
+/// Returns {1, owner, ttl} when taken, else {0, holder, its PTTL}.
+const INSTANCE_CLAIM_LUA: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+  return {0, current, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if member ~= ARGV[1] and string.sub(member, 1, #ARGV[3]) == ARGV[3] then
+    redis.call('ZREM', KEYS[2], member)
+  end
+end
+return {1, ARGV[1], tonumber(ARGV[2])}
+";
+
+/// Keep (ttl > 0) or give up (ttl 0) an `INSTANCE_ID`'s liveness key, unless
+/// another incarnation took it: 1 done, 0 taken. A key that lapsed (Redis
+/// was out of reach) is taken again: no other incarnation claimed it.
+/// KEYS: the liveness key. ARGV: owner, ttl.
+const INSTANCE_REFRESH_LUA: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '0' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
 ";
 
 /// Delete the lease only if the caller still holds it with this token.
@@ -428,11 +516,8 @@ return 1
 
 /// A Redis connection that is replaced after any connection-level failure.
 pub struct RedisStore {
-    client: redis::Client,
-    connection: Option<Connection>,
+    link: Link,
     keys: Keys,
-    timeout: Duration,
-    shown_url: String,
     holder: LeaseHolder,
     register: Script,
     restore: Script,
@@ -441,6 +526,8 @@ pub struct RedisStore {
     claim: Script,
     renew: Script,
     release: Script,
+    instance_claim: Script,
+    instance_refresh: Script,
 }
 
 /// A fenced write: which hash, which fields to delete, which pairs to set,
@@ -453,20 +540,30 @@ struct FencedWrite<'a> {
 }
 
 impl RedisStore {
+    /// A store on the one server of `config.url`.
     pub fn new(config: &RedisConfig, holder: LeaseHolder) -> Result<Self, CheckpointError> {
-        let shown_url = redact_url(&config.url);
-        let client = redis::Client::open(config.url.as_str()).map_err(|err| CheckpointError {
-            url: shown_url.clone(),
-            detail: err.to_string(),
-        })?;
-        Ok(Self {
-            client,
-            connection: None,
+        Ok(Self::on(Link::server(config)?, config, holder))
+    }
+
+    /// A store on the server the configuration names: `REDIS_URL`, or the
+    /// master the sentinels name, followed through failovers.
+    pub fn connect(
+        config: &RedisConfig,
+        sentinel: Option<&SentinelConfig>,
+        holder: LeaseHolder,
+    ) -> Result<Self, CheckpointError> {
+        match sentinel {
+            Some(sentinel) => Ok(Self::on(Link::sentinel(config, sentinel), config, holder)),
+            None => Self::new(config, holder),
+        }
+    }
+
+    fn on(link: Link, config: &RedisConfig, holder: LeaseHolder) -> Self {
+        Self {
+            link,
             keys: Keys {
                 prefix: config.key_prefix.clone(),
             },
-            timeout: config.timeout,
-            shown_url,
             holder,
             register: Script::new(REGISTER_LUA),
             restore: Script::new(RESTORE_LUA),
@@ -475,7 +572,9 @@ impl RedisStore {
             claim: Script::new(CLAIM_LUA),
             renew: Script::new(&format!("{HOLDS_LUA}{RENEW_LUA}")),
             release: Script::new(RELEASE_LUA),
-        })
+            instance_claim: Script::new(INSTANCE_CLAIM_LUA),
+            instance_refresh: Script::new(INSTANCE_REFRESH_LUA),
+        }
     }
 
     fn ttl_millis(&self) -> u64 {
@@ -491,7 +590,7 @@ impl RedisStore {
     ) -> Result<(), FencedWriteError> {
         let script = self.fenced_write.clone();
         let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
-        let written: i64 = self.with_connection(|con, keys| {
+        let written: i64 = self.with_write(|con, keys| {
             let mut invocation = script.key(keys.lease(stream_id));
             invocation
                 .key(keys.stream(stream_id))
@@ -511,13 +610,10 @@ impl RedisStore {
         })?;
         match written {
             1 => Ok(()),
-            -1 => Err(FencedWriteError::Unavailable(CheckpointError {
-                url: self.shown_url.clone(),
-                detail: format!(
-                    "the record of stream {stream_id} is gone (Redis lost its data?); \
-                     waiting for it to be written back"
-                ),
-            })),
+            -1 => Err(FencedWriteError::Unavailable(self.link.failure(&format!(
+                "the record of stream {stream_id} is gone (Redis lost its data?); \
+                 waiting for it to be written back"
+            )))),
             _ => Err(FencedWriteError::LeaseLost),
         }
     }
@@ -555,46 +651,72 @@ impl RedisStore {
         )
     }
 
-    /// Runs `call` on a live connection, opening one if needed. Any I/O-level
-    /// failure drops the connection so that the next call reconnects.
+    /// Runs a read on the master (see [`Link::call`]).
     fn with_connection<T>(
         &mut self,
         call: impl FnOnce(&mut Connection, &Keys) -> RedisResult<T>,
     ) -> Result<T, CheckpointError> {
-        if self.connection.is_none() {
-            let connection = self
-                .client
-                .get_connection_with_timeout(self.timeout)
-                .and_then(|connection| {
-                    connection.set_read_timeout(Some(self.timeout))?;
-                    connection.set_write_timeout(Some(self.timeout))?;
-                    Ok(connection)
-                })
-                .map_err(|err| self.error(&err))?;
-            self.connection = Some(connection);
-        }
-        let connection = self.connection.as_mut().expect("connected above");
-        let result = call(connection, &self.keys);
-        match result {
-            Ok(value) => Ok(value),
-            Err(err) => {
-                if err.is_io_error()
-                    || err.is_connection_dropped()
-                    || err.is_timeout()
-                    || err.is_connection_refusal()
-                {
-                    self.connection = None;
-                }
-                Err(self.error(&err))
-            }
-        }
+        let keys = &self.keys;
+        self.link.call(|con| call(con, keys))
     }
 
-    fn error(&self, err: &redis::RedisError) -> CheckpointError {
-        CheckpointError {
-            url: self.shown_url.clone(),
-            detail: err.to_string(),
-        }
+    /// Runs a write on the master (see [`Link::write`]).
+    fn with_write<T>(
+        &mut self,
+        call: impl FnOnce(&mut Connection, &Keys) -> RedisResult<T>,
+    ) -> Result<T, CheckpointError> {
+        let keys = &self.keys;
+        self.link.write(|con| call(con, keys))
+    }
+}
+
+// The liveness key of this process's `INSTANCE_ID` (see `instance`): only
+// for owners that are incarnations; the others never call these.
+impl RedisStore {
+    fn instance_key(&self) -> Result<String, CheckpointError> {
+        self.holder
+            .instance()
+            .map(|id| self.keys.instance(id))
+            .ok_or_else(|| self.link.failure("this process has no INSTANCE_ID"))
+    }
+
+    /// Takes the instance's liveness key for `ttl`, unless another
+    /// incarnation holds it.
+    pub fn claim_instance(&mut self, ttl: Duration) -> Result<InstanceClaim, CheckpointError> {
+        let key = self.instance_key()?;
+        let script = self.instance_claim.clone();
+        let owner = self.holder.owner.clone();
+        let prefix = self.holder.incarnation_prefix();
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let (taken, holder, remaining_ms): (i64, String, i64) = self.with_write(|con, keys| {
+            script
+                .key(&key)
+                .key(keys.replicas())
+                .arg(&owner)
+                .arg(millis)
+                .arg(&prefix)
+                .invoke(con)
+        })?;
+        Ok(if taken == 1 {
+            InstanceClaim::Taken
+        } else {
+            InstanceClaim::HeldBy {
+                owner: holder,
+                remaining: u64::try_from(remaining_ms).ok().map(Duration::from_millis),
+            }
+        })
+    }
+
+    /// Keeps the liveness key for another `ttl` (or, with a zero `ttl`, gives
+    /// it up). False if another incarnation took it.
+    pub fn refresh_instance(&mut self, ttl: Duration) -> Result<bool, CheckpointError> {
+        let key = self.instance_key()?;
+        let script = self.instance_refresh.clone();
+        let owner = self.holder.owner.clone();
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let kept: i64 =
+            self.with_write(|con, _| script.key(&key).arg(&owner).arg(millis).invoke(con))?;
+        Ok(kept == 1)
     }
 }
 
@@ -660,7 +782,7 @@ impl CheckpointStore for RedisStore {
         retired: Option<&str>,
     ) -> Result<String, CheckpointError> {
         let register = self.register.clone();
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             let mut invocation = register.key(keys.identities());
             invocation
                 .key(keys.stream(&stream.id))
@@ -696,7 +818,7 @@ impl CheckpointStore for RedisStore {
     }
 
     fn record_path(&mut self, stream_id: &str, rel_path: &str) -> Result<(), CheckpointError> {
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             redis::cmd("HSET")
                 .arg(keys.stream(stream_id))
                 .arg("path")
@@ -755,7 +877,7 @@ impl CheckpointStore for RedisStore {
         if let Some(token) = token {
             fields.push(("fence", token.to_string()));
         }
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             let mut invocation = restore.key(keys.identities());
             invocation
                 .key(keys.stream(&stream.id))
@@ -821,15 +943,18 @@ impl CheckpointStore for RedisStore {
     fn claim(&mut self, stream_id: &str) -> Result<Claim, CheckpointError> {
         let script = self.claim.clone();
         let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
-        let (token, holder, remaining_ms): (i64, String, i64) =
-            self.with_connection(|con, keys| {
-                script
-                    .key(keys.lease(stream_id))
-                    .key(keys.stream(stream_id))
-                    .arg(&owner)
-                    .arg(ttl)
-                    .invoke(con)
-            })?;
+        let prefix = self.holder.incarnation_prefix();
+        let instance = self.holder.instance().unwrap_or_default().to_string();
+        let (token, holder, remaining_ms): (i64, String, i64) = self.with_write(|con, keys| {
+            script
+                .key(keys.lease(stream_id))
+                .key(keys.stream(stream_id))
+                .key(keys.instance(&instance))
+                .arg(&owner)
+                .arg(ttl)
+                .arg(&prefix)
+                .invoke(con)
+        })?;
         Ok(match token {
             -1 => Claim::NoRecord,
             0 => Claim::HeldBy {
@@ -845,7 +970,7 @@ impl CheckpointStore for RedisStore {
     fn renew(&mut self, leases: &[(&str, u64)]) -> Result<Renewal, CheckpointError> {
         let script = self.renew.clone();
         let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
-        let reply: Vec<i64> = self.with_connection(|con, keys| {
+        let reply: Vec<i64> = self.with_write(|con, keys| {
             let mut invocation = script.key(keys.replicas());
             for (stream_id, _) in leases {
                 invocation
@@ -878,7 +1003,7 @@ impl CheckpointStore for RedisStore {
     fn release(&mut self, stream_id: &str, token: u64) -> Result<(), CheckpointError> {
         let script = self.release.clone();
         let owner = self.holder.owner.clone();
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             script
                 .key(keys.lease(stream_id))
                 .key(keys.stream(stream_id))
@@ -891,7 +1016,7 @@ impl CheckpointStore for RedisStore {
 
     fn leave(&mut self) -> Result<(), CheckpointError> {
         let owner = self.holder.owner.clone();
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             redis::cmd("ZREM")
                 .arg(keys.replicas())
                 .arg(&owner)
@@ -906,7 +1031,7 @@ impl CheckpointStore for RedisStore {
         stream_id: &str,
     ) -> Result<(), CheckpointError> {
         let forget = self.forget.clone();
-        self.with_connection(|con, keys| {
+        self.with_write(|con, keys| {
             forget
                 .key(keys.identities())
                 .arg(identity.key())
@@ -914,5 +1039,27 @@ impl CheckpointStore for RedisStore {
                 .invoke::<i64>(con)
                 .map(|_| ())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_incarnation_names_its_instance_and_other_owners_name_none() {
+        let incarnation = LeaseHolder {
+            owner: LeaseHolder::incarnation("chunkstream-0", 0x1_0000_0abc),
+            ttl: Duration::from_secs(30),
+        };
+        assert_eq!(incarnation.owner, "chunkstream-0#00000abc");
+        assert_eq!(incarnation.instance(), Some("chunkstream-0"));
+        assert_eq!(incarnation.incarnation_prefix(), "chunkstream-0#");
+        let fresh = LeaseHolder {
+            owner: "host-12-abcdef".into(),
+            ..incarnation
+        };
+        assert_eq!(fresh.instance(), None);
+        assert_eq!(fresh.incarnation_prefix(), "");
     }
 }

@@ -811,15 +811,25 @@ impl Daemon {
     }
 }
 
-/// The (stream id, chunk) pairs a JSON log says were uploaded, in order.
-pub fn uploads_in_log(log: &str) -> Vec<(String, u64)> {
+/// What the log message of every uploaded chunk contains.
+pub const UPLOADED: &str = " uploaded (";
+
+/// The entries of a JSON log whose message contains `fragment`, in order.
+pub fn log_entries(log: &str, fragment: &str) -> Vec<serde_json::Value> {
     log.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|entry| {
             entry["msg"]
                 .as_str()
-                .is_some_and(|msg| msg.contains(" uploaded ("))
+                .is_some_and(|msg| msg.contains(fragment))
         })
+        .collect()
+}
+
+/// The (stream id, chunk) pairs a JSON log says were uploaded, in order.
+pub fn uploads_in_log(log: &str) -> Vec<(String, u64)> {
+    log_entries(log, UPLOADED)
+        .into_iter()
         .filter_map(|entry| {
             Some((
                 entry["stream_id"].as_str()?.to_string(),
