@@ -1,0 +1,231 @@
+//! What the coordinator does about what a scan changed: new files are
+//! registered in Redis before any upload (a few thousand per poll at most),
+//! renamed ones get their new path recorded, closed ones are queued for a
+//! close job, and a stream whose record cannot be trusted is quarantined.
+//! Also the write-back after Redis came back without its data.
+
+use super::*;
+
+impl Coordinator {
+    pub(super) fn apply_changes(&mut self, changes: Vec<Change>, now: Instant) {
+        let mut registered = 0;
+        for change in changes {
+            match change {
+                // Each registration is a Redis round trip on this thread: a
+                // burst of new files is spread over several polls so the
+                // loop (and /healthz) stays responsive.
+                Change::Discovered(_) if registered == REGISTRATIONS_PER_POLL => {}
+                Change::Discovered(observation) if self.is_quarantined(observation.identity) => {}
+                Change::Discovered(observation) => {
+                    registered += 1;
+                    self.register(&observation, now);
+                }
+                Change::Closed(stream, reason) => {
+                    self.retire(stream.identity, &stream.id);
+                    self.ownership.forget(&stream.id);
+                    // Only the stream's owner records it as incomplete; a
+                    // replica that sees it first claims it to do so.
+                    let Some((token, chunks)) = self.claim_for_close(&stream, now) else {
+                        continue;
+                    };
+                    let mut view = stream.view(now);
+                    view.state = "incomplete".to_string();
+                    self.remember(view);
+                    warn!(
+                        stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
+                        "stream {}: {} was {}; closing it as incomplete",
+                        stream.id,
+                        stream.rel_path,
+                        reason.as_str()
+                    );
+                    self.waiting_closes.push_back(Job::Close(CloseJob {
+                        stream: stream.stream_ref(token),
+                        facts: stream.facts(),
+                        reason,
+                        chunks,
+                    }));
+                }
+                Change::Forgotten(stream) => {
+                    info!(
+                        stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
+                        "stream {}: {} is gone or replaced; it stays complete in the bucket",
+                        stream.id, stream.rel_path
+                    );
+                    self.retire(stream.identity, &stream.id);
+                    self.release(&stream.id);
+                    self.ownership.forget(&stream.id);
+                }
+                Change::Reopened { id, path } => {
+                    info!(
+                        stream_id = id.as_str(), path = path.as_str();
+                        "stream {id}: {path} grew after completion; reopened"
+                    );
+                }
+                Change::Moved { id, from, to } => {
+                    info!(
+                        stream_id = id.as_str(), path = to.as_str();
+                        "stream {id}: renamed from {from} to {to}"
+                    );
+                    if let Err(err) = self.checkpoints.record_path(&id, &to) {
+                        warn!("stream {id}: cannot record new path {to}: {err}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// After Redis was down, it may have restarted without its data: write
+    /// back every stream whose record is gone, so that a later restart of
+    /// chunkstream still resumes them. Retried on the next turn if it fails.
+    pub(super) fn write_back_after_redis_recovery(&mut self) {
+        let recoveries = self.readiness.redis_recoveries();
+        if recoveries == self.redis_recoveries_handled {
+            return;
+        }
+        let mut restored = 0;
+        for stream in self.table.iter() {
+            // What another replica owns, only it knows for sure; every
+            // replica writes back what is complete, so that no complete file
+            // is taken for a new one.
+            let token = self.ownership.token(&stream.id);
+            if token.is_none() && stream.needs_owner() {
+                continue;
+            }
+            match self.checkpoints.restore_stream(&stream.to_stored(), token) {
+                Ok(written) => restored += usize::from(written),
+                Err(err) => {
+                    warn!("Redis is back but writing checkpoints back failed: {err}; retrying");
+                    return;
+                }
+            }
+        }
+        self.redis_recoveries_handled = recoveries;
+        if restored > 0 {
+            warn!(
+                "Redis had lost {restored} stream records (restarted without persistence?); wrote them back"
+            );
+        } else {
+            info!("Redis is back with every checkpoint intact");
+        }
+    }
+
+    /// Drops the identity → stream mapping of a stream that ended, unless a
+    /// new stream for the same identity takes it over first.
+    pub(super) fn retire(&mut self, identity: FileIdentity, stream_id: &str) {
+        match self.checkpoints.forget_identity(identity, stream_id) {
+            Ok(()) => {
+                self.retired.remove(&identity);
+            }
+            Err(err) => {
+                warn!("stream {stream_id}: cannot update the identity index: {err}");
+                self.retired.insert(identity, stream_id.to_string());
+            }
+        }
+    }
+
+    /// Gives a new file its stream id, stored in Redis before any upload.
+    pub(super) fn register(&mut self, observation: &Observation, now: Instant) {
+        let unique = format!(
+            "{}|{}|{}|{}",
+            observation.identity.key(),
+            observation.rel_path,
+            std::process::id(),
+            random_u64()
+        );
+        let candidate = TrackedStream::new(
+            new_stream_id(&file_name(&observation.rel_path), unique.as_bytes()),
+            observation,
+            self.config.chunk_size,
+            now,
+        );
+        let retired = self.retired.get(&observation.identity).cloned();
+        let registered = self
+            .checkpoints
+            .register_stream(&candidate.to_stored(), retired.as_deref());
+        let id = match registered {
+            Ok(id) => {
+                if self.registration_failing {
+                    info!("stream registration works again");
+                    self.registration_failing = false;
+                }
+                self.retired.remove(&observation.identity);
+                id
+            }
+            Err(err) => {
+                self.events
+                    .dependency_checked(Dependency::Redis, Err(err.to_string()));
+                if !self.registration_failing {
+                    error!(
+                        "cannot register {} in Redis: {err}; new files wait until Redis is back",
+                        observation.rel_path
+                    );
+                    self.registration_failing = true;
+                }
+                return;
+            }
+        };
+        if id == candidate.id {
+            info!(
+                stream_id = id.as_str(), path = &*observation.rel_path;
+                "stream {id}: discovered {} ({} bytes)",
+                observation.rel_path, observation.size
+            );
+            self.events.stream_discovered();
+            self.table.insert(candidate);
+            return;
+        }
+        // Someone registered this file first: continue their stream.
+        match self.checkpoints.load_stream(&id) {
+            Ok(Some(Err(corrupt))) => self.quarantine(corrupt, Some(observation.identity)),
+            Ok(Some(Ok(stored))) => {
+                if let Some(tracked) = TrackedStream::from_stored(
+                    stored,
+                    &self.config.watch_dir,
+                    now,
+                    self.config.assemble,
+                ) {
+                    info!(
+                        "stream {id}: {} already registered; continuing it",
+                        observation.rel_path
+                    );
+                    self.table.insert(tracked);
+                }
+            }
+            Ok(None) => warn!(
+                "stream {id}: registered for {} but has no record",
+                observation.rel_path
+            ),
+            Err(err) => warn!("stream {id}: cannot load its record: {err}"),
+        }
+    }
+
+    /// Takes a stream whose record cannot be trusted out of service: it is
+    /// neither uploaded nor closed (either could destroy what is in the
+    /// bucket), its file is not registered again, and `/streams` shows it as
+    /// `quarantined` with the reason. Logged once per stream.
+    pub(super) fn quarantine(&mut self, corrupt: CorruptRecord, identity: Option<FileIdentity>) {
+        let id = corrupt.id.clone();
+        if let Some(known) = self.quarantined.get_mut(&id) {
+            known.identity = known.identity.or(identity);
+            return;
+        }
+        error!(
+            stream_id = id.as_str();
+            "{corrupt}; stream {id} is quarantined: nothing is uploaded or closed for it until its record is fixed or deleted (then restart)"
+        );
+        self.quarantined.insert(
+            id,
+            Quarantined {
+                identity,
+                path: corrupt.path.unwrap_or_default(),
+                reason: corrupt.reason,
+            },
+        );
+    }
+
+    pub(super) fn is_quarantined(&self, identity: FileIdentity) -> bool {
+        self.quarantined
+            .values()
+            .any(|stream| stream.identity == Some(identity))
+    }
+}

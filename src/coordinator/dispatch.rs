@@ -1,0 +1,143 @@
+//! Handing out jobs: which streams want one, in what order (longest waiting
+//! first, so a busy stream cannot starve the others), under what lease, and
+//! never more than the bounded job channel holds. While S3 or Redis is down,
+//! nothing new goes out.
+
+use super::*;
+
+impl Coordinator {
+    pub(super) fn dispatch(&mut self, now: Instant) {
+        let Some(jobs) = self.jobs.clone() else {
+            return;
+        };
+        // The breaker: while S3 or Redis is down, in-flight jobs keep retrying
+        // with backoff, and nothing new goes out until the probe (or one of
+        // those retries) succeeds.
+        if self.readiness.is_down(Dependency::Storage) || self.readiness.is_down(Dependency::Redis)
+        {
+            return;
+        }
+        while let Some(job) = self.waiting_closes.pop_front() {
+            let stream_id = job.stream().stream_id.clone();
+            match jobs.try_send(job) {
+                Ok(()) => {
+                    self.in_flight.insert(stream_id, "close");
+                }
+                Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                    self.waiting_closes.push_front(job);
+                    return;
+                }
+            }
+        }
+        while let Some(identity) = self.ready.pop_front() {
+            self.queued.remove(&identity);
+            let Some(stream) = self.table.get(&identity) else {
+                continue;
+            };
+            let Some(mut work) = stream.state.wanted(now, &self.rules) else {
+                continue;
+            };
+            let token = match self.ownership.token(&stream.id) {
+                Some(token) => token,
+                None => {
+                    if !self.ownership.worth_claiming(&stream.id, now)
+                        || !self.ownership.may_claim(self.demand)
+                    {
+                        continue;
+                    }
+                    let Some(token) = self.claim(identity, now) else {
+                        continue;
+                    };
+                    // The claim merged in the stream's record, which may
+                    // change the job.
+                    let Some(merged) = self
+                        .table
+                        .get(&identity)
+                        .and_then(|stream| stream.state.wanted(now, &self.rules))
+                    else {
+                        continue;
+                    };
+                    work = merged;
+                    token
+                }
+            };
+            let Some(stream) = self.table.get(&identity) else {
+                continue;
+            };
+            let job = match work {
+                Work::Upload { index } => {
+                    let offset = index * stream.state.chunk_size;
+                    Job::Chunk(ChunkJob {
+                        stream: stream.stream_ref(token),
+                        path: stream.abs_path.clone(),
+                        index,
+                        offset,
+                        len: stream.state.chunk_size,
+                    })
+                }
+                Work::Finalize { size } => Job::Finalize(FinalizeJob {
+                    stream: stream.stream_ref(token),
+                    path: stream.abs_path.clone(),
+                    facts: stream.facts(),
+                    expected_size: size,
+                    chunks: stream.chunks.clone(),
+                    release_lease: !self.rules.assemble,
+                }),
+                Work::Assemble => Job::Assemble(AssembleJob {
+                    stream: stream.stream_ref(token),
+                    revision: stream.revision,
+                }),
+            };
+            let stream_id = stream.id.clone();
+            match jobs.try_send(job) {
+                Ok(()) => {
+                    let kind = match work {
+                        Work::Upload { .. } => "chunk",
+                        Work::Finalize { .. } => "finalize",
+                        Work::Assemble => "assemble",
+                    };
+                    self.in_flight.insert(stream_id, kind);
+                    self.table
+                        .apply(identity, Event::Dispatched(work), now, &self.rules);
+                    self.table.mark_dispatched(&identity, now);
+                }
+                Err(_) => {
+                    // No room: it stays first in line.
+                    self.queued.insert(identity);
+                    self.ready.push_front(identity);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Queues every stream that wants a job, longest-waiting first so a busy
+    /// stream cannot starve the others. Runs once per poll: between polls,
+    /// only job results make a stream want something new (see `enqueue`).
+    pub(super) fn queue_ready_streams(&mut self, now: Instant) {
+        // One pass: the streams that want a job, and (for the fair share)
+        // how many streams need an owner.
+        let mut demand = 0;
+        let mut ready: Vec<(Option<Instant>, FileIdentity)> = Vec::new();
+        for stream in self.table.iter() {
+            demand += usize::from(stream.needs_owner());
+            if !self.queued.contains(&stream.identity)
+                && stream.state.wanted(now, &self.rules).is_some()
+            {
+                ready.push((stream.last_dispatch, stream.identity));
+            }
+        }
+        self.demand = demand;
+        ready.sort();
+        for (_, identity) in ready {
+            self.enqueue(identity);
+        }
+    }
+
+    /// Puts a stream at the back of the dispatch queue (once).
+    pub(super) fn enqueue(&mut self, identity: FileIdentity) {
+        if self.queued.insert(identity) {
+            self.ready.push_back(identity);
+        }
+    }
+}

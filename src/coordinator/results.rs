@@ -1,0 +1,125 @@
+//! Applying job results: a chunk checkpointed, a stream completed, a job
+//! failed (retried with backoff; the 1st, 10th, 100th failure in a row is
+//! logged), a lease lost. A stream that wants more work is queued at once,
+//! not at the next poll.
+
+use super::*;
+
+impl Coordinator {
+    pub(super) fn handle_result(&mut self, result: JobResult, now: Instant) {
+        self.in_flight.remove(&result.stream.stream_id);
+        let Some(stream) = self.table.get_mut(&result.stream) else {
+            match result.outcome {
+                Outcome::Closed => self.events.stream_closed("incomplete", 0.0),
+                Outcome::LeaseLost => self.lose_lease(&result.stream.stream_id),
+                _ => {}
+            }
+            self.release(&result.stream.stream_id);
+            return;
+        };
+        stream.retries += u64::from(result.failed_attempts);
+        if result.last_error.is_some() {
+            stream.last_error = result.last_error;
+        }
+        let job_started = stream.last_dispatch.unwrap_or(now);
+        if let Some(chunks) = result.chunks {
+            let before = stream.uploaded_bytes();
+            stream.chunks = chunks;
+            let grown = stream.uploaded_bytes().saturating_sub(before);
+            stream.record_upload(grown, job_started);
+        }
+        let event = match result.outcome {
+            Outcome::ChunkUploaded(record) => {
+                let index = record.index;
+                stream.record_upload(record.size_bytes, job_started);
+                stream.chunks.insert(index, record);
+                Event::ChunkUploaded { index }
+            }
+            Outcome::Finalized {
+                size,
+                mtime_ns,
+                revision,
+                completed_at,
+                lease_released,
+            } => {
+                if lease_released {
+                    // The completion mark gave the lease up (a stream that
+                    // grew meanwhile is claimed again).
+                    self.ownership.drop_lease(&stream.id);
+                }
+                stream.revision = revision;
+                let lag = completed_at
+                    .duration_since(stream.last_change_at)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                self.events.stream_closed("complete", lag);
+                Event::Finalized { size, mtime_ns }
+            }
+            Outcome::FinalizeInterrupted => {
+                info!(
+                    stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
+                    "stream {}: {} changed during completion; waiting for it to settle again",
+                    stream.id, stream.rel_path
+                );
+                Event::FinalizeInterrupted
+            }
+            Outcome::Failed(reason) => {
+                self.events.source_error();
+                // The 1st, 10th, 100th, … failure in a row: a permanent
+                // problem (permissions) is warned about once, and stays
+                // visible in the logs without a line per retry.
+                let failures_in_a_row = stream.state.failures + 1;
+                if failures_in_a_row == 1 || is_power_of_ten(failures_in_a_row) {
+                    warn!(
+                        stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
+                        "stream {}: job for {} failed ({failures_in_a_row} in a row): {reason}; retrying with backoff",
+                        stream.id, stream.rel_path
+                    );
+                }
+                Event::JobFailed
+            }
+            Outcome::Assembled { revision } => {
+                stream.assembled_revision = stream.assembled_revision.max(revision);
+                Event::Assembled
+            }
+            Outcome::Cancelled => Event::JobCancelled,
+            Outcome::LeaseLost => {
+                self.lose_lease(&result.stream.stream_id);
+                Event::JobCancelled
+            }
+            Outcome::Closed => return,
+        };
+        let identity = result.stream.identity;
+        let finalized = matches!(event, Event::Finalized { .. });
+        let changes = self.table.apply(identity, event, now, &self.rules);
+        let needs_owner = self
+            .table
+            .get(&identity)
+            .is_some_and(|stream| stream.needs_owner());
+        if !needs_owner {
+            // Complete (and assembled, if wanted): the lease is given up.
+            self.release(&result.stream.stream_id);
+        }
+        if let Some(stream) = self.table.get(&identity) {
+            let view = finalized.then(|| stream.view(now));
+            // Its next chunk goes out as soon as there is room, not at the
+            // next poll.
+            let wants_more = stream.state.wanted(now, &self.rules).is_some();
+            if let Some(view) = view {
+                self.remember(view);
+            }
+            if wants_more {
+                self.enqueue(identity);
+            }
+        }
+        self.apply_changes(changes, now);
+    }
+
+    /// Keeps a completed or closed stream visible in `/streams` for a while.
+    pub(super) fn remember(&mut self, view: StreamView) {
+        self.recent.retain(|old| old.stream_id != view.stream_id);
+        if self.recent.len() == RECENT_STREAMS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(view);
+    }
+}
