@@ -26,7 +26,9 @@ use crate::metadata::KeyLayout;
 use crate::metrics::Metrics;
 use crate::scan::{FsLister, Scan};
 use crate::store::redis::LeaseHolder;
-use crate::store::{BucketError, CheckpointStore, Integrity, ObjectStore, RedisStore, S3Store};
+use crate::store::{
+    BucketAdmin, BucketError, CheckpointStore, Integrity, ObjectStore, RedisStore, S3Store,
+};
 use crate::upload::job::{Job, JobResult};
 use crate::upload::{Worker, sweep};
 use crate::{http, instance, random_u64, scanner};

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::error::AppError;
 use crate::metadata::{KeyLayout, StreamMetadata, StreamStatus};
 use crate::readback::{fetch_metadata, sha256_of_object};
-use crate::store::{ObjectStore, S3Store};
+use crate::store::{BucketAdmin, ObjectStore};
 
 /// One line of `list`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -46,7 +46,10 @@ impl From<&StreamMetadata> for StreamSummary {
 }
 
 /// Every stream's metadata under `prefix`, oldest completion first.
-pub fn all_metadata(store: &S3Store, prefix: &str) -> Result<Vec<StreamMetadata>, AppError> {
+pub fn all_metadata(
+    store: &dyn BucketAdmin,
+    prefix: &str,
+) -> Result<Vec<StreamMetadata>, AppError> {
     let mut streams = Vec::new();
     for key in store.list_keys(prefix)? {
         let Some(stream_id) = key

@@ -20,10 +20,10 @@ use sha2::{Digest, Sha256};
 use crate::error::{CheckpointError, FencedWriteError, StorageError};
 use crate::metadata::ChunkRecord;
 use crate::scan::FileIdentity;
-use crate::store::record::{CorruptRecord, Loaded};
-use crate::store::redis::{
+use crate::store::ports::{
     AssemblyProgress, Claim, Completion, LeaseStatus, Renewal, StoredStatus, StoredStream,
 };
+use crate::store::record::{CorruptRecord, Loaded};
 use crate::store::{CheckpointStore, ObjectInfo, ObjectStore};
 
 /// A clock that moves only when told to; clones share the time.

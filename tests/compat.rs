@@ -19,7 +19,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use chunkstream::metadata::StreamMetadata;
-use chunkstream::store::ObjectStore;
+use chunkstream::store::{BucketAdmin, ObjectStore};
 use support::proxy::CorruptingProxy;
 use support::{
     ACCESS_KEY, BUCKET, MIB, S3Kind, SECRET_KEY, TestEnv, append, chunkstream_binary,

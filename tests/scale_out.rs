@@ -15,7 +15,8 @@ use chunkstream::config::RedisConfig;
 use chunkstream::error::FencedWriteError;
 use chunkstream::metadata::{ChunkRecord, StreamMetadata};
 use chunkstream::scan::FileIdentity;
-use chunkstream::store::redis::{Claim, Completion, LeaseHolder, LeaseStatus};
+use chunkstream::store::ports::{Claim, Completion, LeaseStatus};
+use chunkstream::store::redis::LeaseHolder;
 use chunkstream::store::{CheckpointStore, ObjectStore, RedisStore, StoredStatus, StoredStream};
 use support::{
     Daemon, MIB, TestEnv, append, pseudo_random, uploads_in_log, wait_for, wait_for_long,

@@ -16,7 +16,7 @@ use crate::lease::HeldLeases;
 use crate::metadata::{ChunkRecord, KeyLayout};
 use crate::metrics::Metrics;
 use crate::scan::{FileIdentity, Observation, Scan, WATCH_DIR_DEVICE};
-use crate::store::redis::{Completion, StoredStatus};
+use crate::store::ports::{Completion, StoredStatus};
 use crate::testing::{FakeCheckpoints, FakeClock, config};
 use crate::upload::job::{Job, JobResult, Outcome};
 

@@ -5,9 +5,14 @@
 //! server, and a failure mode of one client library stays in one file.
 
 mod connection;
+pub mod ports;
 pub mod record;
 pub mod redis;
 pub mod s3;
 
-pub use self::redis::{AssemblyProgress, CheckpointStore, RedisStore, StoredStatus, StoredStream};
-pub use self::s3::{BucketError, Integrity, ObjectInfo, ObjectStore, OpenUpload, S3Store};
+pub use self::ports::{
+    AssemblyProgress, BucketAdmin, BucketError, CheckpointStore, Integrity, ObjectInfo,
+    ObjectStore, OpenUpload, StoredStatus, StoredStream,
+};
+pub use self::redis::RedisStore;
+pub use self::s3::S3Store;

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::MAX_CHUNK_SIZE;
 use crate::metadata::{ChunkRecord, MAX_CHUNKS, unix_millis};
 use crate::scan::FileIdentity;
-use crate::store::redis::{StoredStatus, StoredStream};
+use crate::store::ports::{StoredStatus, StoredStream};
 
 /// A stream whose record cannot be trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

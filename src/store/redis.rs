@@ -24,7 +24,7 @@
 //!   incarnation, expiring unless refreshed (see `instance`).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use redis::{Connection, RedisResult, Script};
 
@@ -33,83 +33,14 @@ use crate::config::{RedisConfig, SentinelConfig};
 use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::{ChunkRecord, unix_millis};
 use crate::scan::FileIdentity;
+use crate::store::ports::{
+    AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Renewal, StoredStatus,
+    StoredStream,
+};
 use crate::store::record::{Loaded, decode_stream, stream_fields};
 
 /// Streams loaded per pipelined round trip at start.
 const LOAD_BATCH: usize = 256;
-
-/// A stream's status in the checkpoint store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoredStatus {
-    Active,
-    Complete,
-    Incomplete,
-}
-
-impl StoredStatus {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            StoredStatus::Active => "active",
-            StoredStatus::Complete => "complete",
-            StoredStatus::Incomplete => "incomplete",
-        }
-    }
-
-    pub(crate) fn parse(value: &str) -> Option<Self> {
-        match value {
-            "active" => Some(StoredStatus::Active),
-            "complete" => Some(StoredStatus::Complete),
-            "incomplete" => Some(StoredStatus::Incomplete),
-            _ => None,
-        }
-    }
-}
-
-/// Everything known about a stream, as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredStream {
-    pub id: String,
-    pub identity: FileIdentity,
-    pub rel_path: String,
-    pub file_name: String,
-    pub chunk_size: u64,
-    pub started_at: SystemTime,
-    pub last_change_at: SystemTime,
-    pub status: StoredStatus,
-    /// Completed revisions so far (0 until the first completion).
-    pub revision: u32,
-    /// Size and mtime at the last completion.
-    pub completed_size: u64,
-    pub completed_mtime_ns: i128,
-    /// The revision whose assembled object exists (0: none).
-    pub assembled_revision: u32,
-    pub chunks: BTreeMap<u64, ChunkRecord>,
-}
-
-/// A server-side assembly in progress, checkpointed after every part so a
-/// crash resumes it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AssemblyProgress {
-    /// The stream revision being assembled.
-    pub revision: u32,
-    pub key: String,
-    pub upload_id: String,
-    /// Part number → ETag of the parts copied so far.
-    pub parts: BTreeMap<u32, String>,
-}
-
-/// The facts written when a stream completes.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    pub revision: u32,
-    pub size: u64,
-    pub mtime_ns: i128,
-    pub last_change_at: SystemTime,
-    pub completed_at: SystemTime,
-    /// Give the lease up in the same step (nothing more to do for the
-    /// stream: no assembly wanted).
-    pub release_lease: bool,
-}
 
 /// Who this process is when it claims streams, and how long a claim lasts.
 #[derive(Debug, Clone)]
@@ -156,151 +87,6 @@ pub enum InstanceClaim {
         owner: String,
         remaining: Option<Duration>,
     },
-}
-
-/// The answer to a claim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// This process owns the stream now; its writes carry `token`.
-    Granted { token: u64 },
-    /// Another replica owns it for at least `remaining` more.
-    HeldBy { owner: String, remaining: Duration },
-    /// The stream has no record (yet, or any more): nothing to claim.
-    NoRecord,
-}
-
-/// What a renewal found for one lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseStatus {
-    /// Still this process's, for another `LEASE_TTL`.
-    Held,
-    /// Claimed by another replica since: stop writing for the stream.
-    Lost,
-    /// The stream's record is gone (Redis lost its data): write it back,
-    /// then renew again.
-    NoRecord,
-}
-
-/// The result of one renewal round.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Renewal {
-    /// Replicas alive now, this one included.
-    pub replicas: usize,
-    /// One status per lease, in the order asked.
-    pub statuses: Vec<LeaseStatus>,
-}
-
-/// What the coordinator and the workers need from the checkpoint store.
-///
-/// Writes about a stream's progress take the fencing `token` of the claim
-/// they are made under; they fail with [`FencedWriteError::LeaseLost`] unless
-/// this process still holds the stream's lease with that token.
-pub trait CheckpointStore: Send {
-    /// Round trip to check the store is reachable.
-    fn ping(&mut self) -> Result<(), CheckpointError>;
-
-    /// Every live stream (those in the identity index), with their chunks;
-    /// a record that cannot be trusted comes back as a
-    /// [`CorruptRecord`](crate::store::record::CorruptRecord).
-    fn load_streams(&mut self) -> Result<Vec<Loaded>, CheckpointError>;
-
-    /// One stream by id, if its record exists.
-    fn load_stream(&mut self, id: &str) -> Result<Option<Loaded>, CheckpointError>;
-
-    /// Maps the stream's identity to `stream.id` and stores its record, in one
-    /// atomic step, unless the identity already maps to another stream that is
-    /// not `retired`. Returns the id the identity maps to afterwards.
-    fn register_stream(
-        &mut self,
-        stream: &StoredStream,
-        retired: Option<&str>,
-    ) -> Result<String, CheckpointError>;
-
-    /// Records an uploaded chunk. Idempotent. Fenced.
-    fn checkpoint_chunk(
-        &mut self,
-        stream_id: &str,
-        token: u64,
-        chunk: &ChunkRecord,
-    ) -> Result<(), FencedWriteError>;
-
-    /// Records the path a stream was last seen at.
-    fn record_path(&mut self, stream_id: &str, rel_path: &str) -> Result<(), CheckpointError>;
-
-    /// Marks the stream complete. Idempotent. Fenced.
-    fn mark_complete(
-        &mut self,
-        stream_id: &str,
-        token: u64,
-        completion: &Completion,
-    ) -> Result<(), FencedWriteError>;
-
-    /// Marks the stream incomplete, with the reason. Idempotent. Fenced.
-    fn mark_incomplete(
-        &mut self,
-        stream_id: &str,
-        token: u64,
-        reason: &str,
-    ) -> Result<(), FencedWriteError>;
-
-    /// Succeeds only while this process holds the stream with `token`: the
-    /// check made right before an object write that must not come from a
-    /// replica that lost the stream (its metadata).
-    fn confirm_lease(&mut self, stream_id: &str, token: u64) -> Result<(), FencedWriteError>;
-
-    /// Writes the stream back (record, chunks, identity mapping) if its record
-    /// is missing, as after a Redis restart that lost its data. `token` is the
-    /// fencing token this process holds the stream with, if it does. Returns
-    /// whether anything was written.
-    fn restore_stream(
-        &mut self,
-        stream: &StoredStream,
-        token: Option<u64>,
-    ) -> Result<bool, CheckpointError>;
-
-    /// Claims the stream's lease for this process if no other holds it.
-    fn claim(&mut self, stream_id: &str) -> Result<Claim, CheckpointError>;
-
-    /// Renews the leases this process holds (stream id, token), and its
-    /// membership in the live-replica set.
-    fn renew(&mut self, leases: &[(&str, u64)]) -> Result<Renewal, CheckpointError>;
-
-    /// Gives the lease up, if this process still holds it with `token`.
-    fn release(&mut self, stream_id: &str, token: u64) -> Result<(), CheckpointError>;
-
-    /// Leaves the live-replica set (at the end of a drain).
-    fn leave(&mut self) -> Result<(), CheckpointError>;
-
-    /// The assembly in progress for the stream, if any.
-    fn load_assembly(
-        &mut self,
-        stream_id: &str,
-    ) -> Result<Option<AssemblyProgress>, CheckpointError>;
-
-    /// Records assembly progress (absolute: the whole record is replaced),
-    /// or with `None` forgets it. Fenced.
-    fn save_assembly(
-        &mut self,
-        stream_id: &str,
-        token: u64,
-        progress: Option<&AssemblyProgress>,
-    ) -> Result<(), FencedWriteError>;
-
-    /// Atomically records that `revision` is assembled (or, with
-    /// `revision` 0, that nothing is) and drops the progress record. Fenced.
-    fn finish_assembly(
-        &mut self,
-        stream_id: &str,
-        token: u64,
-        revision: u32,
-    ) -> Result<(), FencedWriteError>;
-
-    /// Removes the identity → stream mapping if it still points to `stream_id`.
-    fn forget_identity(
-        &mut self,
-        identity: FileIdentity,
-        stream_id: &str,
-    ) -> Result<(), CheckpointError>;
 }
 
 /// Key names under the prefix.

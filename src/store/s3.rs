@@ -14,7 +14,6 @@
 //! `us-east-1` location constraint, unquoted or empty ETags.
 
 use std::io;
-use std::time::SystemTime;
 
 use base64::Engine;
 use http::{HeaderMap, HeaderValue};
@@ -22,72 +21,16 @@ use log::{info, warn};
 use s3::creds::Credentials;
 use s3::error::S3Error;
 use s3::{Bucket, Region};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::S3Config;
 use crate::error::StorageError;
-
-/// What the workers and `restore` need from S3.
-pub trait ObjectStore: Send + Sync {
-    /// Stores `body` at `key`. The server checks the body against `sha256`
-    /// (sent as `x-amz-checksum-sha256`) and, where that is not proven to be
-    /// verified, against `Content-MD5`, so a corrupted transfer is rejected.
-    fn put(
-        &self,
-        key: &str,
-        body: &[u8],
-        content_type: &str,
-        sha256: &[u8; 32],
-    ) -> Result<(), StorageError>;
-
-    /// Removes the object at `key`; an absent object is no error.
-    fn delete(&self, key: &str) -> Result<(), StorageError>;
-
-    /// The whole object at `key` (callers only fetch chunk-sized objects).
-    fn get(&self, key: &str) -> Result<Vec<u8>, StorageError>;
-
-    /// Bytes `[start, end]` (inclusive) of the object at `key`.
-    fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StorageError>;
-
-    /// The object's size and ETag, or `None` if there is no object at `key`.
-    fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError>;
-
-    /// Starts a multipart upload; returns its upload id.
-    fn initiate_multipart(&self, key: &str, content_type: &str) -> Result<String, StorageError>;
-
-    /// Copies the whole object `source_key` (same bucket) into part
-    /// `part_number` server-side (UploadPartCopy); returns the part's ETag.
-    fn upload_part_copy(
-        &self,
-        key: &str,
-        upload_id: &str,
-        part_number: u32,
-        source_key: &str,
-    ) -> Result<String, StorageError>;
-
-    /// Completes the upload from `(part number, ETag)` pairs; returns the
-    /// object's ETag.
-    fn complete_multipart(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: &[(u32, String)],
-    ) -> Result<String, StorageError>;
-
-    /// Aborts the upload (its parts are discarded).
-    fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError>;
-}
+use crate::store::ports::{
+    BucketAdmin, BucketError, Integrity, ObjectInfo, ObjectStore, OpenUpload,
+};
 
 /// Lifetime of a presigned URL: used at once, so only clock skew matters.
 const PRESIGNED_URL_SECONDS: u32 = 3600;
-
-/// What HEAD tells about an object.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObjectInfo {
-    pub size: u64,
-    pub etag: String,
-}
 
 /// The value of the first `<tag>…</tag>` in an XML body, unescaped.
 fn xml_value(body: &str, tag: &str) -> Option<String> {
@@ -113,36 +56,6 @@ fn percent_encode(value: &str, also_keep: &[u8]) -> String {
         }
     }
     encoded
-}
-
-/// What the start-up probe found out about the server's integrity checks,
-/// and what this process does about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Integrity {
-    /// The server refused a body whose `x-amz-checksum-sha256` was wrong.
-    pub checksum_verified: bool,
-    /// Requests with a body carry `Content-MD5` (`S3_CONTENT_MD5`).
-    pub content_md5: bool,
-}
-
-/// A multipart upload the server still holds open.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenUpload {
-    pub key: String,
-    pub upload_id: String,
-    /// When it was initiated; `None` if the server's date did not parse.
-    pub initiated: Option<SystemTime>,
-}
-
-/// Why the bucket is not usable yet.
-#[derive(Debug, thiserror::Error)]
-pub enum BucketError {
-    /// Waiting cannot help (the bucket is missing and may not be created).
-    #[error("{0}")]
-    Fatal(String),
-    /// Worth retrying: the server, the network or permissions may change.
-    #[error(transparent)]
-    Storage(#[from] StorageError),
 }
 
 /// An S3 or S3-compatible bucket.
@@ -186,60 +99,6 @@ impl S3Store {
         })
     }
 
-    /// Makes sure the bucket exists: creates it when missing (unless
-    /// `S3_CREATE_BUCKET=false`). An existing bucket that these credentials
-    /// may not create (or list) counts as ready when HEAD finds it.
-    pub fn ensure_bucket(&self) -> Result<(), BucketError> {
-        let listed = match self.probe() {
-            Ok(()) => return Ok(()),
-            Err(err) => err,
-        };
-        if !listed.is_not_found() {
-            // Listing may be forbidden while the bucket is usable.
-            return match self.bucket_exists()? {
-                true => Ok(()),
-                false => Err(listed.into()),
-            };
-        }
-        if !self.config.create_bucket {
-            return Err(BucketError::Fatal(format!(
-                "bucket {:?} does not exist at {} and S3_CREATE_BUCKET=false; create it, or set S3_CREATE_BUCKET=true",
-                self.config.bucket,
-                self.config.endpoint_display()
-            )));
-        }
-        match self.create_bucket() {
-            Ok(()) => {
-                info!(
-                    "created bucket {:?} at {}",
-                    self.config.bucket,
-                    self.config.endpoint_display()
-                );
-                Ok(())
-            }
-            Err(StorageError::Http { status: 409, body, .. })
-                if body.starts_with("BucketAlreadyOwnedByYou") =>
-            {
-                Ok(())
-            }
-            Err(err @ StorageError::Http { status: 403, .. }) => match self.bucket_exists()? {
-                true => Ok(()),
-                false => Err(err.into()),
-            },
-            Err(StorageError::Http { status, body, .. }) if body.contains("LocationConstraint") => {
-                Err(StorageError::Other {
-                    key: String::new(),
-                    detail: format!(
-                        "creating the bucket was refused (HTTP {status}: {body}); S3_REGION={:?} must name a region the server accepts (Ceph RGW: its zonegroup, often \"default\")",
-                        self.config.region
-                    ),
-                }
-                .into())
-            }
-            Err(err) => Err(err.into()),
-        }
-    }
-
     /// CreateBucket, with a `LocationConstraint` only outside `us-east-1`:
     /// AWS, moto and Ceph RGW refuse `us-east-1` as a constraint, whatever
     /// the endpoint (rust-s3 sends it for every custom endpoint, so the
@@ -265,77 +124,6 @@ impl S3Store {
             Err(S3Error::HttpFailWithBody(404 | 403, _)) => Ok(false),
             Err(err) => Err(map_error(err, &self.config, "")),
         }
-    }
-
-    /// Finds out once whether the server verifies `x-amz-checksum-sha256`:
-    /// PUTs a scratch object under the prefix with a deliberately wrong
-    /// checksum, expects a refusal, and deletes the object if it was stored.
-    /// Sets and returns what requests carry from now on.
-    pub fn probe_integrity(&mut self) -> Result<Integrity, StorageError> {
-        let key = format!(
-            "{}.chunkstream/checksum-probe-{:016x}",
-            self.config.prefix,
-            crate::random_u64()
-        );
-        let body = b"chunkstream checks whether this server verifies x-amz-checksum-sha256\n";
-        let wrong: [u8; 32] = Sha256::digest(b"not the body").into();
-        let checksum_verified = match self.send_put(&key, body, "text/plain", &wrong, None) {
-            Err(StorageError::Corrupted { .. }) => true,
-            Ok(_) => false,
-            Err(err) if err.is_client_error() => {
-                warn!(
-                    "the checksum probe PUT of {key} was refused: {err}; treating x-amz-checksum-sha256 as not verified"
-                );
-                false
-            }
-            Err(err) => return Err(err),
-        };
-        // Even a refused body may have been kept (s3s-fs 0.14 does).
-        self.delete(&key)?;
-        self.integrity = Integrity {
-            checksum_verified,
-            content_md5: self.config.content_md5.wanted(checksum_verified),
-        };
-        Ok(self.integrity)
-    }
-
-    /// A cheap request that succeeds only if the bucket is reachable and
-    /// usable with these credentials.
-    pub fn probe(&self) -> Result<(), StorageError> {
-        self.bucket
-            .list_page(String::new(), None, None, None, Some(1))
-            .map(|_| ())
-            .map_err(|err| map_error(err, &self.config, ""))
-    }
-
-    /// Keys under `prefix` (a listing, paginated by rust-s3).
-    pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
-        let pages = self
-            .bucket
-            .list(prefix.to_string(), None)
-            .map_err(|err| map_error(err, &self.config, prefix))?;
-        Ok(pages
-            .into_iter()
-            .flat_map(|page| page.contents.into_iter().map(|object| object.key))
-            .collect())
-    }
-
-    /// The multipart uploads open under `prefix` (ListMultipartUploads).
-    pub fn open_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StorageError> {
-        let pages = self
-            .bucket
-            .list_multiparts_uploads(Some(prefix), None)
-            .map_err(|err| map_error(err, &self.config, prefix))?;
-        Ok(pages
-            .into_iter()
-            .flat_map(|page| page.uploads)
-            .map(|upload| OpenUpload {
-                initiated: humantime::parse_rfc3339_weak(upload.initiated.trim_end_matches('Z'))
-                    .ok(),
-                key: upload.key,
-                upload_id: upload.id,
-            })
-            .collect())
     }
 
     /// A PUT through a URL that rust-s3 presigns, sent by ureq straight from
@@ -455,6 +243,129 @@ fn check_etag(key: &str, etag: &str, md5: &[u8; 16]) -> Result<(), StorageError>
         });
     }
     Ok(())
+}
+
+impl BucketAdmin for S3Store {
+    /// Makes sure the bucket exists: creates it when missing (unless
+    /// `S3_CREATE_BUCKET=false`). An existing bucket that these credentials
+    /// may not create (or list) counts as ready when HEAD finds it.
+    fn ensure_bucket(&self) -> Result<(), BucketError> {
+        let listed = match self.probe() {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        if !listed.is_not_found() {
+            // Listing may be forbidden while the bucket is usable.
+            return match self.bucket_exists()? {
+                true => Ok(()),
+                false => Err(listed.into()),
+            };
+        }
+        if !self.config.create_bucket {
+            return Err(BucketError::Fatal(format!(
+                "bucket {:?} does not exist at {} and S3_CREATE_BUCKET=false; create it, or set S3_CREATE_BUCKET=true",
+                self.config.bucket,
+                self.config.endpoint_display()
+            )));
+        }
+        match self.create_bucket() {
+            Ok(()) => {
+                info!(
+                    "created bucket {:?} at {}",
+                    self.config.bucket,
+                    self.config.endpoint_display()
+                );
+                Ok(())
+            }
+            Err(StorageError::Http { status: 409, body, .. })
+                if body.starts_with("BucketAlreadyOwnedByYou") =>
+            {
+                Ok(())
+            }
+            Err(err @ StorageError::Http { status: 403, .. }) => match self.bucket_exists()? {
+                true => Ok(()),
+                false => Err(err.into()),
+            },
+            Err(StorageError::Http { status, body, .. }) if body.contains("LocationConstraint") => {
+                Err(StorageError::Other {
+                    key: String::new(),
+                    detail: format!(
+                        "creating the bucket was refused (HTTP {status}: {body}); S3_REGION={:?} must name a region the server accepts (Ceph RGW: its zonegroup, often \"default\")",
+                        self.config.region
+                    ),
+                }
+                .into())
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+    /// Finds out once whether the server verifies `x-amz-checksum-sha256`:
+    /// PUTs a scratch object under the prefix with a deliberately wrong
+    /// checksum, expects a refusal, and deletes the object if it was stored.
+    /// Sets and returns what requests carry from now on.
+    fn probe_integrity(&mut self) -> Result<Integrity, StorageError> {
+        let key = format!(
+            "{}.chunkstream/checksum-probe-{:016x}",
+            self.config.prefix,
+            crate::random_u64()
+        );
+        let body = b"chunkstream checks whether this server verifies x-amz-checksum-sha256\n";
+        let wrong: [u8; 32] = Sha256::digest(b"not the body").into();
+        let checksum_verified = match self.send_put(&key, body, "text/plain", &wrong, None) {
+            Err(StorageError::Corrupted { .. }) => true,
+            Ok(_) => false,
+            Err(err) if err.is_client_error() => {
+                warn!(
+                    "the checksum probe PUT of {key} was refused: {err}; treating x-amz-checksum-sha256 as not verified"
+                );
+                false
+            }
+            Err(err) => return Err(err),
+        };
+        // Even a refused body may have been kept (s3s-fs 0.14 does).
+        self.delete(&key)?;
+        self.integrity = Integrity {
+            checksum_verified,
+            content_md5: self.config.content_md5.wanted(checksum_verified),
+        };
+        Ok(self.integrity)
+    }
+    /// A cheap request that succeeds only if the bucket is reachable and
+    /// usable with these credentials.
+    fn probe(&self) -> Result<(), StorageError> {
+        self.bucket
+            .list_page(String::new(), None, None, None, Some(1))
+            .map(|_| ())
+            .map_err(|err| map_error(err, &self.config, ""))
+    }
+    /// Keys under `prefix` (a listing, paginated by rust-s3).
+    fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let pages = self
+            .bucket
+            .list(prefix.to_string(), None)
+            .map_err(|err| map_error(err, &self.config, prefix))?;
+        Ok(pages
+            .into_iter()
+            .flat_map(|page| page.contents.into_iter().map(|object| object.key))
+            .collect())
+    }
+    /// The multipart uploads open under `prefix` (ListMultipartUploads).
+    fn open_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StorageError> {
+        let pages = self
+            .bucket
+            .list_multiparts_uploads(Some(prefix), None)
+            .map_err(|err| map_error(err, &self.config, prefix))?;
+        Ok(pages
+            .into_iter()
+            .flat_map(|page| page.uploads)
+            .map(|upload| OpenUpload {
+                initiated: humantime::parse_rfc3339_weak(upload.initiated.trim_end_matches('Z'))
+                    .ok(),
+                key: upload.key,
+                upload_id: upload.id,
+            })
+            .collect())
+    }
 }
 
 impl ObjectStore for S3Store {

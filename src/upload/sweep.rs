@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use log::{info, warn};
 
 use crate::error::StorageError;
-use crate::store::{CheckpointStore, ObjectStore, OpenUpload, S3Store};
+use crate::store::{BucketAdmin, CheckpointStore, OpenUpload};
 
 /// How often the sweep runs after the one at start.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
@@ -36,7 +36,7 @@ pub enum Support {
 
 /// Sweeps now. `support` remembers whether the server can list uploads.
 pub fn sweep(
-    s3: &S3Store,
+    s3: &dyn BucketAdmin,
     checkpoints: &mut dyn CheckpointStore,
     prefix: &str,
     max_age: Duration,

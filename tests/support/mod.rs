@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use chunkstream::config::{ContentMd5, S3Config, S3Credentials};
 use chunkstream::metadata::StreamMetadata;
-use chunkstream::store::{ObjectStore, S3Store};
+use chunkstream::store::{BucketAdmin, ObjectStore, S3Store};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 

@@ -20,7 +20,7 @@ use super::{Stop, Worker};
 use crate::error::StorageError;
 use crate::metadata::{Assembled, KeyLayout, StreamMetadata, StreamStatus, content_type_for};
 use crate::store::ObjectInfo;
-use crate::store::redis::AssemblyProgress;
+use crate::store::ports::AssemblyProgress;
 use crate::upload::job::{AssembleJob, Outcome};
 
 /// S3's largest source object for an UploadPartCopy without a byte range.

@@ -17,7 +17,7 @@ use crate::metadata::{
     ChunkRecord, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, contiguous_prefix,
     rfc3339,
 };
-use crate::store::redis::Completion;
+use crate::store::ports::Completion;
 use crate::upload::job::{CloseJob, FinalizeJob, Outcome, StreamFacts};
 
 impl Worker {

@@ -7,7 +7,7 @@ use crate::config::RetryPolicy;
 use crate::events::NoEvents;
 use crate::metadata::{StreamMetadata, StreamStatus};
 use crate::scan::FileIdentity;
-use crate::store::redis::AssemblyProgress;
+use crate::store::ports::AssemblyProgress;
 use crate::testing::{MemoryCheckpoints, MemoryStore};
 use crate::upload::job::{AssembleJob, StreamRef};
 use crate::upload::job::{FinalizeJob, StreamFacts};
