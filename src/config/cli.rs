@@ -1,0 +1,219 @@
+//! The command line: subcommands and every setting as a flag with its
+//! environment variable, kept as raw strings so that validation (in the
+//! parent module) can name the variable in every refusal.
+
+use super::*;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chunkstream",
+    version,
+    about = "Uploads growing video files from a polled directory to S3 in ordered, checkpointed chunks.",
+    long_about = "Polls WATCH_DIR (works on NFS/SMB, where inotify does not), uploads every matching \
+file in ordered CHUNK_SIZE chunks to S3 while it grows, checkpoints each chunk in Redis so a restart \
+resumes where it stopped, and writes a metadata.json per stream once the file has been quiet for \
+STREAM_TIMEOUT.\n\nWith no subcommand, `run` is assumed."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Show what a running instance is uploading, with progress (reads /streams).
+    Status {
+        /// The instance's HTTP address; defaults to METRICS_ADDR on this host.
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the raw /streams JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second (redrawn in place in a terminal).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Exit 0 if a running instance's /healthz is OK, else 1 (for Docker HEALTHCHECK).
+    Healthcheck {
+        /// The instance's HTTP address; defaults to METRICS_ADDR on this host.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Download a stream's chunks, verify every checksum, and write the file.
+    Restore {
+        /// The stream id (the folder name under S3_PREFIX in the bucket).
+        stream_id: String,
+        /// Where to write the restored file; it appears only once verified.
+        output: PathBuf,
+        /// Download the assembled object instead of the chunks (still verified).
+        #[arg(long)]
+        from_assembled: bool,
+    },
+    /// List the streams in the bucket (from their metadata.json), oldest completion first.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check streams in the bucket: chunks present with their sizes; --deep also checks every checksum.
+    Verify {
+        /// The stream to check.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        stream_id: Option<String>,
+        /// Check every stream in the bucket.
+        #[arg(long)]
+        all: bool,
+        /// Download and check every chunk's sha256, the whole stream's, and the assembled object.
+        #[arg(long)]
+        deep: bool,
+    },
+}
+
+/// The raw settings, exactly as given by flags or the environment.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Directory to poll, recursively (subdirectories included).
+    #[arg(
+        long,
+        env = "WATCH_DIR",
+        default_value = "./input-videos",
+        global = true
+    )]
+    pub watch_dir: String,
+    /// Comma-separated file extensions to upload, case-insensitive.
+    #[arg(long, env = "FILE_EXTENSIONS", default_value = "mp4", global = true)]
+    pub file_extensions: String,
+    /// How often the directory is scanned (e.g. 500ms, 5s).
+    #[arg(long, env = "POLL_INTERVAL", default_value = "1s", global = true)]
+    pub poll_interval: String,
+    /// A stream is complete after this long with no change in size or mtime.
+    #[arg(long, env = "STREAM_TIMEOUT", default_value = "30s", global = true)]
+    pub stream_timeout: String,
+    /// Chunk size in bytes or with units (10MiB, 16MB); at least 5 MiB.
+    #[arg(long, env = "CHUNK_SIZE", default_value = "10MiB", global = true)]
+    pub chunk_size: String,
+    /// Number of upload threads.
+    #[arg(long, env = "WORKERS", default_value = "4", global = true)]
+    pub workers: String,
+    /// S3 endpoint URL, e.g. http://minio:9000; empty means AWS.
+    #[arg(long, env = "S3_ENDPOINT", default_value = "", global = true)]
+    pub s3_endpoint: String,
+    /// S3 region.
+    #[arg(long, env = "S3_REGION", default_value = "us-east-1", global = true)]
+    pub s3_region: String,
+    /// Bucket for chunks and metadata; created at start if missing.
+    #[arg(
+        long,
+        env = "S3_BUCKET",
+        default_value = "video-streams",
+        global = true
+    )]
+    pub s3_bucket: String,
+    /// Key prefix for every object, e.g. streams/.
+    #[arg(long, env = "S3_PREFIX", default_value = "", global = true)]
+    pub s3_prefix: String,
+    /// Path-style addressing (needed for MinIO); false for virtual-hosted style.
+    #[arg(long, env = "S3_PATH_STYLE", default_value = "true", global = true)]
+    pub s3_path_style: String,
+    /// Create the bucket at start if it is missing; with false a missing bucket stops the start.
+    #[arg(long, env = "S3_CREATE_BUCKET", default_value = "true", global = true)]
+    pub s3_create_bucket: String,
+    /// Content-MD5 on every request with a body: auto (when the server is not proven to verify x-amz-checksum-sha256), always or never.
+    #[arg(long, env = "S3_CONTENT_MD5", default_value = "auto", global = true)]
+    pub s3_content_md5: String,
+    /// Most parts in one multipart upload; longer streams assemble in two levels.
+    #[arg(
+        long,
+        env = "ASSEMBLY_MAX_PARTS",
+        default_value = "10000",
+        global = true
+    )]
+    pub assembly_max_parts: String,
+    /// Multipart uploads under S3_PREFIX older than this, not owned by a live assembly, are aborted (checked at start and hourly).
+    #[arg(long, env = "MULTIPART_MAX_AGE", default_value = "24h", global = true)]
+    pub multipart_max_age: String,
+    /// Assemble a playable single object per stream server-side (UploadPartCopy) at completion.
+    #[arg(long, env = "ASSEMBLE", default_value = "false", global = true)]
+    pub assemble: String,
+    /// Timeout for each whole S3 request; a timeout is retried.
+    #[arg(long, env = "S3_REQUEST_TIMEOUT", default_value = "60s", global = true)]
+    pub s3_request_timeout: String,
+    /// S3 access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", global = true, hide_env_values = true)]
+    pub aws_access_key_id: Option<String>,
+    /// S3 secret access key.
+    #[arg(
+        long,
+        env = "AWS_SECRET_ACCESS_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub aws_secret_access_key: Option<String>,
+    /// Redis URL for checkpoints, one server; rediss:// for TLS. Default redis://127.0.0.1:6379/0; leave it unset with REDIS_SENTINELS.
+    #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Redis Sentinels, host:port,host:port,...: instead of REDIS_URL, follow the master they name through failovers.
+    #[arg(long, env = "REDIS_SENTINELS", default_value = "", global = true)]
+    pub redis_sentinels: String,
+    /// The master name the sentinels monitor (required with REDIS_SENTINELS).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", default_value = "", global = true)]
+    pub redis_sentinel_master: String,
+    /// Password of the sentinels themselves, if they require one.
+    #[arg(
+        long,
+        env = "REDIS_SENTINEL_PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
+    pub redis_sentinel_password: Option<String>,
+    /// Password of the Redis master the sentinels name (with REDIS_URL, put it in the URL instead).
+    #[arg(long, env = "REDIS_PASSWORD", global = true, hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// Namespace for every Redis key.
+    #[arg(
+        long,
+        env = "REDIS_KEY_PREFIX",
+        default_value = "chunkstream",
+        global = true
+    )]
+    pub redis_key_prefix: String,
+    /// Connect, read and write timeout for each Redis call.
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "5s", global = true)]
+    pub redis_timeout: String,
+    /// First retry delay after a failed upload or checkpoint; doubles per attempt.
+    #[arg(long, env = "RETRY_BASE_DELAY", default_value = "200ms", global = true)]
+    pub retry_base_delay: String,
+    /// Cap on the retry delay.
+    #[arg(long, env = "RETRY_MAX_DELAY", default_value = "30s", global = true)]
+    pub retry_max_delay: String,
+    /// Listen address for /metrics and /healthz; port 0 picks a free port.
+    #[arg(
+        long,
+        env = "METRICS_ADDR",
+        default_value = "0.0.0.0:9102",
+        global = true
+    )]
+    pub metrics_addr: String,
+    /// Log level: error, warn, info, debug, trace or off.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    /// Log format: text, or json (one object per line).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
+    /// The longest a drain on SIGTERM/SIGINT may take.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "25s", global = true)]
+    pub shutdown_timeout: String,
+    /// How long a replica's claim on a stream lasts unless renewed (renewed every third of it); another replica takes the stream over after it.
+    #[arg(long, env = "LEASE_TTL", default_value = "30s", global = true)]
+    pub lease_ttl: String,
+    /// Most streams one replica owns at once; 0 means its fair share of the active streams, with no fixed cap.
+    #[arg(long, env = "MAX_OWNED_STREAMS", default_value = "0", global = true)]
+    pub max_owned_streams: String,
+    /// Stable name of this replica (e.g. the pod name), so a restart takes its streams back at once; empty means a fresh identity per process. Never give two live processes the same one.
+    #[arg(long, env = "INSTANCE_ID", default_value = "", global = true)]
+    pub instance_id: String,
+}

@@ -1,0 +1,72 @@
+//! The S3 adapter's pure parts: encoding, error summaries, ETag checks.
+
+use super::*;
+
+#[test]
+fn copy_sources_are_percent_encoded_but_keep_slashes() {
+    assert_eq!(
+        percent_encode("p/cam-1/chunk-000001", b"/"),
+        "p/cam-1/chunk-000001"
+    );
+    assert_eq!(percent_encode("a b/ü+x", b"/"), "a%20b/%C3%BC%2Bx");
+    assert_eq!(percent_encode("a/b+c=d", b""), "a%2Fb%2Bc%3Dd");
+    assert_eq!(
+        xml_value("<R><ETag>&quot;abc-3&quot;</ETag></R>", "ETag").as_deref(),
+        Some("\"abc-3\"")
+    );
+}
+
+#[test]
+fn a_plain_md5_etag_must_match_what_was_sent() {
+    let md5 = md5::compute(b"body").0;
+    let hex = hex::encode(md5);
+    assert!(check_etag("k", &format!("\"{hex}\""), &md5).is_ok());
+    assert!(check_etag("k", &hex.to_uppercase(), &md5).is_ok());
+    let other = hex::encode(md5::compute(b"bodY").0);
+    let err = check_etag("k", &format!("\"{other}\""), &md5).expect_err("mismatch");
+    assert_eq!(err.kind(), "integrity");
+    // Multipart and encrypted-object ETags are not MD5s: nothing to compare.
+    assert!(check_etag("k", "\"abc-3\"", &md5).is_ok());
+    assert!(check_etag("k", "", &md5).is_ok());
+}
+
+#[test]
+fn create_bucket_sends_no_constraint_for_us_east_1_only() {
+    assert_eq!(create_bucket_body("us-east-1"), "");
+    assert!(
+        create_bucket_body("eu-central-1")
+            .contains("<LocationConstraint>eu-central-1</LocationConstraint>")
+    );
+}
+
+#[test]
+fn error_bodies_are_summarized() {
+    let xml = "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>bad sig</Message></Error>";
+    assert_eq!(summarize_body(xml), "SignatureDoesNotMatch: bad sig");
+    assert_eq!(summarize_body("plain"), "plain");
+}
+
+#[test]
+fn http_errors_keep_their_status() {
+    use std::time::Duration;
+    let config = S3Config {
+        endpoint: Some("http://127.0.0.1:1".into()),
+        region: "us-east-1".into(),
+        bucket: "b".into(),
+        prefix: String::new(),
+        path_style: true,
+        request_timeout: Duration::from_secs(1),
+        credentials: None,
+        create_bucket: true,
+        content_md5: crate::config::ContentMd5::Auto,
+    };
+    let err = map_error(S3Error::HttpFailWithBody(503, "busy".into()), &config, "k");
+    assert_eq!(err.kind(), "http_5xx");
+    let err = map_error(S3Error::HttpFailWithBody(403, "no".into()), &config, "k");
+    assert_eq!(err.kind(), "http_4xx");
+    let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+    assert_eq!(
+        map_error(S3Error::Io(refused), &config, "k").kind(),
+        "connect"
+    );
+}
