@@ -1,6 +1,7 @@
 //! The S3 adapter's pure parts: encoding, error summaries, ETag checks.
 
 use super::*;
+use admin::create_bucket_body;
 
 #[test]
 fn copy_sources_are_percent_encoded_but_keep_slashes() {
