@@ -315,6 +315,17 @@ impl World {
         }
     }
 
+    /// Replaces the replicas with one new process on the same store, which
+    /// resumes from the records; returns how many it resumed.
+    fn restart(&mut self) -> usize {
+        let loaded = self.store().clone().load_streams().unwrap();
+        let store = self.store().replica("replica-restarted");
+        self.replicas.clear();
+        self.add_replica(store, 4);
+        let now = self.now();
+        self.replicas[0].coordinator.resume(loaded, now)
+    }
+
     /// `/streams` as replica 0 shows it.
     fn view(&self, rel: &str) -> Option<crate::stream::table::StreamView> {
         self.replicas[0]
@@ -346,6 +357,15 @@ fn chunk_record(stream_id: &str, index: u64, offset: u64, len: u64) -> ChunkReco
         sha256: format!("{index:064}"),
         uploaded_at: "2026-01-01T00:00:00.000Z".into(),
     }
+}
+
+/// How many streams `jobs` are for.
+fn distinct_streams<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> usize {
+    let streams: std::collections::BTreeSet<&str> = jobs
+        .into_iter()
+        .map(|job| job.stream().stream_id.as_str())
+        .collect();
+    streams.len()
 }
 
 fn chunk_indices(jobs: &[Job]) -> Vec<u64> {

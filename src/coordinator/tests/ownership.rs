@@ -81,14 +81,11 @@ fn replicas_share_the_streams_fairly() {
     let (first, second) = (world.jobs_of(0), world.jobs_of(1));
     assert_eq!(first.len() + second.len(), 4, "{first:?} {second:?}");
     assert_eq!(first.len(), 2, "a fair share each");
-    let mut streams: Vec<String> = first
-        .iter()
-        .chain(&second)
-        .map(|job| job.stream().stream_id.clone())
-        .collect();
-    streams.sort();
-    streams.dedup();
-    assert_eq!(streams.len(), 4, "no stream twice");
+    assert_eq!(
+        distinct_streams(first.iter().chain(&second)),
+        4,
+        "no stream twice"
+    );
 }
 
 #[test]

@@ -65,14 +65,11 @@ fn a_full_job_channel_holds_the_other_streams_in_line() {
     world.poll();
     let queued = world.jobs();
     assert_eq!(queued.len(), 2);
-    let mut streams: Vec<&str> = queued
-        .iter()
-        .chain([&taken])
-        .map(|job| job.stream().stream_id.as_str())
-        .collect();
-    streams.sort();
-    streams.dedup();
-    assert_eq!(streams.len(), 3, "three streams served, one still waits");
+    assert_eq!(
+        distinct_streams(queued.iter().chain([&taken])),
+        3,
+        "three streams served, one still waits"
+    );
 }
 
 #[test]
@@ -83,13 +80,7 @@ fn a_restart_resumes_after_the_checkpointed_chunks() {
     let job = world.one_job();
     world.finish(&job);
     let id = job.stream().stream_id.clone();
-    // A new process on the same store.
-    let stored = world.store().clone().load_streams().unwrap();
-    let store = world.store().replica("replica-restarted");
-    world.replicas.clear();
-    world.add_replica(store, 4);
-    let now = world.now();
-    assert_eq!(world.replicas[0].coordinator.resume(stored, now), 1);
+    assert_eq!(world.restart(), 1);
     // The old process's lease lapses first.
     world.advance(TTL);
     world.poll();
@@ -160,12 +151,7 @@ fn a_corrupt_record_at_start_quarantines_its_stream_and_the_others_go_on() {
         .store()
         .corrupt(&bad, "chunk size 0 is outside 1..=5368709120");
     // A restart reads the records back.
-    let loaded = world.store().clone().load_streams().unwrap();
-    let store = world.store().replica("replica-restarted");
-    world.replicas.clear();
-    world.add_replica(store, 4);
-    let now = world.now();
-    assert_eq!(world.replicas[0].coordinator.resume(loaded, now), 1);
+    assert_eq!(world.restart(), 1, "only the good stream resumes");
     world.advance(TTL);
     world.write("bad.mp4", 25 * MIB);
     world.write("good.mp4", 25 * MIB);
