@@ -163,10 +163,7 @@ fn a_change_during_completion_waits_for_the_file_to_settle_again() {
 #[test]
 fn a_vanished_file_is_closed_as_incomplete_after_the_grace() {
     let mut world = world();
-    world.write("cam.mp4", 15 * MIB);
-    world.poll();
-    world.work_off();
-    let id = world.stream_id("cam.mp4");
+    let id = uploaded(&mut world, "cam.mp4", 15 * MIB);
     world.remove("cam.mp4");
     world.poll_for(QUIET - SECOND);
     assert!(world.jobs().is_empty(), "still within the grace");
@@ -220,10 +217,7 @@ fn a_completed_file_that_is_deleted_stays_complete() {
 #[test]
 fn a_truncated_file_is_closed_and_its_new_content_is_a_new_stream() {
     let mut world = world();
-    world.write("cam.mp4", 15 * MIB);
-    world.poll();
-    world.work_off();
-    let id = world.stream_id("cam.mp4");
+    let id = uploaded(&mut world, "cam.mp4", 15 * MIB);
     world.write("cam.mp4", 2 * MIB);
     world.advance(SECOND);
     world.poll();
@@ -243,10 +237,7 @@ fn a_truncated_file_is_closed_and_its_new_content_is_a_new_stream() {
 #[test]
 fn a_renamed_file_keeps_its_stream_and_records_the_new_path() {
     let mut world = world();
-    world.write("cam.mp4", 15 * MIB);
-    world.poll();
-    world.work_off();
-    let id = world.stream_id("cam.mp4");
+    let id = uploaded(&mut world, "cam.mp4", 15 * MIB);
     world.rename("cam.mp4", "archive/cam.mp4");
     world.advance(SECOND);
     world.poll();

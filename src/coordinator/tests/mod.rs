@@ -386,6 +386,23 @@ fn kind(job: &Job) -> &'static str {
     }
 }
 
+/// Writes `rel` at `size` and lets its full chunks upload; returns its id.
+fn uploaded(world: &mut World, rel: &str, size: u64) -> String {
+    world.write(rel, size);
+    world.poll();
+    world.work_off();
+    world.stream_id(rel)
+}
+
+/// `cam.mp4` with its first chunk uploaded, then its lease taken by
+/// replica-9, which this replica notices at its next renewal. Returns its id.
+fn taken_over(world: &mut World) -> String {
+    let id = uploaded(world, "cam.mp4", 15 * MIB);
+    world.store().steal(&id, "replica-9");
+    world.poll_for(TTL / 3 + SECOND);
+    id
+}
+
 /// Takes a 25 MiB file through its two full chunks and its completion.
 fn complete_one(world: &mut World, rel: &str) -> String {
     world.write(rel, 25 * MIB);

@@ -5,10 +5,7 @@ use super::*;
 #[test]
 fn a_lease_taken_by_another_replica_stops_this_ones_jobs() {
     let mut world = world();
-    world.write("cam.mp4", 15 * MIB);
-    world.poll();
-    world.work_off();
-    let id = world.stream_id("cam.mp4");
+    let id = uploaded(&mut world, "cam.mp4", 15 * MIB);
     assert_eq!(
         world.store().lease_holder(&id).as_deref(),
         Some("replica-0")
@@ -26,12 +23,7 @@ fn a_lease_taken_by_another_replica_stops_this_ones_jobs() {
 #[test]
 fn a_lost_lease_is_claimed_again_once_it_lapses() {
     let mut world = world();
-    world.write("cam.mp4", 15 * MIB);
-    world.poll();
-    world.work_off();
-    let id = world.stream_id("cam.mp4");
-    world.store().steal(&id, "replica-9");
-    world.poll_for(TTL / 3 + SECOND);
+    let id = taken_over(&mut world);
     world.write("cam.mp4", 25 * MIB);
     world.poll_for(5 * SECOND);
     assert!(world.jobs().is_empty());
@@ -137,10 +129,7 @@ fn no_job_goes_out_while_the_bucket_is_down() {
 #[test]
 fn records_redis_lost_are_written_back_when_it_recovers() {
     let mut world = world();
-    world.write("cam.mp4", 15 * MIB);
-    world.poll();
-    world.work_off();
-    let id = world.stream_id("cam.mp4");
+    let id = uploaded(&mut world, "cam.mp4", 15 * MIB);
     let readiness = world.replicas[0].metrics.readiness();
     readiness.record(Dependency::Redis, Err("connection refused".into()));
     world.store().wipe();

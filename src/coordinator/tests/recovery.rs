@@ -169,12 +169,7 @@ fn a_corrupt_record_at_start_quarantines_its_stream_and_the_others_go_on() {
 #[test]
 fn a_record_found_corrupt_at_claim_time_quarantines_the_stream() {
     let mut world = world();
-    world.write("cam.mp4", 15 * MIB);
-    world.poll();
-    world.work_off();
-    let id = world.stream_id("cam.mp4");
-    world.store().steal(&id, "replica-9");
-    world.poll_for(TTL / 3 + SECOND);
+    let id = taken_over(&mut world);
     world
         .store()
         .corrupt(&id, "chunk 7 starts at 1 instead of 73400320");
