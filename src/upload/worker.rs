@@ -28,7 +28,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, error, warn};
 use sha2::{Digest, Sha256};
 
-use crate::config::RetryPolicy;
+use crate::config::{MAX_CHUNK_SIZE, RetryPolicy};
 use crate::error::{FencedWriteError, SourceError, StorageError};
 use crate::events::Events;
 use crate::health::Dependency;
@@ -242,13 +242,22 @@ impl Worker {
         offset: u64,
         len: u64,
     ) -> Result<(), SourceError> {
-        let len = usize::try_from(len).expect("chunk sizes fit in memory");
+        let error = |source| SourceError {
+            path: path.to_path_buf(),
+            source,
+        };
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&len| u64::try_from(len).is_ok_and(|len| len <= MAX_CHUNK_SIZE))
+            .ok_or_else(|| {
+                error(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("a read of {len} bytes is larger than any chunk"),
+                ))
+            })?;
         self.buffer.resize(len, 0);
         file.read_exact_at(&mut self.buffer[..len], offset)
-            .map_err(|source| SourceError {
-                path: path.to_path_buf(),
-                source,
-            })
+            .map_err(error)
     }
 
     /// Runs an S3 operation until it succeeds, retrying with backoff while
