@@ -457,7 +457,10 @@ fn i_metrics_health_readiness_streams_status_and_json_logs() {
     wait_for("ready", || daemon.http("GET", "/readyz").0 == 200);
     let (_, ready) = daemon.http("GET", "/readyz");
     let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
-    assert_eq!(ready, serde_json::json!({"redis": "ok", "s3": "ok"}));
+    assert_eq!(
+        ready,
+        serde_json::json!({"redis": "ok", "s3": "ok", "watch_dir": "ok"})
+    );
 
     // A recording in progress: one full chunk up, the tail waiting.
     let path = env.file("cams/live.mp4");
