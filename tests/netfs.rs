@@ -272,16 +272,21 @@ impl Scenario {
 
     /// Waits until chunkstream's log has a line containing every needle.
     fn wait_log(&self, needles: &[&str]) {
-        wait_for_long(
-            &format!("a log line with {needles:?}"),
-            Duration::from_secs(30),
-            || {
-                self.daemon
-                    .log()
-                    .lines()
-                    .any(|line| needles.iter().all(|needle| line.contains(needle)))
-            },
-        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.daemon.log();
+            if log
+                .lines()
+                .any(|line| needles.iter().all(|needle| line.contains(needle)))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needles:?} in:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The end of every scenario: complete, byte-exact, one stream, nothing
@@ -382,9 +387,13 @@ fn a_20s_server_outage_that_changes_inode_numbers_keeps_the_stream() {
     let down = Instant::now();
     s.netfs.fault(&["down"]);
     s.wait_blind("EIO");
+    // Another reader looks the file up while the server is down: without
+    // noforget, sshfs then forgets its inode number and hands out a new one.
+    wait_for("a lookup on the mount to fail", || {
+        std::fs::metadata(s.netfs.mount().join("renumbered.mp4")).is_err()
+    });
     hold(down, SERVER_OUTAGE);
     s.netfs.fault(&["up"]);
-    // sshfs without noforget hands out a new inode number for the file.
     s.wait_log(&["its first chunk matches; continuing the stream"]);
     writer.finish(Duration::from_secs(3));
     s.assert_one_exact_stream("renumbered.mp4");
