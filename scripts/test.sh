@@ -4,9 +4,11 @@
 #   scripts/test.sh            # everything
 #   scripts/test.sh -- NAME    # only tests whose name contains NAME
 #
-# Installs, when missing: redis-server, ffmpeg/ffprobe and promtool (Debian
-# package prometheus) with apt-get, and the S3 test server s3s-fs 0.14.1
-# (cargo install). With CI=true a tool that is
+# Installs, when missing: redis-server, ffmpeg/ffprobe, promtool (Debian
+# package prometheus) and the network file system test bed's sshd, ssh,
+# sshfs and fusermount3 (openssh-server openssh-client sshfs fuse3) with
+# apt-get, and the S3 test server s3s-fs 0.14.1 (cargo install). The test bed
+# also needs /dev/fuse. With CI=true a tool that is
 # still missing afterwards is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,12 @@ apt_packages=()
 command -v redis-server >/dev/null || apt_packages+=(redis-server)
 { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || apt_packages+=(ffmpeg)
 command -v promtool >/dev/null || apt_packages+=(prometheus)
+# tests/netfs.rs: the loopback SFTP server (sshd by its absolute path, as
+# the test bed starts it) and the sshfs mount.
+[ -x /usr/sbin/sshd ] || apt_packages+=(openssh-server)
+{ command -v ssh >/dev/null && command -v ssh-keygen >/dev/null; } || apt_packages+=(openssh-client)
+command -v sshfs >/dev/null || apt_packages+=(sshfs)
+command -v fusermount3 >/dev/null || apt_packages+=(fuse3)
 if ((${#apt_packages[@]})); then
   if command -v apt-get >/dev/null; then
     sudo=""
@@ -36,9 +44,10 @@ if ! s3s-fs --version 2>/dev/null | grep -qx "s3s-fs $S3S_FS_VERSION"; then
 fi
 
 missing=()
-for tool in redis-server ffmpeg ffprobe promtool s3s-fs; do
+for tool in redis-server ffmpeg ffprobe promtool s3s-fs /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
+[ -e /dev/fuse ] || missing+=(/dev/fuse)
 if ((${#missing[@]})); then
   if [ "${CI:-}" = true ]; then
     echo "error: required test tools missing: ${missing[*]}" >&2

@@ -126,6 +126,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         http.addr
     );
 
+    crate::watchfs::report_mount(&config.watch_dir, config.stream_timeout);
+
     let holder = LeaseHolder {
         owner: instance.clone(),
         ttl: config.lease.ttl,

@@ -17,6 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use log::{info, warn};
 use sha2::{Digest, Sha256};
 
 /// What kind of directory entry a path is.
@@ -278,6 +279,40 @@ impl Mount {
             )),
             None => None,
         }
+    }
+}
+
+/// Logs which file system `watch_dir` is on, and warns when `stream_timeout`
+/// is not longer than an attribute cache time named in its mount options (a
+/// growing file can then look quiet long enough to be completed early).
+pub fn report_mount(watch_dir: &Path, stream_timeout: Duration) {
+    let path = std::fs::canonicalize(watch_dir).unwrap_or_else(|_| watch_dir.to_path_buf());
+    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|mountinfo| mount_of(&mountinfo, &path));
+    let Some(mount) = mount else {
+        info!(
+            "WATCH_DIR {}: its mount is not in /proc/self/mountinfo",
+            path.display()
+        );
+        return;
+    };
+    info!(
+        "WATCH_DIR {} is on {} ({} mounted at {}; options {})",
+        path.display(),
+        mount.fs_type,
+        mount.source,
+        mount.mount_point.display(),
+        mount.options
+    );
+    if let Some((option, cache)) = mount.cache_time()
+        && stream_timeout <= cache
+    {
+        warn!(
+            "STREAM_TIMEOUT ({}) is not longer than the attribute cache time of WATCH_DIR's mount ({option}): a growing file can look unchanged for that long and be completed too early; set STREAM_TIMEOUT above {} or shorten the cache (see docs/operations.md)",
+            humantime::format_duration(stream_timeout),
+            humantime::format_duration(cache)
+        );
     }
 }
 

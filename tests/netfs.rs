@@ -350,6 +350,11 @@ fn a_live_ffmpeg_recording_on_the_mount_is_uploaded_byte_exact() {
     s.wait_for_chunks(1.0);
     writer.finish(Duration::ZERO);
     s.assert_one_exact_stream("live.mp4");
+    assert!(
+        s.daemon.log().contains("is on fuse.sshfs"),
+        "{}",
+        s.daemon.log()
+    );
 }
 
 #[test]
