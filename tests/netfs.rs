@@ -172,7 +172,7 @@ impl Writer {
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&target)
+            .open(target)
             .expect("open the recording");
         let thread = std::thread::spawn(move || {
             let mut seed = 1;
