@@ -331,11 +331,39 @@ impl Scenario {
             self.readyz()["watch_dir"] == "ok"
         });
     }
-}
 
-/// Holds a fault for `length` from `since`, however long the checks took.
-fn hold(since: Instant, length: Duration) {
-    std::thread::sleep(length.saturating_sub(since.elapsed()));
+    /// The common shape: a recording written on the server (`writer`, or
+    /// 256 KiB every 200 ms), a first chunk uploaded, then `fault` breaks
+    /// and mends the mount while the writer goes on; then the writer ends
+    /// and the recording must be one exact stream.
+    fn record_through(&self, name: &str, writer: Option<Writer>, fault: impl FnOnce(&Self)) {
+        let writer = writer.unwrap_or_else(|| Writer::bytes(&self.source(name)));
+        self.wait_for_chunks(1.0);
+        fault(self);
+        writer.finish(Duration::from_secs(3));
+        self.assert_one_exact_stream(name);
+    }
+
+    /// `fault.sh start`, then waits until chunkstream reports the watch
+    /// directory blind with `reason`, runs `meanwhile`, holds the fault for
+    /// `length` in all, and ends it with `fault.sh` on each of `end`.
+    fn outage(
+        &self,
+        start: &str,
+        reason: &str,
+        length: Duration,
+        meanwhile: impl FnOnce(&Self),
+        end: &[&str],
+    ) {
+        let started = Instant::now();
+        self.netfs.fault(&[start]);
+        self.wait_blind(reason);
+        meanwhile(self);
+        std::thread::sleep(length.saturating_sub(started.elapsed()));
+        for action in end {
+            self.netfs.fault(&[action]);
+        }
+    }
 }
 
 #[test]
@@ -369,14 +397,9 @@ fn a_20s_server_outage_mid_recording_with_stable_inode_numbers() {
         return;
     };
     let writer = Writer::ffmpeg(&ffmpeg, &s.source("outage.mp4"), 32);
-    s.wait_for_chunks(1.0);
-    let down = Instant::now();
-    s.netfs.fault(&["down"]);
-    s.wait_blind("EIO");
-    hold(down, SERVER_OUTAGE);
-    s.netfs.fault(&["up"]);
-    writer.finish(Duration::ZERO);
-    s.assert_one_exact_stream("outage.mp4");
+    s.record_through("outage.mp4", Some(writer), |s| {
+        s.outage("down", "EIO", SERVER_OUTAGE, |_| {}, &["up"]);
+    });
 }
 
 #[test]
@@ -387,21 +410,18 @@ fn a_20s_server_outage_that_changes_inode_numbers_keeps_the_stream() {
     ) else {
         return;
     };
-    let writer = Writer::bytes(&s.source("renumbered.mp4"));
-    s.wait_for_chunks(1.0);
-    let down = Instant::now();
-    s.netfs.fault(&["down"]);
-    s.wait_blind("EIO");
-    // Another reader looks the file up while the server is down: without
-    // noforget, sshfs then forgets its inode number and hands out a new one.
-    wait_for("a lookup on the mount to fail", || {
-        std::fs::metadata(s.netfs.mount().join("renumbered.mp4")).is_err()
+    s.record_through("renumbered.mp4", None, |s| {
+        // Another reader looks the file up while the server is down: without
+        // noforget, sshfs then forgets its inode number and hands out a new
+        // one.
+        let lookup_fails = |s: &Scenario| {
+            wait_for("a lookup on the mount to fail", || {
+                std::fs::metadata(s.netfs.mount().join("renumbered.mp4")).is_err()
+            });
+        };
+        s.outage("down", "EIO", SERVER_OUTAGE, lookup_fails, &["up"]);
+        s.wait_log(&["its first chunk matches; continuing the stream"]);
     });
-    hold(down, SERVER_OUTAGE);
-    s.netfs.fault(&["up"]);
-    s.wait_log(&["its first chunk matches; continuing the stream"]);
-    writer.finish(Duration::from_secs(3));
-    s.assert_one_exact_stream("renumbered.mp4");
 }
 
 #[test]
@@ -409,16 +429,10 @@ fn a_frozen_server_for_15s() {
     let Some(s) = Scenario::start(&[("NETFS_DIR_CACHE", "no")], |_| {}) else {
         return;
     };
-    let writer = Writer::bytes(&s.source("frozen.mp4"));
-    s.wait_for_chunks(1.0);
-    let frozen = Instant::now();
-    s.netfs.fault(&["freeze"]);
     // After ServerAlive gives up (about 6 s), a listing fails with EIO.
-    s.wait_blind("EIO");
-    hold(frozen, FREEZE);
-    s.netfs.fault(&["thaw"]);
-    writer.finish(Duration::from_secs(3));
-    s.assert_one_exact_stream("frozen.mp4");
+    s.record_through("frozen.mp4", None, |s| {
+        s.outage("freeze", "EIO", FREEZE, |_| {}, &["thaw"]);
+    });
 }
 
 #[test]
@@ -426,15 +440,15 @@ fn a_killed_fuse_client_and_a_remount() {
     let Some(s) = Scenario::start(&[("NETFS_DIR_CACHE", "no")], |_| {}) else {
         return;
     };
-    let writer = Writer::bytes(&s.source("remounted.mp4"));
-    s.wait_for_chunks(1.0);
-    let killed = Instant::now();
-    s.netfs.fault(&["kill-client"]);
-    s.wait_blind("ENOTCONN");
-    hold(killed, LONGER_THAN_STREAM_TIMEOUT);
-    s.netfs.fault(&["remount"]);
-    writer.finish(Duration::from_secs(3));
-    s.assert_one_exact_stream("remounted.mp4");
+    s.record_through("remounted.mp4", None, |s| {
+        s.outage(
+            "kill-client",
+            "ENOTCONN",
+            LONGER_THAN_STREAM_TIMEOUT,
+            |_| {},
+            &["remount"],
+        );
+    });
 }
 
 #[test]
@@ -447,19 +461,18 @@ fn a_mount_that_drops_away_closes_nothing_and_shows_in_readyz() {
     ) else {
         return;
     };
-    let writer = Writer::bytes(&s.source("dropped.mp4"));
-    s.wait_for_chunks(1.0);
-    let dropped = Instant::now();
-    s.netfs.fault(&["down"]);
-    wait_for("the mount to drop away", || {
-        std::fs::read_dir(s.netfs.mount()).is_ok_and(|mut entries| entries.next().is_none())
+    s.record_through("dropped.mp4", None, |s| {
+        s.outage(
+            "down",
+            "empty while 1 streams are open",
+            LONGER_THAN_STREAM_TIMEOUT,
+            |s| {
+                let entries = std::fs::read_dir(s.netfs.mount()).map(Iterator::count);
+                assert_eq!(entries.ok(), Some(0), "an empty local directory");
+            },
+            &["up", "remount"],
+        );
     });
-    s.wait_blind("empty while 1 streams are open");
-    hold(dropped, LONGER_THAN_STREAM_TIMEOUT);
-    s.netfs.fault(&["up"]);
-    s.netfs.fault(&["remount"]);
-    writer.finish(Duration::from_secs(3));
-    s.assert_one_exact_stream("dropped.mp4");
 }
 
 #[test]
@@ -476,18 +489,19 @@ fn a_10s_permission_loss_on_the_watch_dir_closes_nothing() {
     ) else {
         return;
     };
-    let writer = Writer::bytes(&s.source("denied.mp4"));
-    s.wait_for_chunks(1.0);
-    let server = s.netfs.server();
-    let denied = Instant::now();
-    // Listable, but no entry can be stat'ed (no x bit).
-    std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o644)).unwrap();
-    s.wait_log(&["denied.mp4", "EACCES"]);
-    assert!(s.daemon.metric("chunkstream_unreadable_paths") >= 1.0);
-    hold(denied, PERMISSION_LOSS);
-    std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755)).unwrap();
-    writer.finish(Duration::from_secs(3));
-    s.assert_one_exact_stream("denied.mp4");
+    let chmod = |mode| {
+        let permissions = std::fs::Permissions::from_mode(mode);
+        std::fs::set_permissions(s.netfs.server(), permissions).unwrap();
+    };
+    s.record_through("denied.mp4", None, |s| {
+        let denied = Instant::now();
+        // Listable, but no entry can be stat'ed (no x bit).
+        chmod(0o644);
+        s.wait_log(&["denied.mp4", "EACCES"]);
+        assert!(s.daemon.metric("chunkstream_unreadable_paths") >= 1.0);
+        std::thread::sleep(PERMISSION_LOSS.saturating_sub(denied.elapsed()));
+        chmod(0o755);
+    });
     assert_eq!(s.daemon.metric("chunkstream_unreadable_paths"), 0.0);
 }
 
@@ -501,18 +515,16 @@ fn a_long_cached_listing_whose_stat_fails_closes_nothing() {
     ) else {
         return;
     };
-    let writer = Writer::bytes(&s.source("cached.mp4"));
-    s.wait_for_chunks(1.0);
-    let down = Instant::now();
-    s.netfs.fault(&["down"]);
-    // Some reader's failed open drops the file's cached attributes (not the
-    // listing's): from then on its stat fails while it is still listed.
-    wait_for("an open on the mount to fail", || {
-        std::fs::File::open(s.netfs.mount().join("cached.mp4")).is_err()
+    s.record_through("cached.mp4", None, |s| {
+        let down = Instant::now();
+        s.netfs.fault(&["down"]);
+        // Some reader's failed open drops the file's cached attributes (not
+        // the listing's): from then on its stat fails while it is listed.
+        wait_for("an open on the mount to fail", || {
+            std::fs::File::open(s.netfs.mount().join("cached.mp4")).is_err()
+        });
+        s.wait_log(&["cached.mp4", "cannot stat", "EIO"]);
+        std::thread::sleep(SERVER_OUTAGE.saturating_sub(down.elapsed()));
+        s.netfs.fault(&["up"]);
     });
-    s.wait_log(&["cached.mp4", "cannot stat", "EIO"]);
-    hold(down, SERVER_OUTAGE);
-    s.netfs.fault(&["up"]);
-    writer.finish(Duration::from_secs(3));
-    s.assert_one_exact_stream("cached.mp4");
 }

@@ -655,6 +655,15 @@ mod tests {
         rest
     }
 
+    /// A table that tracks `files` (all discovered and registered).
+    fn tracking(files: Vec<Observation>) -> (StreamTable, Instant) {
+        let mut table = StreamTable::default();
+        let now = Instant::now();
+        let changes = table.apply_scan(&scan(files), now, &rules());
+        settle(&mut table, changes, now);
+        (table, now)
+    }
+
     #[test]
     fn same_name_in_two_directories_is_two_streams() {
         let mut table = StreamTable::default();
@@ -675,10 +684,7 @@ mod tests {
 
     #[test]
     fn a_rename_keeps_the_stream_and_records_the_new_path() {
-        let mut table = StreamTable::default();
-        let now = Instant::now();
-        let changes = table.apply_scan(&scan(vec![file("cam.mp4.mp4", 1, 5)]), now, &rules());
-        settle(&mut table, changes, now);
+        let (mut table, now) = tracking(vec![file("cam.mp4.mp4", 1, 5)]);
         let changes = table.apply_scan(&scan(vec![file("done/cam.mp4", 1, 5)]), now, &rules());
         assert!(matches!(&changes[..], [Change::Moved { to, .. }] if to == "done/cam.mp4"));
         assert_eq!(table.len(), 1);
@@ -687,10 +693,7 @@ mod tests {
 
     #[test]
     fn a_replaced_file_closes_the_old_stream_and_starts_a_new_one() {
-        let mut table = StreamTable::default();
-        let now = Instant::now();
-        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 5)]), now, &rules());
-        settle(&mut table, changes, now);
+        let (mut table, now) = tracking(vec![file("cam.mp4", 1, 5)]);
         let changes = table.apply_scan(&scan(vec![file("cam.mp4", 2, 3)]), now, &rules());
         // The coordinator compares contents first; here they differ.
         assert!(matches!(
@@ -712,10 +715,7 @@ mod tests {
 
     #[test]
     fn a_file_with_a_new_inode_number_and_the_same_bytes_keeps_its_stream() {
-        let mut table = StreamTable::default();
-        let now = Instant::now();
-        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 3, 25)]), now, &rules());
-        settle(&mut table, changes, now);
+        let (mut table, now) = tracking(vec![file("cam.mp4", 3, 25)]);
         let changes = table.apply_scan(&scan(vec![file("cam.mp4", 4, 30)]), now, &rules());
         let [Change::IdentityChanged { identity, seen }] = &changes[..] else {
             panic!("{changes:?}");
@@ -736,11 +736,8 @@ mod tests {
     #[test]
     fn after_a_blind_spell_streams_are_matched_by_path_first() {
         // A remount handed the two files each other's inode numbers.
-        let mut table = StreamTable::default();
-        let now = Instant::now();
         let files = vec![file("a.mp4", 1, 25), file("b.mp4", 2, 25)];
-        let changes = table.apply_scan(&scan(files), now, &rules());
-        settle(&mut table, changes, now);
+        let (mut table, now) = tracking(files);
         let blind = Scan {
             blind: Some("ENOTCONN".into()),
             ..Scan::default()
@@ -764,10 +761,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_file_is_kept_however_long_it_lasts() {
-        let mut table = StreamTable::default();
-        let now = Instant::now();
-        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 5)]), now, &rules());
-        settle(&mut table, changes, now);
+        let (mut table, now) = tracking(vec![file("cam.mp4", 1, 5)]);
         let unreadable = Scan {
             unreadable: vec!["cam.mp4".into()],
             root_entries: 1,
@@ -783,10 +777,7 @@ mod tests {
 
     #[test]
     fn an_empty_watch_dir_with_open_streams_is_blind() {
-        let mut table = StreamTable::default();
-        let now = Instant::now();
-        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 5)]), now, &rules());
-        settle(&mut table, changes, now);
+        let (mut table, now) = tracking(vec![file("cam.mp4", 1, 5)]);
         let later = now + Duration::from_secs(3600);
         assert!(table.apply_scan(&scan(vec![]), later, &rules()).is_empty());
         assert!(table.blind().unwrap().contains("empty"));
@@ -795,10 +786,7 @@ mod tests {
 
     #[test]
     fn a_truncated_file_closes_and_is_rediscovered() {
-        let mut table = StreamTable::default();
-        let now = Instant::now();
-        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 25)]), now, &rules());
-        settle(&mut table, changes, now);
+        let (mut table, now) = tracking(vec![file("cam.mp4", 1, 25)]);
         let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 4)]), now, &rules());
         assert!(matches!(
             &changes[0],
@@ -809,10 +797,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_watch_dir_changes_nothing() {
-        let mut table = StreamTable::default();
-        let now = Instant::now();
-        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 25)]), now, &rules());
-        settle(&mut table, changes, now);
+        let (mut table, now) = tracking(vec![file("cam.mp4", 1, 25)]);
         let unreadable = Scan {
             blind: Some("EIO".into()),
             ..Scan::default()
@@ -824,10 +809,7 @@ mod tests {
 
     #[test]
     fn a_deleted_file_is_closed_after_the_grace_period() {
-        let mut table = StreamTable::default();
-        let now = Instant::now();
-        let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 25)]), now, &rules());
-        settle(&mut table, changes, now);
+        let (mut table, now) = tracking(vec![file("cam.mp4", 1, 25)]);
         // Something else is still in the directory: it is not a lost mount.
         let without = Scan {
             root_entries: 1,
