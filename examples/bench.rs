@@ -178,22 +178,38 @@ impl Bench {
         let rclone =
             support::require_tool("rclone").expect("rclone (scripts/bench.sh installs it)");
         let mut ours = Vec::new();
+        let mut with_md5 = Vec::new();
+        let (mut cpu_ours, mut cpu_md5) = (Vec::new(), Vec::new());
         let mut theirs = Vec::new();
         let mut round_trips_per_chunk = 0.0;
         for round in 0..3 {
-            let monitor = (round == 0).then(|| RedisMonitor::start(&self.env));
-            let started = Instant::now();
-            let daemon = self.daemon(data.path(), &format!("cs-{round}"), &[]);
-            Self::wait_completed(&daemon, count as f64);
-            ours.push(started.elapsed().as_secs_f64());
-            let chunks = daemon.metric("chunkstream_chunks_uploaded_total");
-            let _ = daemon.terminate();
-            if let Some(monitor) = monitor {
-                let (round_trips, by_name) = monitor.stop();
-                round_trips_per_chunk = round_trips as f64 / chunks;
-                self.notes.push(format!(
-                    "Redis, first throughput round: {round_trips} round trips for {chunks} chunks of {count} streams: {by_name:?}."
-                ));
+            // s3s-fs verifies x-amz-checksum-sha256, so `auto` sends no
+            // Content-MD5; `always` measures what the extra MD5 pass costs.
+            for md5 in ["auto", "always"] {
+                let monitor = (round == 0 && md5 == "auto").then(|| RedisMonitor::start(&self.env));
+                let started = Instant::now();
+                let daemon = self.daemon(
+                    data.path(),
+                    &format!("cs-{md5}-{round}"),
+                    &[("S3_CONTENT_MD5", md5)],
+                );
+                Self::wait_completed(&daemon, count as f64);
+                let (times, cpu) = if md5 == "auto" {
+                    (&mut ours, &mut cpu_ours)
+                } else {
+                    (&mut with_md5, &mut cpu_md5)
+                };
+                times.push(started.elapsed().as_secs_f64());
+                cpu.push(cpu_seconds(daemon.process.pid()));
+                let chunks = daemon.metric("chunkstream_chunks_uploaded_total");
+                let _ = daemon.terminate();
+                if let Some(monitor) = monitor {
+                    let (round_trips, by_name) = monitor.stop();
+                    round_trips_per_chunk = round_trips as f64 / chunks;
+                    self.notes.push(format!(
+                        "Redis, first throughput round: {round_trips} round trips for {chunks} chunks of {count} streams: {by_name:?}."
+                    ));
+                }
             }
 
             let started = Instant::now();
@@ -244,6 +260,21 @@ impl Bench {
             ),
             target: "≤ 1.0".into(),
             met: Some(ratio <= 1.0),
+        });
+        let md5_median = median(&mut with_md5.clone());
+        let gib = total_mib / 1024.0;
+        self.notes.push(format!(
+            "S3_CONTENT_MD5=always runs (s): {}; CPU per GiB (user + sys, median): {:.2} s without Content-MD5, {:.2} s with it.",
+            show(&with_md5),
+            median(&mut cpu_ours) / gib,
+            median(&mut cpu_md5) / gib
+        ));
+        let md5_ratio = md5_median / theirs_median;
+        self.figures.push(Figure {
+            name: "the same with S3_CONTENT_MD5=always, chunkstream / rclone".into(),
+            value: format!("{md5_median:.2} s / {theirs_median:.2} s = {md5_ratio:.2}"),
+            target: "≤ 1.0".into(),
+            met: Some(md5_ratio <= 1.0),
         });
         self.figures.push(Figure {
             name: "Redis round trips per chunk (all of them, over chunks)".into(),

@@ -5,21 +5,27 @@
 #   scripts/test.sh -- NAME    # only tests whose name contains NAME
 #
 # Installs, when missing: redis-server, ffmpeg/ffprobe, promtool (Debian
-# package prometheus) and the network file system test bed's sshd, ssh,
-# sshfs and fusermount3 (openssh-server openssh-client sshfs fuse3) with
-# apt-get, and the S3 test server s3s-fs 0.14.1 (cargo install). The test bed
-# also needs /dev/fuse. With CI=true a tool that is
-# still missing afterwards is a failure, never a skip.
+# package prometheus), Ceph RGW (radosgw, ceph-mon, ceph-osd, ceph-common)
+# and the network file system test bed's sshd, ssh, sshfs and fusermount3
+# (openssh-server openssh-client sshfs fuse3) with apt-get; the S3 test
+# servers s3s-fs 0.14.1 (cargo install) and moto server (pip). The netfs test
+# bed also needs /dev/fuse. With CI=true a tool that is still missing
+# afterwards is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 S3S_FS_VERSION=0.14.1
+MOTO_VERSION=5.2.1
 export PATH="$HOME/.cargo/bin:$PATH"
 
 apt_packages=()
 command -v redis-server >/dev/null || apt_packages+=(redis-server)
 { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || apt_packages+=(ffmpeg)
 command -v promtool >/dev/null || apt_packages+=(prometheus)
+# Ceph RGW for the compatibility suite (tests/testbeds/rgw needs bc, uuidgen, curl too).
+for tool in radosgw:radosgw ceph-mon:ceph-mon ceph-osd:ceph-osd ceph:ceph-common bc:bc uuidgen:uuid-runtime curl:curl; do
+  command -v "${tool%%:*}" >/dev/null || apt_packages+=("${tool#*:}")
+done
 # tests/netfs.rs: the loopback SFTP server (sshd by its absolute path, as
 # the test bed starts it) and the sshfs mount.
 [ -x /usr/sbin/sshd ] || apt_packages+=(openssh-server)
@@ -43,8 +49,13 @@ if ! s3s-fs --version 2>/dev/null | grep -qx "s3s-fs $S3S_FS_VERSION"; then
   cargo install s3s-fs --version "$S3S_FS_VERSION" --locked --features binary
 fi
 
+if ! python3 -m pip show moto 2>/dev/null | grep -qx "Version: $MOTO_VERSION" || ! command -v moto_server >/dev/null; then
+  echo "==> installing moto[server] $MOTO_VERSION"
+  python3 -m pip install --quiet "moto[server]==$MOTO_VERSION"
+fi
+
 missing=()
-for tool in redis-server ffmpeg ffprobe promtool s3s-fs /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3; do
+for tool in redis-server ffmpeg ffprobe promtool s3s-fs radosgw ceph-mon ceph-osd moto_server /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 [ -e /dev/fuse ] || missing+=(/dev/fuse)

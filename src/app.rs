@@ -30,11 +30,11 @@ use crate::metadata::{KeyLayout, new_stream_id};
 use crate::metrics::Metrics;
 use crate::scan::{DirectoryLister, FileIdentity, FsLister, Observation};
 use crate::store::redis::{Claim, LeaseHolder, LeaseStatus};
-use crate::store::{CheckpointStore, ObjectStore, RedisStore, S3Store};
+use crate::store::{BucketError, CheckpointStore, Integrity, ObjectStore, RedisStore, S3Store};
 use crate::stream::state::{Event, Rules, Work};
 use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream, file_name};
-use crate::upload::Worker;
 use crate::upload::job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
+use crate::upload::{Worker, sweep};
 use crate::{http, random_u64};
 
 /// How a run ended.
@@ -133,22 +133,42 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         ttl: config.lease.ttl,
     };
     let leases = Arc::new(HeldLeases::new(config.lease.ttl));
-    let s3 = S3Store::new(&config.s3)?;
+    let mut s3 = S3Store::new(&config.s3)?;
     let bucket_ready = until_ready(&config, &stop, &heartbeat, "checking bucket", || {
-        let outcome = s3.ensure_bucket().map_err(|err| {
-            format!(
+        let outcome = s3.ensure_bucket().map_err(|err| match err {
+            BucketError::Fatal(reason) => Err(reason),
+            BucketError::Storage(err) => Ok(format!(
                 "bucket {:?} at {}: {err}",
                 config.s3.bucket,
                 config.s3.endpoint_display()
-            )
+            )),
         });
-        events.dependency_checked(Dependency::Storage, outcome.clone());
-        outcome
+        let shown = outcome.clone().map_err(|err| match err {
+            Ok(retryable) | Err(retryable) => retryable,
+        });
+        events.dependency_checked(Dependency::Storage, shown);
+        match outcome {
+            Err(Err(fatal)) => Ok(Err(fatal)),
+            Err(Ok(retryable)) => Err(retryable),
+            Ok(()) => s3
+                .probe_integrity()
+                .map(Ok)
+                .map_err(|err| format!("checksum probe in bucket {:?}: {err}", config.s3.bucket)),
+        }
     });
-    if bucket_ready.is_none() {
-        http.stop();
-        return Ok(RunOutcome::Drained);
-    }
+    let integrity = match bucket_ready {
+        None => {
+            http.stop();
+            return Ok(RunOutcome::Drained);
+        }
+        Some(Err(fatal)) => {
+            http.stop();
+            return Err(AppError::Startup(fatal));
+        }
+        Some(Ok(integrity)) => integrity,
+    };
+    report_integrity(&config, integrity);
+    events.storage_integrity(integrity);
 
     let mut checkpoints = RedisStore::new(&config.redis, holder.clone())?;
     let Some(stored) = until_ready(&config, &stop, &heartbeat, "loading checkpoints", || {
@@ -168,7 +188,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         s3.clone(),
         RedisStore::new(&config.redis, holder.clone())?,
         events.clone(),
-        config.retry,
+        &config,
         shutdown_rx.clone(),
     )?;
     let store: Arc<dyn ObjectStore> = Arc::new(s3);
@@ -182,7 +202,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             shutdown_rx.clone(),
             events.clone(),
             leases.clone(),
-        );
+        )
+        .with_assembly_max_parts(config.assembly_max_parts);
         let (jobs, results) = (job_rx.clone(), result_tx.clone());
         let handle = std::thread::Builder::new()
             .name(format!("worker-{number}"))
@@ -228,29 +249,63 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     Ok(outcome)
 }
 
+/// Says once, at start, how uploads are protected against corruption.
+fn report_integrity(config: &Config, integrity: Integrity) {
+    let endpoint = config.s3.endpoint_display();
+    match (integrity.checksum_verified, integrity.content_md5) {
+        (true, false) => info!(
+            "S3 at {endpoint} verifies x-amz-checksum-sha256: every body is checked by the server"
+        ),
+        (true, true) => info!(
+            "S3 at {endpoint} verifies x-amz-checksum-sha256; Content-MD5 is sent too (S3_CONTENT_MD5=always)"
+        ),
+        (false, true) => info!(
+            "S3 at {endpoint} does not verify x-amz-checksum-sha256; every body carries Content-MD5 instead"
+        ),
+        (false, false) => warn!(
+            "S3 at {endpoint} does not verify x-amz-checksum-sha256 and S3_CONTENT_MD5=never: a body corrupted in transit would be stored"
+        ),
+    }
+}
+
 /// How often the probe checks S3 and Redis while both are up.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Keeps readiness fresh when no real traffic does: pings Redis and lists one
 /// key of the bucket every [`PROBE_INTERVAL`], or at the retry backoff (up to
-/// `RETRY_MAX_DELAY`) while something is down. Ends when `shutdown` closes.
+/// `RETRY_MAX_DELAY`) while something is down. It also runs the multipart
+/// sweep, at start and every [`sweep::SWEEP_INTERVAL`]. Ends when `shutdown`
+/// closes.
 fn spawn_probe(
     s3: S3Store,
     mut redis: RedisStore,
     events: Arc<dyn Events>,
-    retry: crate::config::RetryPolicy,
+    config: &Config,
     shutdown: Receiver<()>,
 ) -> Result<JoinHandle<()>, AppError> {
+    let retry = config.retry;
+    let (prefix, max_age) = (config.s3.prefix.clone(), config.multipart_max_age);
     std::thread::Builder::new()
         .name("probe".into())
         .spawn(move || {
             let mut failures = 0u32;
+            let mut sweep_support = sweep::Support::Unknown;
+            let mut next_sweep = Instant::now();
             loop {
                 let storage = s3.probe().map_err(|err| err.to_string());
                 let checkpoints = redis.ping().map_err(|err| err.to_string());
                 let healthy = storage.is_ok() && checkpoints.is_ok();
                 events.dependency_checked(Dependency::Storage, storage);
                 events.dependency_checked(Dependency::Redis, checkpoints);
+                if healthy && Instant::now() >= next_sweep {
+                    match sweep::sweep(&s3, &mut redis, &prefix, max_age, &mut sweep_support) {
+                        Ok(report) => {
+                            next_sweep = Instant::now() + sweep::SWEEP_INTERVAL;
+                            events.multipart_uploads_aborted(report.aborted as u64);
+                        }
+                        Err(err) => warn!("multipart sweep failed: {err}; trying again later"),
+                    }
+                }
                 let delay = if healthy {
                     failures = 0;
                     PROBE_INTERVAL
@@ -1248,6 +1303,9 @@ impl Coordinator {
         StreamsSnapshot {
             instance: self.instance.clone(),
             streams,
+            // The HTTP thread adds what the probe found.
+            s3_integrity: None,
+            watch_dir_blind: self.table.blind().map(str::to_string),
         }
     }
 

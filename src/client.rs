@@ -14,6 +14,7 @@ use bytesize::ByteSize;
 
 use crate::error::AppError;
 use crate::http::StreamsSnapshot;
+use crate::store::Integrity;
 use crate::stream::table::StreamView;
 
 /// Per-request timeout for both commands.
@@ -86,7 +87,22 @@ fn percent(done: u64, total: u64) -> f64 {
     }
 }
 
-/// One line per stream, then a summary line. Stable: no colours, no widths
+/// How uploads are protected, in words.
+fn integrity_line(integrity: Integrity) -> String {
+    let checksum = if integrity.checksum_verified {
+        "the server verifies x-amz-checksum-sha256"
+    } else {
+        "the server does NOT verify x-amz-checksum-sha256"
+    };
+    let md5 = if integrity.content_md5 {
+        "Content-MD5 sent"
+    } else {
+        "no Content-MD5"
+    };
+    format!("s3 integrity: {checksum}; {md5}")
+}
+
+/// One line per stream, the S3 integrity row, then a summary line. Stable: no colours, no widths
 /// that depend on the terminal.
 pub fn render(snapshot: &StreamsSnapshot) -> String {
     let mut out = String::new();
@@ -118,6 +134,13 @@ pub fn render(snapshot: &StreamsSnapshot) -> String {
         }
         out.push_str(&line);
         out.push('\n');
+    }
+    if let Some(integrity) = snapshot.s3_integrity {
+        out.push_str(&integrity_line(integrity));
+        out.push('\n');
+    }
+    if let Some(reason) = &snapshot.watch_dir_blind {
+        out.push_str(&format!("watch dir: degraded: {reason}\n"));
     }
     let recent = snapshot.streams.len() - active.len();
     let pending: u64 = active
@@ -203,10 +226,19 @@ mod tests {
                 view("cam2.mp4", "elsewhere", 0, 40 << 20),
                 view("old.mp4", "complete", 5, 5),
             ],
+            s3_integrity: Some(Integrity {
+                checksum_verified: false,
+                content_md5: true,
+            }),
+            watch_dir_blind: None,
         };
         let text = render(&snapshot);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            lines[2],
+            "s3 integrity: the server does NOT verify x-amz-checksum-sha256; Content-MD5 sent"
+        );
         assert!(
             lines[0].starts_with("[######------------------]  25.0%"),
             "{text}"
@@ -215,7 +247,7 @@ mod tests {
         assert!(lines[0].contains("uploading"));
         assert!(lines[1].contains("elsewhere"));
         assert_eq!(
-            lines[2],
+            lines[3],
             "host-1-abc: 2 active (1 owned by other replicas), 1 recently finished, 30.0 MiB pending, 2.0 MiB/s"
         );
     }
@@ -225,5 +257,21 @@ mod tests {
         assert_eq!(progress_bar(0, 0), format!("[{}]", "-".repeat(BAR_WIDTH)));
         assert_eq!(progress_bar(9, 4), format!("[{}]", "#".repeat(BAR_WIDTH)));
         assert_eq!(percent(0, 0), 100.0);
+    }
+
+    #[test]
+    fn a_blind_watch_dir_gets_its_own_status_row() {
+        let snapshot = StreamsSnapshot {
+            instance: "host-1-abc".into(),
+            streams: vec![view("cam1.mp4", "unseen", 10 << 20, 40 << 20)],
+            s3_integrity: None,
+            watch_dir_blind: Some("watch directory /w is not readable (EIO)".into()),
+        };
+        let text = render(&snapshot);
+        assert!(
+            text.lines()
+                .any(|line| line == "watch dir: degraded: watch directory /w is not readable (EIO)"),
+            "{text}"
+        );
     }
 }

@@ -24,6 +24,8 @@ pub const MIN_CHUNK_SIZE: u64 = 5 * 1024 * 1024;
 pub const MAX_CHUNK_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 /// Upper bound for `WORKERS`; more threads than this only add contention.
 pub const MAX_WORKERS: usize = 256;
+/// S3's limit on the parts of one multipart upload.
+pub const MAX_MULTIPART_PARTS: usize = 10_000;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -140,6 +142,23 @@ pub struct Settings {
     /// Path-style addressing (needed for MinIO); false for virtual-hosted style.
     #[arg(long, env = "S3_PATH_STYLE", default_value = "true", global = true)]
     pub s3_path_style: String,
+    /// Create the bucket at start if it is missing; with false a missing bucket stops the start.
+    #[arg(long, env = "S3_CREATE_BUCKET", default_value = "true", global = true)]
+    pub s3_create_bucket: String,
+    /// Content-MD5 on every request with a body: auto (when the server is not proven to verify x-amz-checksum-sha256), always or never.
+    #[arg(long, env = "S3_CONTENT_MD5", default_value = "auto", global = true)]
+    pub s3_content_md5: String,
+    /// Most parts in one multipart upload; longer streams assemble in two levels.
+    #[arg(
+        long,
+        env = "ASSEMBLY_MAX_PARTS",
+        default_value = "10000",
+        global = true
+    )]
+    pub assembly_max_parts: String,
+    /// Multipart uploads under S3_PREFIX older than this, not owned by a live assembly, are aborted (checked at start and hourly).
+    #[arg(long, env = "MULTIPART_MAX_AGE", default_value = "24h", global = true)]
+    pub multipart_max_age: String,
     /// Assemble a playable single object per stream server-side (UploadPartCopy) at completion.
     #[arg(long, env = "ASSEMBLE", default_value = "false", global = true)]
     pub assemble: String,
@@ -221,6 +240,10 @@ pub struct Config {
     pub workers: usize,
     /// Assemble `{prefix}{stream_id}/{file_name}` from the chunks at completion.
     pub assemble: bool,
+    /// Most parts per multipart upload when assembling (S3 allows 10,000).
+    pub assembly_max_parts: usize,
+    /// Abandoned multipart uploads older than this are aborted.
+    pub multipart_max_age: Duration,
     pub s3: S3Config,
     pub redis: RedisConfig,
     pub retry: RetryPolicy,
@@ -254,6 +277,30 @@ pub struct S3Config {
     pub path_style: bool,
     pub request_timeout: Duration,
     pub credentials: Option<S3Credentials>,
+    /// Create a missing bucket at start.
+    pub create_bucket: bool,
+    pub content_md5: ContentMd5,
+}
+
+/// When requests with a body carry `Content-MD5` (`S3_CONTENT_MD5`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentMd5 {
+    /// Unless the start-up probe proved that the server verifies
+    /// `x-amz-checksum-sha256`.
+    Auto,
+    Always,
+    Never,
+}
+
+impl ContentMd5 {
+    /// Whether to send it, given what the probe found.
+    pub fn wanted(self, server_verifies_checksum: bool) -> bool {
+        match self {
+            ContentMd5::Auto => !server_verifies_checksum,
+            ContentMd5::Always => true,
+            ContentMd5::Never => false,
+        }
+    }
 }
 
 /// A key pair. `Debug` never shows the secret.
@@ -272,6 +319,8 @@ impl std::fmt::Debug for S3Config {
             .field("prefix", &self.prefix)
             .field("path_style", &self.path_style)
             .field("request_timeout", &self.request_timeout)
+            .field("create_bucket", &self.create_bucket)
+            .field("content_md5", &self.content_md5)
             .field(
                 "access_key_id",
                 &self.credentials.as_ref().map(|c| c.access_key_id.as_str()),
@@ -379,6 +428,23 @@ impl Config {
             chunk_size,
             workers,
             assemble: parse_bool("ASSEMBLE", &settings.assemble)?,
+            assembly_max_parts: parse_count(
+                "ASSEMBLY_MAX_PARTS",
+                &settings.assembly_max_parts,
+                MAX_MULTIPART_PARTS,
+            )
+            .and_then(|parts| {
+                if parts < 2 {
+                    Err(ConfigError::bad_value(
+                        "ASSEMBLY_MAX_PARTS",
+                        &settings.assembly_max_parts,
+                        "must be at least 2",
+                    ))
+                } else {
+                    Ok(parts)
+                }
+            })?,
+            multipart_max_age: parse_duration("MULTIPART_MAX_AGE", &settings.multipart_max_age)?,
             s3: S3Config::from_settings(settings)?,
             redis: RedisConfig::from_settings(settings)?,
             retry,
@@ -498,6 +564,19 @@ impl S3Config {
             path_style: parse_bool("S3_PATH_STYLE", &settings.s3_path_style)?,
             request_timeout: parse_duration("S3_REQUEST_TIMEOUT", &settings.s3_request_timeout)?,
             credentials,
+            create_bucket: parse_bool("S3_CREATE_BUCKET", &settings.s3_create_bucket)?,
+            content_md5: match settings.s3_content_md5.trim().to_ascii_lowercase().as_str() {
+                "auto" => ContentMd5::Auto,
+                "always" => ContentMd5::Always,
+                "never" => ContentMd5::Never,
+                _ => {
+                    return Err(ConfigError::bad_value(
+                        "S3_CONTENT_MD5",
+                        &settings.s3_content_md5,
+                        "expected auto, always or never",
+                    ));
+                }
+            },
         })
     }
 }

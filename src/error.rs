@@ -41,6 +41,10 @@ pub enum StorageError {
     },
     #[error("S3 request for {key:?} failed: {detail}")]
     Other { key: String, detail: String },
+    /// The server refused the body as corrupted (checksum or Content-MD5
+    /// mismatch), or stored something other than what was sent.
+    #[error("S3 integrity check failed for {key:?}: {detail}")]
+    Corrupted { key: String, detail: String },
 }
 
 impl StorageError {
@@ -52,12 +56,15 @@ impl StorageError {
             StorageError::Http { status, .. } if *status >= 500 => "http_5xx",
             StorageError::Http { .. } => "http_4xx",
             StorageError::Other { .. } => "other",
+            StorageError::Corrupted { .. } => "integrity",
         }
     }
 
-    /// A 4xx answer: the request itself was refused, so the store is up.
+    /// A 4xx answer (or a stored body that failed its check): the request
+    /// itself was refused, so the store is up.
     pub fn is_client_error(&self) -> bool {
         matches!(self, StorageError::Http { status, .. } if (400..500).contains(status))
+            || matches!(self, StorageError::Corrupted { .. })
     }
 
     /// Whether the object is definitely absent (as opposed to unreachable).

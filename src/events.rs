@@ -5,6 +5,7 @@
 //! Prometheus implementation lives in `metrics.rs`; tests pass [`NoEvents`].
 
 use crate::health::Dependency;
+use crate::store::Integrity;
 
 /// Things worth counting or timing. Implementations must be cheap and must not
 /// block: they are called from the coordinator loop and the workers.
@@ -27,6 +28,10 @@ pub trait Events: Send + Sync {
     fn scan_finished(&self, _seconds: f64, _unix_time: f64) {}
     /// The outcome of a real request to, or a probe of, a dependency.
     fn dependency_checked(&self, _dependency: Dependency, _outcome: Result<(), String>) {}
+    /// What the start-up probe found about the server's integrity checks.
+    fn storage_integrity(&self, _integrity: Integrity) {}
+    /// The multipart sweep aborted `count` abandoned uploads.
+    fn multipart_uploads_aborted(&self, _count: u64) {}
     /// This process claimed a stream's lease.
     fn lease_claimed(&self) {}
     /// This process found that another replica took one of its streams over.

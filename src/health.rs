@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::metadata::unix_millis;
+use crate::store::Integrity;
 
 fn unix_millis_now() -> u64 {
     unix_millis(SystemTime::now())
@@ -49,13 +50,16 @@ pub enum Dependency {
     Storage,
 }
 
-/// `"ok"` or `"error: …"` per dependency, and `"ok"` or `"degraded: …"` for
-/// the watch directory, as `/readyz` shows it.
+/// `"ok"` or `"error: …"` per dependency and `"ok"` or `"degraded: …"` for
+/// the watch directory, as `/readyz` shows it, and how uploads are protected
+/// against corruption once the probe has run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReadinessReport {
     pub redis: String,
     pub s3: String,
     pub watch_dir: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_integrity: Option<Integrity>,
 }
 
 impl ReadinessReport {
@@ -75,6 +79,7 @@ pub struct Readiness {
     redis_recoveries: AtomicU64,
     /// Why the watch directory cannot be trusted now, if it cannot.
     watch_dir: Mutex<Option<String>>,
+    integrity: Mutex<Option<Integrity>>,
 }
 
 impl Readiness {
@@ -123,6 +128,14 @@ impl Readiness {
         *self.watch_dir.lock().expect("readiness lock") = blind;
     }
 
+    pub fn set_integrity(&self, integrity: Integrity) {
+        *self.integrity.lock().expect("readiness lock") = Some(integrity);
+    }
+
+    pub fn integrity(&self) -> Option<Integrity> {
+        *self.integrity.lock().expect("readiness lock")
+    }
+
     pub fn report(&self) -> ReadinessReport {
         let show = |dependency| match &*self.slot(dependency).lock().expect("readiness lock") {
             Some(Ok(())) => "ok".to_string(),
@@ -137,6 +150,7 @@ impl Readiness {
             redis: show(Dependency::Redis),
             s3: show(Dependency::Storage),
             watch_dir,
+            s3_integrity: self.integrity(),
         }
     }
 }

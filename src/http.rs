@@ -19,6 +19,7 @@ use tiny_http::{Header, Method, Response, Server};
 use crate::error::AppError;
 use crate::health::Heartbeat;
 use crate::metrics::Metrics;
+use crate::store::Integrity;
 use crate::stream::table::StreamView;
 
 /// How long `/streams` waits for the coordinator before answering 503.
@@ -31,6 +32,12 @@ pub struct StreamsSnapshot {
     pub instance: String,
     /// Active streams first, then recently completed or closed ones.
     pub streams: Vec<StreamView>,
+    /// What the S3 start-up probe found (`None` before it ran).
+    #[serde(default)]
+    pub s3_integrity: Option<Integrity>,
+    /// Why the watch directory cannot be seen, while it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_dir_blind: Option<String>,
 }
 
 /// A request for a snapshot: the coordinator answers on the enclosed sender.
@@ -141,7 +148,10 @@ fn respond(method: &Method, url: &str, state: &HttpState) -> Reply {
                 return text(503, "coordinator busy\n");
             }
             match reply_rx.recv_timeout(STREAMS_REPLY_TIMEOUT) {
-                Ok(snapshot) => json(200, &snapshot),
+                Ok(mut snapshot) => {
+                    snapshot.s3_integrity = state.metrics.readiness().integrity();
+                    json(200, &snapshot)
+                }
                 Err(_) => text(503, "coordinator not answering (starting or stalled)\n"),
             }
         }

@@ -40,6 +40,12 @@ impl KeyLayout {
         format!("{}{stream_id}/{file_name}", self.prefix)
     }
 
+    /// `{prefix}{stream_id}/assembly-r{revision}-{index:05}`: an intermediate
+    /// object of a two-level assembly, deleted once the final object exists.
+    pub fn assembly_part(&self, stream_id: &str, revision: u32, index: usize) -> String {
+        format!("{}{stream_id}/assembly-r{revision}-{index:05}", self.prefix)
+    }
+
     /// `{prefix}{stream_id}/metadata.json`.
     pub fn metadata(&self, stream_id: &str) -> String {
         format!("{}{stream_id}/metadata.json", self.prefix)

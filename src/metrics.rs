@@ -16,9 +16,17 @@ use log::{info, warn};
 
 use crate::events::{Events, Gauges};
 use crate::health::{Dependency, Readiness};
+use crate::store::Integrity;
 
 /// The error kinds reported by `chunkstream_upload_errors_total`.
-pub const UPLOAD_ERROR_KINDS: [&str; 5] = ["timeout", "connect", "http_4xx", "http_5xx", "other"];
+pub const UPLOAD_ERROR_KINDS: [&str; 6] = [
+    "timeout",
+    "connect",
+    "http_4xx",
+    "http_5xx",
+    "integrity",
+    "other",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -43,6 +51,9 @@ pub struct Metrics {
     last_scan_timestamp: prometheus::Gauge,
     storage_up: IntGauge,
     redis_up: IntGauge,
+    checksum_verified: IntGauge,
+    content_md5: IntGauge,
+    multipart_aborted: IntCounter,
     poll_interval: prometheus::Gauge,
     readiness: Arc<Readiness>,
     chunk_upload_duration: Histogram,
@@ -215,6 +226,21 @@ impl Metrics {
                 "chunkstream_redis_up",
                 "1 if Redis answered at the last check, else 0.",
             ),
+            checksum_verified: gauge(
+                &registry,
+                "chunkstream_s3_checksum_verified",
+                "1 if the start-up probe proved that the S3 server verifies x-amz-checksum-sha256, else 0.",
+            ),
+            content_md5: gauge(
+                &registry,
+                "chunkstream_s3_content_md5",
+                "1 if requests with a body carry Content-MD5 (S3_CONTENT_MD5 and the probe), else 0.",
+            ),
+            multipart_aborted: counter(
+                &registry,
+                "chunkstream_multipart_uploads_aborted_total",
+                "Abandoned multipart uploads under S3_PREFIX that the sweep aborted.",
+            ),
             poll_interval: {
                 let gauge = prometheus::Gauge::new(
                     "chunkstream_poll_interval_seconds",
@@ -340,6 +366,17 @@ impl Events for Metrics {
                 Some(detail) => warn!("{name} is unavailable: {detail}"),
             }
         }
+    }
+
+    fn storage_integrity(&self, integrity: Integrity) {
+        self.checksum_verified
+            .set(i64::from(integrity.checksum_verified));
+        self.content_md5.set(i64::from(integrity.content_md5));
+        self.readiness.set_integrity(integrity);
+    }
+
+    fn multipart_uploads_aborted(&self, count: u64) {
+        self.multipart_aborted.inc_by(count);
     }
 
     fn gauges(&self, gauges: &Gauges) {

@@ -93,47 +93,6 @@ fn b_a_file_growing_in_bursts_uploads_chunk_zero_while_it_grows() {
     assert_eq!(daemon.metric("chunkstream_chunks_reuploaded_total"), 0.0);
 }
 
-/// Encodes `seconds` of noisy test video in real time (`-re`), so the file
-/// grows like a camera recording and ffmpeg patches the header at the end.
-fn record_in_real_time(
-    ffmpeg: &std::path::Path,
-    output: &std::path::Path,
-    seconds: u32,
-) -> std::process::Child {
-    Command::new(ffmpeg)
-        .args(["-hide_banner", "-loglevel", "error", "-y", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=25"])
-        .args(["-vf", "noise=alls=60:allf=t"])
-        .args(["-t", &seconds.to_string()])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "25",
-            "-b:v",
-            "12M",
-        ])
-        .args(["-maxrate", "12M", "-bufsize", "4M", "-pix_fmt", "yuv420p"])
-        .arg(output)
-        .spawn()
-        .expect("ffmpeg starts")
-}
-
-fn ffprobe_duration(path: &std::path::Path) -> f64 {
-    let output = Command::new("ffprobe")
-        .args(["-v", "error", "-show_entries", "format=duration"])
-        .args(["-of", "default=noprint_wrappers=1:nokey=1"])
-        .arg(path)
-        .output()
-        .expect("ffprobe runs");
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .expect("ffprobe prints a duration")
-}
-
 #[test]
 fn c_an_mp4_recorded_in_real_time_is_byte_exact_after_the_header_patch() {
     let Some(ffmpeg) = require_tool("ffmpeg") else {
@@ -143,7 +102,7 @@ fn c_an_mp4_recorded_in_real_time_is_byte_exact_after_the_header_patch() {
     let daemon = env.start_daemon(&[("STREAM_TIMEOUT", "3s")]);
     let path = env.file("live/recording.mp4");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut recorder = record_in_real_time(&ffmpeg, &path, 10);
+    let mut recorder = support::record_in_real_time(&ffmpeg, &path, 10, &[]);
     let mut chunk_zero_uploaded_while_recording = false;
     while recorder.try_wait().expect("ffmpeg status").is_none() {
         if !chunk_zero_uploaded_while_recording {
@@ -158,7 +117,7 @@ fn c_an_mp4_recorded_in_real_time_is_byte_exact_after_the_header_patch() {
 
     let meta = env.wait_complete("live/recording.mp4");
     env.assert_byte_exact(&meta, &path);
-    let expected = ffprobe_duration(&path);
+    let expected = support::ffprobe_duration(&path);
     let duration = meta.media.duration_seconds.expect("an MP4 duration");
     assert!(
         (duration - expected).abs() <= 0.1,
@@ -457,9 +416,15 @@ fn i_metrics_health_readiness_streams_status_and_json_logs() {
     wait_for("ready", || daemon.http("GET", "/readyz").0 == 200);
     let (_, ready) = daemon.http("GET", "/readyz");
     let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    // s3s-fs verifies x-amz-checksum-sha256, so no Content-MD5 is needed.
     assert_eq!(
         ready,
-        serde_json::json!({"redis": "ok", "s3": "ok", "watch_dir": "ok"})
+        serde_json::json!({
+            "redis": "ok",
+            "s3": "ok",
+            "watch_dir": "ok",
+            "s3_integrity": {"checksum_verified": true, "content_md5": false}
+        })
     );
 
     // A recording in progress: one full chunk up, the tail waiting.
@@ -498,13 +463,21 @@ fn i_metrics_health_readiness_streams_status_and_json_logs() {
     let status_text = env.command(&["status", "--url", &url]);
     let text = String::from_utf8_lossy(&status_text.stdout);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "one stream line and a summary:\n{text}");
+    assert_eq!(
+        lines.len(),
+        3,
+        "one stream line, the S3 integrity row and a summary:\n{text}"
+    );
     assert!(
         lines[0].starts_with('[') && lines[0].contains("cams/live.mp4"),
         "{text}"
     );
     assert!(lines[0].contains("83.3%"), "{text}");
-    assert!(lines[1].contains("1 active"), "{text}");
+    assert_eq!(
+        lines[1],
+        "s3 integrity: the server verifies x-amz-checksum-sha256; no Content-MD5"
+    );
+    assert!(lines[2].contains("1 active"), "{text}");
 
     let meta = env.wait_complete("cams/live.mp4");
     env.assert_byte_exact(&meta, &path);
@@ -872,12 +845,12 @@ fn r2_a_hung_s3_times_out_and_uploads_continue_after_sigcont() {
         daemon.metric("chunkstream_chunks_uploaded_total") >= 1.0
     });
 
-    env.s3.process.signal("STOP");
+    env.s3.signal("STOP");
     append(&path, &pseudo_random(9 * MIB, 32));
     wait_for("a request timeout", || {
         daemon.metric("chunkstream_upload_errors_total{kind=\"timeout\"}") >= 1.0
     });
-    env.s3.process.signal("CONT");
+    env.s3.signal("CONT");
 
     let meta = env.wait_complete("hung.mp4");
     env.assert_byte_exact(&meta, &path);
@@ -1030,7 +1003,7 @@ fn r6_a_drain_past_shutdown_timeout_exits_1_and_a_second_signal_exits_at_once() 
     let daemon = env.start_daemon(&settings);
     wait_for("ready", || daemon.http("GET", "/readyz").0 == 200);
     // S3 hangs with a chunk PUT in flight.
-    env.s3.process.signal("STOP");
+    env.s3.signal("STOP");
     let path = env.drop_file("stuck.mp4", &pseudo_random(7 * MIB, 61));
     wait_for("a job in flight", || {
         daemon.metric("chunkstream_inflight_jobs") >= 1.0
@@ -1051,7 +1024,7 @@ fn r6_a_drain_past_shutdown_timeout_exits_1_and_a_second_signal_exits_at_once() 
     daemon.process.signal("TERM");
     assert_eq!(daemon.process.wait_exit().code(), Some(130));
 
-    env.s3.process.signal("CONT");
+    env.s3.signal("CONT");
     let _daemon = env.start_daemon(&[("STREAM_TIMEOUT", "3s")]);
     let meta = env.wait_complete("stuck.mp4");
     env.assert_byte_exact(&meta, &path);
@@ -1341,28 +1314,6 @@ fn r9_renames_within_the_tree_and_a_vanishing_watch_dir() {
 
 // ---- Server-side assembly, list and verify --------------------------------
 
-/// The sha256 of an object, read in ranges.
-fn object_sha256(env: &TestEnv, key: &str, size: u64) -> String {
-    chunkstream::inventory::sha256_of_object(&env.store, key, size, 5 * MIB).unwrap()
-}
-
-/// Waits for metadata of `rel` that carries an assembled object of `revision`.
-fn wait_assembled(
-    env: &TestEnv,
-    rel: &str,
-    revision: u32,
-) -> chunkstream::metadata::StreamMetadata {
-    let mut found = None;
-    wait_for(&format!("{rel} assembled at revision {revision}"), || {
-        found = env
-            .all_metadata()
-            .into_iter()
-            .find(|m| m.source.path == rel && m.revision == revision && m.assembled.is_some());
-        found.is_some()
-    });
-    found.unwrap()
-}
-
 fn redis_field(env: &TestEnv, stream_id: &str, field: &str) -> Option<String> {
     let mut connection = env.redis.connection();
     redis::cmd("HGET")
@@ -1379,7 +1330,7 @@ fn s1_assembly_of_three_chunks_one_chunk_and_a_reopened_stream() {
     let three = env.drop_file("three chunks.mp4", &pseudo_random(12 * MIB + 7, 101));
     let one = env.drop_file("one.mp4", &pseudo_random(1234, 102));
     for (rel, path, chunks) in [("three chunks.mp4", &three, 3), ("one.mp4", &one, 1)] {
-        let meta = wait_assembled(&env, rel, 1);
+        let meta = env.wait_assembled(rel, 1);
         env.assert_byte_exact(&meta, path);
         assert_eq!(meta.chunks.len(), chunks);
         let assembled = meta.assembled.clone().unwrap();
@@ -1389,7 +1340,7 @@ fn s1_assembly_of_three_chunks_one_chunk_and_a_reopened_stream() {
         );
         assert_eq!(assembled.size_bytes, meta.total_size_bytes);
         assert_eq!(
-            object_sha256(&env, &assembled.key, assembled.size_bytes),
+            env.object_sha256(&assembled.key, assembled.size_bytes),
             support::sha256_file(path)
         );
         assert_eq!(
@@ -1401,12 +1352,12 @@ fn s1_assembly_of_three_chunks_one_chunk_and_a_reopened_stream() {
 
     // The file grows after completion: revision 2 is assembled again.
     append(&one, &pseudo_random(6 * MIB, 103));
-    let meta = wait_assembled(&env, "one.mp4", 2);
+    let meta = env.wait_assembled("one.mp4", 2);
     env.assert_byte_exact(&meta, &one);
     let assembled = meta.assembled.unwrap();
     assert_eq!(assembled.size_bytes, 6 * MIB + 1234);
     assert_eq!(
-        object_sha256(&env, &assembled.key, assembled.size_bytes),
+        env.object_sha256(&assembled.key, assembled.size_bytes),
         support::sha256_file(&one)
     );
 
@@ -1441,9 +1392,9 @@ fn s2_kill_9_mid_assembly_resumes_and_leaves_no_upload_open() {
         progress.is_some()
             || redis_field(&env, &meta.stream_id, "assembled_revision").as_deref() == Some("1")
     });
-    env.s3.process.signal("STOP");
+    env.s3.signal("STOP");
     daemon.kill_hard();
-    env.s3.process.signal("CONT");
+    env.s3.signal("CONT");
     let recorded: Option<chunkstream::store::AssemblyProgress> =
         redis_field(&env, &meta.stream_id, "assembly")
             .map(|json| serde_json::from_str(&json).unwrap());
@@ -1452,11 +1403,11 @@ fn s2_kill_9_mid_assembly_resumes_and_leaves_no_upload_open() {
     }
 
     let _daemon = env.start_daemon(&[("ASSEMBLE", "true")]);
-    let meta = wait_assembled(&env, "long.mp4", 1);
+    let meta = env.wait_assembled("long.mp4", 1);
     env.assert_byte_exact(&meta, &path);
     let assembled = meta.assembled.unwrap();
     assert_eq!(
-        object_sha256(&env, &assembled.key, assembled.size_bytes),
+        env.object_sha256(&assembled.key, assembled.size_bytes),
         support::sha256_file(&path)
     );
     // s3s-fs cannot list multipart uploads (501), so check chunkstream's own
@@ -1474,8 +1425,8 @@ fn s3_verify_and_list_report_what_is_in_the_bucket() {
     let daemon = env.start_daemon(&[("ASSEMBLE", "true")]);
     let good = env.drop_file("good.mp4", &pseudo_random(11 * MIB, 121));
     let broken = env.drop_file("broken.mp4", &pseudo_random(11 * MIB, 122));
-    let good_meta = wait_assembled(&env, "good.mp4", 1);
-    let broken_meta = wait_assembled(&env, "broken.mp4", 1);
+    let good_meta = env.wait_assembled("good.mp4", 1);
+    let broken_meta = env.wait_assembled("broken.mp4", 1);
     env.assert_byte_exact(&good_meta, &good);
     env.assert_byte_exact(&broken_meta, &broken);
     drop(daemon);

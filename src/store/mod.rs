@@ -8,4 +8,4 @@ pub mod redis;
 pub mod s3;
 
 pub use self::redis::{AssemblyProgress, CheckpointStore, RedisStore, StoredStatus, StoredStream};
-pub use self::s3::{ObjectInfo, ObjectStore, S3Store};
+pub use self::s3::{BucketError, Integrity, ObjectInfo, ObjectStore, OpenUpload, S3Store};

@@ -138,6 +138,9 @@ pub struct StreamState {
     pub completed: Option<(u64, i128)>,
     /// The last completion still has to be assembled into one object.
     pub assembly_pending: bool,
+    /// The last poll could not see the file (an error, or a blind watch
+    /// directory).
+    pub unseen: bool,
 }
 
 impl StreamState {
@@ -157,6 +160,7 @@ impl StreamState {
             retry_at: None,
             completed: None,
             assembly_pending: false,
+            unseen: false,
         }
     }
 
@@ -228,6 +232,7 @@ impl StreamState {
             (Phase::Closed(_), _) => Vec::new(),
 
             (_, Event::Unseen { gap }) => {
+                self.unseen = true;
                 self.missing_since = None;
                 self.last_change = (self.last_change + gap).min(now);
                 Vec::new()
@@ -242,6 +247,7 @@ impl StreamState {
             }
 
             (Phase::Active | Phase::Finalizing, Event::Observed { size, mtime_ns }) => {
+                self.unseen = false;
                 self.missing_since = None;
                 if size < self.size {
                     if self.in_flight {
@@ -260,6 +266,7 @@ impl StreamState {
             }
 
             (Phase::Complete, Event::Observed { size, mtime_ns }) => {
+                self.unseen = false;
                 self.missing_since = None;
                 let (done_size, done_mtime) = self.completed.unwrap_or((self.size, self.mtime_ns));
                 if size < done_size {
@@ -275,6 +282,7 @@ impl StreamState {
             }
 
             (phase, Event::Missing) => {
+                self.unseen = false;
                 let since = *self.missing_since.get_or_insert(now);
                 if self.in_flight || now.saturating_duration_since(since) < rules.vanish_grace {
                     return Vec::new();

@@ -57,8 +57,8 @@ pub struct TrackedStream {
 pub struct StreamView {
     pub stream_id: String,
     pub path: String,
-    /// uploading, active, backoff, missing, finalizing, complete, incomplete,
-    /// or elsewhere (another replica owns it).
+    /// uploading, active, backoff, missing, unseen, finalizing, complete,
+    /// incomplete, or elsewhere (another replica owns it).
     pub state: String,
     pub size_bytes: u64,
     pub uploaded_bytes: u64,
@@ -261,6 +261,7 @@ impl TrackedStream {
         let state = match self.state.phase {
             Phase::Active if self.state.in_flight => "uploading",
             Phase::Active if self.state.missing_since.is_some() => "missing",
+            Phase::Active if self.state.unseen => "unseen",
             Phase::Active if self.state.retry_at.is_some_and(|at| at > now) => "backoff",
             Phase::Active => "active",
             Phase::Finalizing => "finalizing",
@@ -772,6 +773,7 @@ mod tests {
             assert!(table.apply_scan(&unreadable, later, &rules()).is_empty());
             let stream = table.iter().next().unwrap();
             assert_eq!(stream.state.wanted(later, &rules()), None, "no completion");
+            assert_eq!(stream.view(later).state, "unseen");
         }
     }
 

@@ -36,29 +36,13 @@ use crate::health::Dependency;
 use crate::lease::HeldLeases;
 use crate::media::mp4_duration_seconds;
 use crate::metadata::{
-    Assembled, ChunkRecord, KeyLayout, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus,
-    content_type_for, rfc3339,
+    ChunkRecord, KeyLayout, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, rfc3339,
 };
-use crate::store::redis::{AssemblyProgress, Completion};
+use crate::store::redis::Completion;
 use crate::store::{CheckpointStore, ObjectStore};
-use crate::upload::job::{
-    AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome, StreamFacts,
-};
+use crate::upload::job::{ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome, StreamFacts};
 
-/// S3's limit on the parts of one multipart upload.
-const MAX_MULTIPART_PARTS: usize = 10_000;
-
-/// Makes a refused request (4xx: upload gone, chunk missing, access
-/// denied) a final answer for `storage_retry`: the assembly then starts over
-/// later with backoff, instead of retrying the same request forever.
-fn client_error_is_final<T>(
-    result: Result<T, StorageError>,
-) -> Result<Result<T, StorageError>, StorageError> {
-    match result {
-        Err(err) if err.is_client_error() => Ok(Err(err)),
-        other => other.map(Ok),
-    }
-}
+mod assembly;
 
 /// Why a retry loop gave up.
 enum Stop {
@@ -122,6 +106,8 @@ pub struct Worker {
     pub shutdown: Receiver<()>,
     pub events: Arc<dyn Events>,
     pub leases: Arc<HeldLeases>,
+    /// Most parts in one multipart upload (`ASSEMBLY_MAX_PARTS`).
+    assembly_max_parts: usize,
     /// Reused for every chunk; grows to the chunk size once.
     buffer: Vec<u8>,
     /// Failed attempts and the last failure during the current job.
@@ -147,10 +133,17 @@ impl Worker {
             shutdown,
             events,
             leases,
+            assembly_max_parts: crate::config::MAX_MULTIPART_PARTS,
             buffer: Vec::new(),
             job_failures: Cell::new(0),
             job_last_error: RefCell::new(None),
         }
+    }
+
+    /// Sets the part ceiling for assemblies (`ASSEMBLY_MAX_PARTS`).
+    pub fn with_assembly_max_parts(mut self, max_parts: usize) -> Self {
+        self.assembly_max_parts = max_parts;
+        self
     }
 
     /// Executes jobs until the job channel closes or results cannot be sent.
@@ -547,166 +540,6 @@ impl Worker {
         )
     }
 
-    /// Assembles the complete stream into `{prefix}{id}/{file_name}` with a
-    /// multipart upload of UploadPartCopy parts, one per chunk: no byte is
-    /// uploaded twice. Progress is checkpointed after every part, so a crash
-    /// resumes; an upload left from an older revision is aborted.
-    fn assemble(&mut self, job: &AssembleJob) -> Result<Outcome, Stop> {
-        let stream_id = job.stream.stream_id.as_str();
-        let token = job.stream.token;
-        let metadata_key = self.layout.metadata(stream_id);
-        let body =
-            self.storage_retry((stream_id, token), None, || self.store.get(&metadata_key))?;
-        let mut metadata: StreamMetadata = match serde_json::from_slice(&body) {
-            Ok(metadata) => metadata,
-            Err(err) => {
-                return Ok(Outcome::Failed(format!(
-                    "{metadata_key} is unreadable: {err}"
-                )));
-            }
-        };
-        if metadata.revision != job.revision || metadata.status != StreamStatus::Complete {
-            // Superseded by a newer revision, which gets its own assembly.
-            return Ok(Outcome::Assembled { revision: 0 });
-        }
-        if metadata.chunks.len() > MAX_MULTIPART_PARTS {
-            warn!(
-                stream_id = stream_id;
-                "stream {stream_id}: {} chunks exceed the S3 limit of {MAX_MULTIPART_PARTS} parts; not assembled (use a larger CHUNK_SIZE)",
-                metadata.chunks.len()
-            );
-            return Ok(Outcome::Assembled { revision: 0 });
-        }
-        let key = self.layout.assembled(stream_id, &metadata.source.file_name);
-        let recorded =
-            self.checkpoint_with_retry("assembly", |store| Ok(store.load_assembly(stream_id)?))?;
-        let mut progress = match recorded {
-            Some(progress) if progress.revision == metadata.revision && progress.key == key => {
-                info!(
-                    stream_id = stream_id;
-                    "stream {stream_id}: resuming the assembly of {key} ({} of {} parts done)",
-                    progress.parts.len(),
-                    metadata.chunks.len()
-                );
-                progress
-            }
-            stale => {
-                if let Some(stale) = stale {
-                    // Best effort: an unfinished upload costs storage, nothing else.
-                    match self.store.abort_multipart(&stale.key, &stale.upload_id) {
-                        Ok(()) => info!(
-                            "stream {stream_id}: aborted the stale multipart upload of revision {}",
-                            stale.revision
-                        ),
-                        Err(err) => warn!(
-                            "stream {stream_id}: cannot abort a stale multipart upload: {err}"
-                        ),
-                    }
-                }
-                let content_type = content_type_for(&metadata.source.file_name);
-                let upload_id = self.storage_retry((stream_id, token), None, || {
-                    self.store.initiate_multipart(&key, content_type)
-                })?;
-                let progress = AssemblyProgress {
-                    revision: metadata.revision,
-                    key: key.clone(),
-                    upload_id,
-                    parts: BTreeMap::new(),
-                };
-                self.checkpoint_with_retry("assembly", |store| {
-                    store.save_assembly(stream_id, token, Some(&progress))
-                })?;
-                progress
-            }
-        };
-
-        for chunk in &metadata.chunks {
-            let part_number = u32::try_from(chunk.index + 1).expect("at most 10,000 parts");
-            if progress.parts.contains_key(&part_number) {
-                continue;
-            }
-            if self.shutting_down() {
-                return Ok(Outcome::Cancelled);
-            }
-            let copied = self.storage_retry((stream_id, token), None, || {
-                client_error_is_final(self.store.upload_part_copy(
-                    &key,
-                    &progress.upload_id,
-                    part_number,
-                    &chunk.key,
-                ))
-            })?;
-            match copied {
-                Ok(etag) => {
-                    progress.parts.insert(part_number, etag);
-                    self.checkpoint_with_retry("assembly", |store| {
-                        store.save_assembly(stream_id, token, Some(&progress))
-                    })?;
-                }
-                Err(missing) => return self.restart_assembly((stream_id, token), &missing),
-            }
-        }
-
-        let parts: Vec<(u32, String)> = progress
-            .parts
-            .iter()
-            .map(|(number, etag)| (*number, etag.clone()))
-            .collect();
-        let completed = self.storage_retry((stream_id, token), None, || {
-            client_error_is_final(
-                self.store
-                    .complete_multipart(&key, &progress.upload_id, &parts),
-            )
-        })?;
-        // A retried complete whose first attempt succeeded finds no upload.
-        let etag = completed.ok();
-        let head = self.storage_retry((stream_id, token), None, || self.store.head(&key))?;
-        let object = match head {
-            Some(object) if object.size == metadata.total_size_bytes => object,
-            other => {
-                let problem = StorageError::Other {
-                    key: key.clone(),
-                    detail: format!(
-                        "assembled object has {:?} bytes, expected {}",
-                        other.map(|o| o.size),
-                        metadata.total_size_bytes
-                    ),
-                };
-                return self.restart_assembly((stream_id, token), &problem);
-            }
-        };
-        metadata.assembled = Some(Assembled {
-            key: key.clone(),
-            size_bytes: object.size,
-            etag: etag.filter(|e| !e.is_empty()).unwrap_or(object.etag),
-        });
-        self.write_metadata(&metadata, token)?;
-        let revision = metadata.revision;
-        self.checkpoint_with_retry("assembly", |store| {
-            store.finish_assembly(stream_id, token, revision)
-        })?;
-        info!(
-            stream_id = stream_id;
-            "stream {stream_id}: assembled {key} ({} bytes from {} chunks, server-side)",
-            object.size,
-            metadata.chunks.len()
-        );
-        Ok(Outcome::Assembled { revision })
-    }
-
-    /// Forgets a multipart upload that cannot be finished (gone, or wrong),
-    /// so the next attempt starts a fresh one.
-    fn restart_assembly(
-        &mut self,
-        (stream_id, token): (&str, u64),
-        problem: &StorageError,
-    ) -> Result<Outcome, Stop> {
-        self.checkpoint_with_retry("assembly", |store| {
-            store.save_assembly(stream_id, token, None)
-        })?;
-        Ok(Outcome::Failed(format!("assembly starts over: {problem}")))
-    }
-
     fn close(&mut self, job: &CloseJob) -> Result<Outcome, Stop> {
         let stream_id = job.stream.stream_id.as_str();
         // Only the contiguous run from chunk 0 is a usable prefix of the file.
@@ -776,8 +609,8 @@ mod tests {
     use crate::error::CheckpointError;
     use crate::events::NoEvents;
     use crate::scan::FileIdentity;
-    use crate::store::redis::{Claim, LeaseStatus, Renewal, StoredStream};
-    use crate::upload::job::StreamRef;
+    use crate::store::redis::{AssemblyProgress, Claim, LeaseStatus, Renewal, StoredStream};
+    use crate::upload::job::{AssembleJob, StreamRef};
     use std::sync::Mutex;
     use std::time::Duration;
 
@@ -848,6 +681,10 @@ mod tests {
                     size: body.len() as u64,
                     etag: "\"memory\"".into(),
                 }))
+        }
+        fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.objects.lock().unwrap().remove(key);
+            Ok(())
         }
         fn initiate_multipart(&self, key: &str, _: &str) -> Result<String, StorageError> {
             let mut uploads = self.uploads.lock().unwrap();

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test uses a different subset of the helpers
 
+pub mod proxy;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -15,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use chunkstream::config::{S3Config, S3Credentials};
+use chunkstream::config::{ContentMd5, S3Config, S3Credentials};
 use chunkstream::metadata::StreamMetadata;
 use chunkstream::store::{ObjectStore, S3Store};
 use sha2::{Digest, Sha256};
@@ -235,55 +237,173 @@ impl RedisServer {
     }
 }
 
+/// The S3 implementations the tests run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3Kind {
+    /// s3s-fs 0.14.1: checks SigV4 and `x-amz-checksum-*`.
+    S3sFs,
+    /// Ceph RADOS Gateway 16 (tests/testbeds/rgw): a production S3 that
+    /// ignores `x-amz-checksum-sha256`.
+    Rgw,
+    /// moto server: AWS-strict bucket creation, no signature checks.
+    Moto,
+}
+
+impl S3Kind {
+    /// The binary a test needs for this server.
+    fn tool(self) -> &'static str {
+        match self {
+            S3Kind::S3sFs => "s3s-fs",
+            S3Kind::Rgw => "radosgw",
+            S3Kind::Moto => "moto_server",
+        }
+    }
+}
+
+/// A Ceph cluster started by tests/testbeds/rgw/start.sh: mon, OSD and
+/// radosgw run in the background, so this stops them by their PID files.
+pub struct RgwCluster {
+    state: TempDir,
+}
+
+impl RgwCluster {
+    fn script(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/testbeds/rgw")
+            .join(name)
+    }
+
+    fn start(port: u16, keys: &(String, String)) -> Self {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        // 100 ports for the OSD's messengers, a fresh range per cluster.
+        static NEXT_OSD_PORTS: AtomicU16 = AtomicU16::new(41_000);
+        let osd_ports = NEXT_OSD_PORTS.fetch_add(100, Ordering::SeqCst);
+        let state = tempfile::tempdir().expect("rgw state dir");
+        let output = Command::new("bash")
+            .arg(Self::script("start.sh"))
+            .args([port.to_string(), keys.0.clone(), keys.1.clone()])
+            .env("RGW_DIR", state.path().join("rgw"))
+            .env("MON_PORT", free_port().to_string())
+            .env("OSD_PORT_MIN", osd_ports.to_string())
+            .env("MEMSTORE_BYTES", (2u64 << 30).to_string())
+            .stdin(Stdio::null())
+            .output()
+            .expect("start.sh runs");
+        assert!(
+            output.status.success(),
+            "Ceph RGW did not start: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Self { state }
+    }
+
+    fn stop(&self) {
+        let _ = Command::new("bash")
+            .arg(Self::script("stop.sh"))
+            .arg("--wipe")
+            .env("RGW_DIR", self.state.path().join("rgw"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for RgwCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What runs the server: a child process, or a Ceph cluster.
+enum S3Backend {
+    Child(Process),
+    Rgw(RgwCluster),
+}
+
 pub struct S3Server {
-    pub process: Process,
+    backend: S3Backend,
+    pub kind: S3Kind,
     pub port: u16,
     pub dir: TempDir,
     keys: (String, String),
 }
 
 impl S3Server {
+    /// s3s-fs, requiring these SigV4 keys.
     pub fn start(access_key: &str, secret_key: &str) -> Option<Self> {
-        let binary = require_tool("s3s-fs")?;
+        Self::start_kind(S3Kind::S3sFs, access_key, secret_key)
+    }
+
+    pub fn start_kind(kind: S3Kind, access_key: &str, secret_key: &str) -> Option<Self> {
+        let binary = require_tool(kind.tool())?;
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
         let port = free_port();
         let keys = (access_key.to_string(), secret_key.to_string());
-        let process = Self::spawn(&binary, dir.path(), port, &keys);
+        let backend = Self::spawn(kind, &binary, dir.path(), port, &keys);
         Some(Self {
-            process,
+            backend,
+            kind,
             port,
             dir,
             keys,
         })
     }
 
-    fn spawn(binary: &Path, dir: &Path, port: u16, keys: &(String, String)) -> Process {
-        let (log, log_path) = log_file(dir, &format!("s3s-fs-{}.log", free_port()));
-        let child = Command::new(binary)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", &keys.0, "--secret-key", &keys.1])
-            .arg(dir.join("data"))
+    fn spawn(
+        kind: S3Kind,
+        binary: &Path,
+        dir: &Path,
+        port: u16,
+        keys: &(String, String),
+    ) -> S3Backend {
+        let (log, log_path) = log_file(dir, &format!("{}-{}.log", kind.tool(), free_port()));
+        let mut command = Command::new(binary);
+        match kind {
+            S3Kind::Rgw => return S3Backend::Rgw(RgwCluster::start(port, keys)),
+            S3Kind::S3sFs => command
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", &keys.0, "--secret-key", &keys.1])
+                .arg(dir.join("data")),
+            S3Kind::Moto => command.args(["-H", "127.0.0.1", "-p", &port.to_string()]),
+        };
+        let child = command
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("s3s-fs starts");
+            .expect("the S3 server starts");
         wait_for_port(port);
-        Process {
+        S3Backend::Child(Process {
             child,
             log: log_path,
+        })
+    }
+
+    fn process(&self) -> &Process {
+        match &self.backend {
+            S3Backend::Child(process) => process,
+            S3Backend::Rgw(_) => panic!("the Ceph RGW test bed is not one process"),
         }
+    }
+
+    /// Sends a signal to the server process (STOP/CONT to hang it).
+    pub fn signal(&self, signal: &str) {
+        self.process().signal(signal);
     }
 
     /// Kills the server (its data stays).
     pub fn stop(&mut self) {
-        self.process.kill_hard();
+        match &mut self.backend {
+            S3Backend::Child(process) => process.kill_hard(),
+            S3Backend::Rgw(_) => panic!("the Ceph RGW test bed is not restartable"),
+        }
     }
 
     /// Starts it again on the same port and data directory.
     pub fn restart(&mut self) {
-        let binary = require_tool("s3s-fs").expect("s3s-fs was found before");
-        self.process = Self::spawn(&binary, self.dir.path(), self.port, &self.keys);
+        let binary = require_tool(self.kind.tool()).expect("the server was found before");
+        self.backend = Self::spawn(self.kind, &binary, self.dir.path(), self.port, &self.keys);
     }
 
     pub fn endpoint(&self) -> String {
@@ -310,8 +430,13 @@ impl TestEnv {
 
     /// Like `start`, with the S3 server requiring these SigV4 keys.
     pub fn start_with_keys(access_key: &str, secret_key: &str) -> Option<Self> {
+        Self::start_on(S3Kind::S3sFs, access_key, secret_key)
+    }
+
+    /// Like `start_with_keys`, against the S3 implementation `kind`.
+    pub fn start_on(kind: S3Kind, access_key: &str, secret_key: &str) -> Option<Self> {
         let redis = RedisServer::start()?;
-        let s3 = S3Server::start(access_key, secret_key)?;
+        let s3 = S3Server::start_kind(kind, access_key, secret_key)?;
         let watch = tempfile::tempdir().expect("watch dir");
         let staging = tempfile::tempdir().expect("staging dir");
         let prefix = "streams/".to_string();
@@ -346,6 +471,8 @@ impl TestEnv {
             ("RETRY_MAX_DELAY", "1s".to_string()),
             ("SHUTDOWN_TIMEOUT", "20s".to_string()),
             ("LOG_LEVEL", "debug".to_string()),
+            // Never ask the real instance-metadata address for anything.
+            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
         ];
         pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
@@ -473,6 +600,24 @@ impl TestEnv {
         assert_eq!(meta.check_chunk_layout(), Ok(()));
     }
 
+    /// The sha256 of an object, read in ranges.
+    pub fn object_sha256(&self, key: &str, size: u64) -> String {
+        chunkstream::inventory::sha256_of_object(&self.store, key, size, 5 * MIB).unwrap()
+    }
+
+    /// Waits for metadata of `rel` that carries an assembled object of `revision`.
+    pub fn wait_assembled(&self, rel: &str, revision: u32) -> StreamMetadata {
+        let mut found = None;
+        wait_for(&format!("{rel} assembled at revision {revision}"), || {
+            found = self
+                .all_metadata()
+                .into_iter()
+                .find(|m| m.source.path == rel && m.revision == revision && m.assembled.is_some());
+            found.is_some()
+        });
+        found.expect("found")
+    }
+
     /// Stream ids in the Redis identity index.
     pub fn registered_stream_ids(&self) -> Vec<String> {
         let mut connection = self.redis.connection();
@@ -528,6 +673,8 @@ pub fn s3_config(endpoint: &str, prefix: &str, access_key: &str, secret_key: &st
             access_key_id: access_key.into(),
             secret_access_key: secret_key.into(),
         }),
+        create_bucket: true,
+        content_md5: ContentMd5::Always,
     }
 }
 
@@ -673,6 +820,50 @@ pub fn uploads_in_log(log: &str) -> Vec<(String, u64)> {
             ))
         })
         .collect()
+}
+
+/// Encodes `seconds` of noisy test video in real time (`-re`), so the file
+/// grows like a camera recording and ffmpeg patches the header at the end
+/// (`extra_output_args` such as `-movflags +faststart` rewrite more).
+pub fn record_in_real_time(
+    ffmpeg: &std::path::Path,
+    output: &std::path::Path,
+    seconds: u32,
+    extra_output_args: &[&str],
+) -> std::process::Child {
+    Command::new(ffmpeg)
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=25"])
+        .args(["-vf", "noise=alls=60:allf=t"])
+        .args(["-t", &seconds.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "25",
+            "-b:v",
+            "12M",
+        ])
+        .args(["-maxrate", "12M", "-bufsize", "4M", "-pix_fmt", "yuv420p"])
+        .args(extra_output_args)
+        .arg(output)
+        .spawn()
+        .expect("ffmpeg starts")
+}
+
+pub fn ffprobe_duration(path: &std::path::Path) -> f64 {
+    let output = Command::new("ffprobe")
+        .args(["-v", "error", "-show_entries", "format=duration"])
+        .args(["-of", "default=noprint_wrappers=1:nokey=1"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("ffprobe prints a duration")
 }
 
 /// Deterministic incompressible-looking bytes (xorshift), fast to make.
