@@ -97,6 +97,7 @@ pub struct Scan {
 
 impl Scan {
     /// A scan that saw `files` and nothing else.
+    #[cfg(test)]
     pub fn clear(files: Vec<Observation>) -> Self {
         Self {
             root_entries: files.len(),
