@@ -93,6 +93,9 @@ pub struct Scan {
     pub unreadable: Vec<String>,
     /// Names in the watch directory itself (hidden ones included).
     pub root_entries: usize,
+    /// Every directory listed in full (`""` is the watch directory), with
+    /// the device it is on, in the form of [`FileIdentity::device`].
+    pub listed: HashMap<String, u64>,
 }
 
 impl Scan {
@@ -104,6 +107,28 @@ impl Scan {
             files,
             blind: None,
             unreadable: Vec::new(),
+            listed: HashMap::from([(String::new(), WATCH_DIR_DEVICE)]),
+        }
+    }
+
+    /// Whether this scan proves that a file at `rel_path`, which was on
+    /// `device`, is gone: nothing on the way was unreadable, and the nearest
+    /// directory above it that was listed is on the same file system (a
+    /// network mount below `WATCH_DIR` that dropped away leaves an empty
+    /// local directory, which proves nothing).
+    pub fn proves_absent(&self, rel_path: &str, device: u64) -> bool {
+        if !self.covers(rel_path) {
+            return false;
+        }
+        let mut dir = rel_path;
+        loop {
+            dir = dir.rsplit_once('/').map_or("", |(parent, _)| parent);
+            if let Some(listed) = self.listed.get(dir) {
+                return *listed == device;
+            }
+            if dir.is_empty() {
+                return false;
+            }
         }
     }
 
@@ -179,7 +204,21 @@ struct Walk {
     root_device: u64,
 }
 
+/// A device number as [`FileIdentity::device`] has it: [`WATCH_DIR_DEVICE`]
+/// for the watch directory's own file system.
+fn device_form(device: u64, root_device: u64) -> u64 {
+    if device == root_device {
+        WATCH_DIR_DEVICE
+    } else {
+        device
+    }
+}
+
 impl Walk {
+    fn device_form(&self, device: u64) -> u64 {
+        device_form(device, self.root_device)
+    }
+
     fn unreadable(&mut self, rel_path: &str, what: &str, err: &io::Error) {
         self.scan.unreadable.push(rel_path.to_string());
         self.problems.unreadable.insert(
@@ -309,6 +348,9 @@ pub struct FsLister<F: FileSystem = RealFs> {
     /// The device number of the watch directory at the last scan that could
     /// read it.
     root_device: Option<u64>,
+    /// The device of every subdirectory at the last scan that listed it, to
+    /// say when a mount below the watch directory comes or goes.
+    dir_devices: HashMap<String, u64>,
 }
 
 impl FsLister {
@@ -328,6 +370,7 @@ impl<F: FileSystem> FsLister<F> {
             stats: HashMap::new(),
             poll: 0,
             root_device: None,
+            dir_devices: HashMap::new(),
         }
     }
 
@@ -373,6 +416,17 @@ impl<F: FileSystem> FsLister<F> {
         Ok(observation)
     }
 
+    /// Warns when a subdirectory is on another file system than at the last
+    /// scan: a mount below the watch directory came or went.
+    fn note_device(&mut self, rel_dir: &str, device: u64) {
+        match self.dir_devices.insert(rel_dir.to_string(), device) {
+            Some(before) if before != device => log::warn!(
+                "directory {rel_dir:?} is another file system than a moment ago (device {before} is now {device}): a mount below the watch directory came or went; files missing under it prove nothing until it is back"
+            ),
+            _ => {}
+        }
+    }
+
     fn wanted(&self, name: &str) -> bool {
         Path::new(name)
             .extension()
@@ -407,8 +461,17 @@ impl<F: FileSystem> FsLister<F> {
                 },
             };
             match kind {
-                Kind::Dir => match self.fs.list(&abs_path) {
-                    Ok(children) => self.walk(&rel_path, &abs_path, children, walk),
+                Kind::Dir => match self
+                    .fs
+                    .lstat(&abs_path)
+                    .and_then(|stat| self.fs.list(&abs_path).map(|children| (stat, children)))
+                {
+                    Ok((stat, children)) => {
+                        let device = walk.device_form(stat.device);
+                        self.note_device(&rel_path, device);
+                        walk.scan.listed.insert(rel_path.clone(), device);
+                        self.walk(&rel_path, &abs_path, children, walk);
+                    }
                     Err(err) if is_absence(&err) => {}
                     Err(err) => walk.unreadable(&rel_path, "list", &err),
                 },
@@ -423,11 +486,7 @@ impl<F: FileSystem> FsLister<F> {
                     let stat = |fs: &F| {
                         fs.lstat(&abs_path).map(|stat| Observation {
                             identity: FileIdentity {
-                                device: if stat.device == root_device {
-                                    WATCH_DIR_DEVICE
-                                } else {
-                                    stat.device
-                                },
+                                device: device_form(stat.device, root_device),
                                 inode: stat.inode,
                             },
                             size: stat.size,
@@ -483,6 +542,7 @@ impl<F: FileSystem> DirectoryLister for FsLister<F> {
                 }
                 walk.scan.root_entries = entries.len();
                 walk.root_device = stat.device;
+                walk.scan.listed.insert(String::new(), WATCH_DIR_DEVICE);
                 self.walk("", &root, entries, &mut walk);
             }
         }
@@ -490,6 +550,10 @@ impl<F: FileSystem> DirectoryLister for FsLister<F> {
         // unreadable directory) lose their cached stat.
         let poll = self.poll;
         self.stats.retain(|_, stat| stat.seen_poll == poll);
+        if walk.scan.blind.is_none() {
+            let listed = &walk.scan.listed;
+            self.dir_devices.retain(|dir, _| listed.contains_key(dir));
+        }
         for (level, line) in self.log.lines(walk.problems, walk.now) {
             log::log!(level, "{line}");
         }
@@ -828,5 +892,17 @@ mod tests {
         let lines = log.lines(eio("b.mp4"), at(62));
         assert_eq!(levels(lines.clone()), [log::Level::Warn, log::Level::Info]);
         assert!(lines[0].1.contains("b.mp4") && lines[1].1.contains("a.mp4"));
+    }
+
+    #[test]
+    fn listed_directories_carry_their_device() {
+        let scan = fake_lister(FakeFs::with(&TREE)).scan();
+        assert_eq!(scan.listed.get("cams"), Some(&WATCH_DIR_DEVICE));
+        assert!(scan.proves_absent("cams/gone.mp4", WATCH_DIR_DEVICE));
+        assert!(scan.proves_absent("cams/sub/gone.mp4", WATCH_DIR_DEVICE));
+        assert!(
+            !scan.proves_absent("cams/gone.mp4", 9),
+            "a file from another file system is not absent from this one"
+        );
     }
 }

@@ -542,7 +542,9 @@ impl StreamTable {
                         mtime_ns: seen.mtime_ns,
                     }
                 }
-                (None, _) if !scan.covers(&stream.rel_path) => Event::Unseen { gap },
+                (None, _) if !scan.proves_absent(&stream.rel_path, identity.device) => {
+                    Event::Unseen { gap }
+                }
                 (None, _) if at_path.is_some() => Event::Replaced,
                 (None, _) => Event::Missing,
             };
@@ -611,6 +613,7 @@ impl StreamTable {
 mod tests {
     use super::*;
     use crate::config::RetryPolicy;
+    use crate::scan::WATCH_DIR_DEVICE;
     use std::time::Duration;
 
     const CHUNK: u64 = 10;
@@ -631,7 +634,10 @@ mod tests {
         Observation {
             rel_path: path.into(),
             abs_path: PathBuf::from("/w").join(path).into(),
-            identity: FileIdentity { device: 1, inode },
+            identity: FileIdentity {
+                device: WATCH_DIR_DEVICE,
+                inode,
+            },
             size,
             mtime_ns: size as i128,
         }
@@ -704,7 +710,7 @@ mod tests {
         ));
         let changes = table.apply(
             FileIdentity {
-                device: 1,
+                device: WATCH_DIR_DEVICE,
                 inode: 1,
             },
             Event::Replaced,
@@ -775,6 +781,32 @@ mod tests {
             assert_eq!(stream.state.wanted(later, &rules()), None, "no completion");
             assert_eq!(stream.view(later).state, "unseen");
         }
+    }
+
+    #[test]
+    fn a_local_directory_where_a_mount_was_proves_nothing() {
+        // cams/ was a mount (device 9) below the watch directory.
+        let mut cam = file("cams/cam.mp4", 1, 5);
+        cam.identity.device = 9;
+        let (mut table, now) = tracking(vec![cam, file("top.mp4", 2, 5)]);
+        // The mount dropped away: cams/ is an empty local directory.
+        let mut dropped = scan(vec![file("top.mp4", 2, 5)]);
+        dropped.listed.insert("cams".into(), WATCH_DIR_DEVICE);
+        let later = now + Duration::from_secs(3600);
+        assert!(table.apply_scan(&dropped, now, &rules()).is_empty());
+        assert!(table.apply_scan(&dropped, later, &rules()).is_empty());
+        let cam = table.iter().find(|s| s.rel_path == "cams/cam.mp4").unwrap();
+        assert_eq!(cam.view(later).state, "unseen");
+        // Listed on its own file system and absent: gone.
+        let mut gone = scan(vec![file("top.mp4", 2, 5)]);
+        gone.listed.insert("cams".into(), 9);
+        let much_later = later + Duration::from_secs(1);
+        assert!(table.apply_scan(&gone, much_later, &rules()).is_empty());
+        let changes = table.apply_scan(&gone, much_later + Duration::from_secs(31), &rules());
+        assert!(matches!(
+            &changes[..],
+            [Change::Closed(_, CloseReason::Vanished)]
+        ));
     }
 
     #[test]
