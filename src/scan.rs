@@ -467,8 +467,8 @@ impl<F: FileSystem> FsLister<F> {
                     .and_then(|stat| self.fs.list(&abs_path).map(|children| (stat, children)))
                 {
                     Ok((stat, children)) => {
+                        self.note_device(&rel_path, stat.device);
                         let device = walk.device_form(stat.device);
-                        self.note_device(&rel_path, device);
                         walk.scan.listed.insert(rel_path.clone(), device);
                         self.walk(&rel_path, &abs_path, children, walk);
                     }

@@ -49,6 +49,10 @@ struct NetFs {
     root: TempDir,
     port: u16,
     settings: Vec<(String, String)>,
+    /// Where sshfs mounts, and what chunkstream watches: the mount itself,
+    /// or the directory above it.
+    mount: PathBuf,
+    watch: PathBuf,
 }
 
 impl NetFs {
@@ -60,14 +64,28 @@ impl NetFs {
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod test bed root");
         std::fs::create_dir_all(root.path().join("server")).expect("server dir");
+        let mount = root.path().join("mnt");
         Self {
-            root,
             port: free_port(),
             settings: settings
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            watch: mount.clone(),
+            mount,
+            root,
         }
+    }
+
+    /// Mounts at `watch/cams` and has chunkstream watch `watch`: one mount
+    /// per camera below a local watch directory.
+    fn mounted_below_watch(mut self) -> Self {
+        self.watch = self.root.path().join("watch");
+        self.mount = self.watch.join("cams");
+        std::fs::create_dir_all(&self.mount).expect("mount point");
+        let mount = self.mount.display().to_string();
+        self.settings.push(("NETFS_MOUNT".to_string(), mount));
+        self
     }
 
     /// Starts sshd and mounts. `None` (skip) when a tool is missing outside CI.
@@ -115,7 +133,7 @@ impl NetFs {
     }
 
     fn mount(&self) -> PathBuf {
-        self.root.path().join("mnt")
+        self.mount.clone()
     }
 }
 
@@ -215,13 +233,17 @@ impl Scenario {
     /// Starts everything; `prepare` runs on the server directory before the
     /// mount exists. `None` (skip) when a tool is missing outside CI.
     fn start(netfs_settings: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Option<Self> {
+        Self::start_on(NetFs::new(netfs_settings), prepare)
+    }
+
+    /// Like `start`, on a test bed set up already.
+    fn start_on(netfs: NetFs, prepare: impl FnOnce(&Path)) -> Option<Self> {
         let env = TestEnv::start()?;
-        let netfs = NetFs::new(netfs_settings);
         prepare(&netfs.server());
         let netfs = netfs.start()?;
         let mut daemon_env = env.daemon_env();
         for (key, value) in [
-            ("WATCH_DIR", netfs.mount().display().to_string()),
+            ("WATCH_DIR", netfs.watch.display().to_string()),
             ("STREAM_TIMEOUT", STREAM_TIMEOUT.to_string()),
             ("POLL_INTERVAL", "200ms".to_string()),
             ("LOG_FORMAT", "json".to_string()),
@@ -236,6 +258,13 @@ impl Scenario {
 
     fn source(&self, name: &str) -> PathBuf {
         self.netfs.server().join(name)
+    }
+
+    /// The recording's path relative to `WATCH_DIR`.
+    fn rel(&self, name: &str) -> String {
+        let mount = self.netfs.mount.strip_prefix(&self.netfs.watch);
+        let below = mount.expect("the mount is at or below WATCH_DIR");
+        below.join(name).display().to_string()
     }
 
     /// Waits until chunkstream uploaded `n` chunks: the recording is a
@@ -293,7 +322,7 @@ impl Scenario {
     /// incomplete, and the watch directory seen again.
     fn assert_one_exact_stream(&self, name: &str) {
         let source = self.source(name);
-        let meta = self.env.wait_complete_at(&source, name);
+        let meta = self.env.wait_complete_at(&source, &self.rel(name));
         self.env.assert_byte_exact(&meta, &source);
         let streams: BTreeSet<String> = self
             .env
@@ -526,5 +555,29 @@ fn a_long_cached_listing_whose_stat_fails_closes_nothing() {
         s.wait_log(&["cached.mp4", "cannot stat", "EIO"]);
         std::thread::sleep(SERVER_OUTAGE.saturating_sub(down.elapsed()));
         s.netfs.fault(&["up"]);
+    });
+}
+
+#[test]
+fn a_camera_mount_below_the_watch_dir_that_drops_away_closes_nothing() {
+    // WATCH_DIR is a local directory; the camera's share is mounted at
+    // WATCH_DIR/cams. Without reconnect, sshfs exits when the server goes,
+    // and cams/ is an empty local directory, which proves nothing.
+    let netfs = NetFs::new(&[("NETFS_DIR_CACHE", "no"), ("NETFS_RECONNECT", "0")]);
+    let Some(s) = Scenario::start_on(netfs.mounted_below_watch(), |_| {}) else {
+        return;
+    };
+    s.record_through("below.mp4", None, |s| {
+        let dropped = Instant::now();
+        s.netfs.fault(&["down"]);
+        s.wait_log(&["cams", "is another file system than a moment ago"]);
+        assert_eq!(
+            std::fs::read_dir(s.netfs.mount()).map(Iterator::count).ok(),
+            Some(0),
+            "an empty local directory"
+        );
+        std::thread::sleep(LONGER_THAN_STREAM_TIMEOUT.saturating_sub(dropped.elapsed()));
+        s.netfs.fault(&["up"]);
+        s.netfs.fault(&["remount"]);
     });
 }
