@@ -12,13 +12,17 @@
 //! Problems are logged when they start, with the path and errno, and when
 //! they end, at most once a minute per path; not once per poll.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::watchfs::{Entry, FileSystem, Kind, RealFs, errno_name, is_absence};
+
+mod report;
+
+use report::{ProblemLog, Problems};
 
 /// What makes a file the same file across polls, renames and hosts: its
 /// inode on its file system. A new inode at the same path is a different file.
@@ -187,15 +191,6 @@ impl Stat {
     }
 }
 
-/// What one walk found wrong, before it is logged.
-#[derive(Default)]
-struct Problems {
-    /// Path → (errno name, message), for paths that could not be read.
-    unreadable: HashMap<String, (String, String)>,
-    /// Path → note, for entries skipped on purpose (symbolic links).
-    notes: HashMap<String, String>,
-}
-
 /// One walk in progress: what it found so far.
 struct Walk {
     scan: Scan,
@@ -231,98 +226,6 @@ impl Walk {
                 ),
             ),
         );
-    }
-}
-
-/// A path whose failures are warned about at most once per this long, however
-/// often it fails and recovers.
-pub const WARN_INTERVAL: Duration = Duration::from_secs(60);
-
-/// What was logged about one unreadable path.
-struct Reported {
-    errno: String,
-    failing: bool,
-    warned_at: Instant,
-    /// Whether this failure was warned about (then its end is logged too).
-    warned_this_time: bool,
-    /// Failures since the last warning that were not warned about.
-    suppressed: u64,
-}
-
-/// Decides what to log about problems: a warning with the path and errno
-/// when a path starts failing (or fails with another errno), a line when it
-/// is readable again, and for a path that keeps failing and recovering, at
-/// most one warning per [`WARN_INTERVAL`], counting the failures in between.
-/// Skipped entries (links) are noted once while they are there.
-#[derive(Default)]
-struct ProblemLog {
-    unreadable: HashMap<String, Reported>,
-    noted: HashSet<String>,
-}
-
-impl ProblemLog {
-    fn lines(&mut self, problems: Problems, now: Instant) -> Vec<(log::Level, String)> {
-        let mut lines = Vec::new();
-        let failing_now: HashSet<String> = problems.unreadable.keys().cloned().collect();
-        for (path, (errno, message)) in problems.unreadable {
-            let Some(known) = self.unreadable.get_mut(&path) else {
-                lines.push((log::Level::Warn, message));
-                let reported = Reported {
-                    errno,
-                    failing: true,
-                    warned_at: now,
-                    warned_this_time: true,
-                    suppressed: 0,
-                };
-                self.unreadable.insert(path, reported);
-                continue;
-            };
-            if known.failing && known.errno == errno {
-                continue;
-            }
-            if now.saturating_duration_since(known.warned_at) >= WARN_INTERVAL {
-                let message = match known.suppressed {
-                    0 => message,
-                    n => format!("{message} (it failed {n} more times since the last warning)"),
-                };
-                lines.push((log::Level::Warn, message));
-                known.warned_at = now;
-                known.warned_this_time = true;
-                known.suppressed = 0;
-            } else {
-                known.warned_this_time = false;
-                known.suppressed += 1;
-            }
-            known.failing = true;
-            known.errno = errno;
-        }
-        for (path, known) in &mut self.unreadable {
-            if known.failing && !failing_now.contains(path) {
-                known.failing = false;
-                if known.warned_this_time {
-                    lines.push((
-                        log::Level::Info,
-                        format!(
-                            "{path:?} is readable again (it was failing with {})",
-                            known.errno
-                        ),
-                    ));
-                }
-            }
-        }
-        // A path that recovered and stayed quiet for a whole interval is
-        // forgotten: its next failure is warned about at once.
-        self.unreadable.retain(|_, known| {
-            known.failing || now.saturating_duration_since(known.warned_at) < WARN_INTERVAL
-        });
-        let noted_now: HashSet<String> = problems.notes.keys().cloned().collect();
-        for (path, message) in problems.notes {
-            if !self.noted.contains(&path) {
-                lines.push((log::Level::Warn, message));
-            }
-        }
-        self.noted = noted_now;
-        lines
     }
 }
 
@@ -854,44 +757,6 @@ mod tests {
         let scan = lister.scan();
         assert!(scan.blind.is_none());
         assert_eq!(scan.root_entries, 0);
-    }
-
-    #[test]
-    fn a_flapping_path_is_warned_about_at_most_once_a_minute() {
-        let mut log = ProblemLog::default();
-        let t0 = Instant::now();
-        let eio = |path: &str| {
-            let mut problems = Problems::default();
-            let err = io::Error::from_raw_os_error(5);
-            problems.unreadable.insert(
-                path.to_string(),
-                (errno_name(&err), format!("cannot stat {path}")),
-            );
-            problems
-        };
-        let at = |seconds| t0 + Duration::from_secs(seconds);
-        let levels = |lines: Vec<(log::Level, String)>| -> Vec<log::Level> {
-            lines.into_iter().map(|(level, _)| level).collect()
-        };
-        assert_eq!(levels(log.lines(eio("a.mp4"), at(0))), [log::Level::Warn]);
-        assert!(log.lines(eio("a.mp4"), at(1)).is_empty(), "still failing");
-        assert_eq!(
-            levels(log.lines(Problems::default(), at(2))),
-            [log::Level::Info],
-            "readable again"
-        );
-        // Fails and recovers twice more within the minute: silent.
-        for second in [3, 5] {
-            assert!(log.lines(eio("a.mp4"), at(second)).is_empty());
-            assert!(log.lines(Problems::default(), at(second + 1)).is_empty());
-        }
-        let lines = log.lines(eio("a.mp4"), at(61));
-        assert_eq!(lines.len(), 1);
-        assert!(lines[0].1.contains("failed 2 more times"), "{lines:?}");
-        // Another path is independent (and a.mp4 is readable again).
-        let lines = log.lines(eio("b.mp4"), at(62));
-        assert_eq!(levels(lines.clone()), [log::Level::Warn, log::Level::Info]);
-        assert!(lines[0].1.contains("b.mp4") && lines[1].1.contains("a.mp4"));
     }
 
     #[test]
