@@ -223,7 +223,9 @@ pub fn mount_of(mountinfo: &str, path: &Path) -> Option<Mount> {
     let mut best: Option<Mount> = None;
     for line in mountinfo.lines() {
         // id parent major:minor root mount-point options [optional…] - type source super-options
-        let (before, after) = line.split_once(" - ")?;
+        let Some((before, after)) = line.split_once(" - ") else {
+            continue;
+        };
         let fields: Vec<&str> = before.split(' ').collect();
         let mut tail = after.split(' ');
         let (Some(point), Some(options), Some(fs_type), Some(source)) =
@@ -251,6 +253,19 @@ pub fn mount_of(mountinfo: &str, path: &Path) -> Option<Mount> {
 }
 
 impl Mount {
+    /// The start-up warning when `stream_timeout` is not longer than the
+    /// cache time the mount options name.
+    pub fn cache_warning(&self, stream_timeout: Duration) -> Option<String> {
+        let (option, cache) = self.cache_time()?;
+        (stream_timeout <= cache).then(|| {
+            format!(
+                "STREAM_TIMEOUT ({}) is not longer than the attribute cache time of WATCH_DIR's mount ({option}): a growing file can look unchanged for that long and be completed too early; set STREAM_TIMEOUT above {} or shorten the cache (see docs/operations.md)",
+                humantime::format_duration(stream_timeout),
+                humantime::format_duration(cache)
+            )
+        })
+    }
+
     /// The longest attribute or directory cache time the mount options name,
     /// and which option it is: `actimeo`, `acregmax`, `acdirmax` (NFS, SMB),
     /// or NFS's default of 60 s when nothing is said. `None` when the options
@@ -305,14 +320,8 @@ pub fn report_mount(watch_dir: &Path, stream_timeout: Duration) {
         mount.mount_point.display(),
         mount.options
     );
-    if let Some((option, cache)) = mount.cache_time()
-        && stream_timeout <= cache
-    {
-        warn!(
-            "STREAM_TIMEOUT ({}) is not longer than the attribute cache time of WATCH_DIR's mount ({option}): a growing file can look unchanged for that long and be completed too early; set STREAM_TIMEOUT above {} or shorten the cache (see docs/operations.md)",
-            humantime::format_duration(stream_timeout),
-            humantime::format_duration(cache)
-        );
+    if let Some(warning) = mount.cache_warning(stream_timeout) {
+        warn!("{warning}");
     }
 }
 
@@ -322,6 +331,7 @@ mod tests {
 
     const MOUNTINFO: &str = "\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+a line that is not a mount
 40 22 0:45 / /mnt/nas rw,relatime shared:20 - nfs4 nas:/export rw,vers=4.2,hard,proto=tcp,acregmax=30,acdirmax=45
 41 22 0:46 / /mnt/cams\\040a rw,nosuid - cifs //nas/cams rw,vers=3.1.1,serverino,actimeo=1
 42 22 0:47 / /mnt/ssh rw,nosuid,nodev - fuse.sshfs root@127.0.0.1:/srv rw,user_id=0,group_id=0,allow_other
@@ -348,6 +358,19 @@ mod tests {
         let root = mount_of(MOUNTINFO, Path::new("/home/x")).unwrap();
         assert_eq!(root.fs_type, "ext4");
         assert_eq!(root.cache_time(), None);
+    }
+
+    #[test]
+    fn a_stream_timeout_within_the_cache_time_is_warned_about() {
+        let nas = mount_of(MOUNTINFO, Path::new("/mnt/nas")).unwrap();
+        let warning = nas.cache_warning(Duration::from_secs(30)).unwrap();
+        assert!(warning.contains("STREAM_TIMEOUT (30s)"), "{warning}");
+        assert!(warning.contains("acdirmax=45"), "{warning}");
+        assert_eq!(nas.cache_warning(Duration::from_secs(46)), None);
+        let plain = mount_of(MOUNTINFO, Path::new("/mnt/plain")).unwrap();
+        assert!(plain.cache_warning(Duration::from_secs(60)).is_some());
+        let ssh = mount_of(MOUNTINFO, Path::new("/mnt/ssh")).unwrap();
+        assert_eq!(ssh.cache_warning(Duration::from_secs(1)), None);
     }
 
     #[test]
