@@ -31,6 +31,7 @@ use crate::store::{
 };
 use crate::upload::job::{Job, JobResult};
 use crate::upload::{Worker, sweep};
+use crate::watchfs::RealFs;
 use crate::{http, instance, random_u64, scanner};
 
 /// Waits `delay`, or less if a stop is requested. True if a stop was requested.
@@ -108,6 +109,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         env!("CARGO_PKG_VERSION"),
         http.addr
     );
+
+    crate::watchfs::report_mount(&config.watch_dir, config.stream_timeout);
 
     let holder = LeaseHolder {
         owner: instance.clone(),
@@ -229,6 +232,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     let mut coordinator = Coordinator::new(
         config.clone(),
         Box::new(checkpoints),
+        Box::new(RealFs),
         job_tx,
         Observers {
             events,

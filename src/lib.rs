@@ -28,6 +28,7 @@ pub mod stream;
 #[cfg(test)]
 pub mod testing;
 pub mod upload;
+pub mod watchfs;
 
 /// A random number from the standard library's per-process random keys; good
 /// enough for backoff jitter and unique suffixes, with no extra crate.

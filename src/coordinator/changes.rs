@@ -7,10 +7,92 @@
 use super::*;
 
 impl Coordinator {
+    /// Feeds a scan to the stream table, and says when the watch directory
+    /// goes blind or can be seen again (no stream completes, vanishes or is
+    /// replaced meanwhile).
+    pub(super) fn apply_scan(&mut self, scan: Scan, now: Instant) {
+        self.unreadable_paths = scan.unreadable_count();
+        let was_blind = self.table.blind().map(str::to_string);
+        let changes = self.table.apply_scan(&scan, now, &self.rules);
+        let blind = self.table.blind().map(str::to_string);
+        match (&blind, &was_blind) {
+            (Some(reason), _) if blind != was_blind => warn!(
+                "{reason}; no stream completes, vanishes or is replaced until the watch directory can be seen again"
+            ),
+            (None, Some(_)) => info!("the watch directory can be seen again; decisions resume"),
+            _ => {}
+        }
+        self.readiness.set_watch_dir(blind);
+        self.apply_changes(changes, now);
+    }
+
+    /// Decides, by content, whether files that sit at a stream's path with a
+    /// new identity are the stream's file: the sha256 of its first chunk as
+    /// uploaded must match the file's first bytes. Matches continue their
+    /// stream under the new identity; a mismatch is a replacement; a read
+    /// error decides nothing (the next scan asks again). A stream with no
+    /// chunk uploaded yet has nothing to compare and continues: every byte
+    /// it uploads later is read from the file it then has.
+    pub(super) fn resolve_identity_changes(
+        &mut self,
+        candidates: Vec<(FileIdentity, Observation)>,
+        now: Instant,
+    ) {
+        let mut same = Vec::new();
+        for (identity, seen) in candidates {
+            let Some(stream) = self.table.get(&identity) else {
+                continue;
+            };
+            let verdict = match stream.chunks.get(&0) {
+                None => Ok(true),
+                Some(first) => match self.files.head_sha256(&seen.abs_path, first.size_bytes) {
+                    Ok(digest) => Ok(digest == first.sha256),
+                    Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+                    Err(err) => Err(err),
+                },
+            };
+            match verdict {
+                Ok(true) => same.push((identity, seen)),
+                Ok(false) => {
+                    let changes = self
+                        .table
+                        .apply(identity, Event::Replaced, now, &self.rules);
+                    self.apply_changes(changes, now);
+                    // The replaced stream was closed only once no job was
+                    // out; the new file is registered on the next scan.
+                }
+                Err(err) => debug!(
+                    "cannot read {} to compare it with its stream ({}: {err}); asking again on the next scan",
+                    seen.rel_path,
+                    crate::watchfs::errno_name(&err)
+                ),
+            }
+        }
+        for (stream_id, old, new) in self.table.rekey(same) {
+            self.queued.remove(&old);
+            info!(
+                stream_id = stream_id.as_str();
+                "stream {stream_id}: its file now has identity {} (was {}), and its first chunk matches; continuing the stream",
+                new.key(),
+                old.key()
+            );
+            if let Err(err) = self.checkpoints.record_identity(&stream_id, old, new) {
+                warn!(
+                    "stream {stream_id}: cannot record its new identity {}: {err}",
+                    new.key()
+                );
+            }
+        }
+    }
+
     pub(super) fn apply_changes(&mut self, changes: Vec<Change>, now: Instant) {
         let mut registered = 0;
+        let mut identity_changes = Vec::new();
         for change in changes {
             match change {
+                Change::IdentityChanged { identity, seen } => {
+                    identity_changes.push((identity, seen));
+                }
                 // Each registration is a Redis round trip on this thread: a
                 // burst of new files is spread over several polls so the
                 // loop (and /healthz) stays responsive.
@@ -71,6 +153,9 @@ impl Coordinator {
                     }
                 }
             }
+        }
+        if !identity_changes.is_empty() {
+            self.resolve_identity_changes(identity_changes, now);
         }
     }
 

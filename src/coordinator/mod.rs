@@ -34,6 +34,7 @@ use crate::store::record::{CorruptRecord, Loaded};
 use crate::stream::state::{Event, Rules, Work};
 use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream, file_name};
 use crate::upload::job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
+use crate::watchfs::FileSystem;
 
 mod changes;
 mod dispatch;
@@ -127,6 +128,11 @@ pub struct Coordinator {
     /// uploaded nor closed, shown in `/streams` until the record is fixed
     /// or deleted and the process restarted.
     quarantined: BTreeMap<String, Quarantined>,
+    /// Paths the last scan could not read.
+    unreadable_paths: usize,
+    /// Reads a file's first bytes, to tell a file whose inode number changed
+    /// (network file systems) from a new one.
+    files: Box<dyn FileSystem>,
 }
 
 /// A quarantined stream: its file (if known) and why.
@@ -141,6 +147,7 @@ impl Coordinator {
     pub fn new(
         config: Config,
         checkpoints: Box<dyn CheckpointStore>,
+        files: Box<dyn FileSystem>,
         jobs: Sender<Job>,
         observers: Observers,
         now: Instant,
@@ -172,6 +179,8 @@ impl Coordinator {
             registration_failing: false,
             redis_recoveries_handled: 0,
             quarantined: BTreeMap::new(),
+            unreadable_paths: 0,
+            files,
         }
     }
 
@@ -214,8 +223,7 @@ impl Coordinator {
             self.handle_result(result, now);
         }
         if let Some(scan) = observations.scan {
-            let changes = self.table.apply_scan(&scan, now, &self.rules);
-            self.apply_changes(changes, now);
+            self.apply_scan(scan, now);
             self.queue_ready_streams(now);
             self.publish_gauges();
         }
@@ -305,6 +313,7 @@ impl Coordinator {
             streams,
             // The HTTP thread adds what the probe found.
             s3_integrity: None,
+            watch_dir_blind: self.table.blind().map(str::to_string),
         }
     }
 
@@ -315,6 +324,8 @@ impl Coordinator {
             streams_owned: self.ownership.held_count() as u64,
             replicas: self.ownership.replicas() as u64,
             streams_quarantined: self.quarantined.len() as u64,
+            unreadable_paths: self.unreadable_paths as u64,
+            watch_dir_blind: self.table.blind().is_some(),
             ..Gauges::default()
         };
         for stream in self.table.iter().filter(|s| s.is_active()) {

@@ -59,6 +59,7 @@ fn a_panicking_job_is_retried_to_completion_and_never_holds_up_a_drain() {
     let mut coordinator = Coordinator::new(
         config.clone(),
         Box::new(checkpoints.clone()),
+        Box::new(RealFs),
         job_tx,
         Observers {
             events: metrics.clone(),

@@ -266,6 +266,15 @@ pub trait CheckpointStore: Send {
     /// Records the path a stream was last seen at.
     fn record_path(&mut self, stream_id: &str, rel_path: &str) -> Result<(), CheckpointError>;
 
+    /// Records that the stream's file now has identity `new` (it had `old`):
+    /// the index maps `new` to the stream, and `old` no longer does.
+    fn record_identity(
+        &mut self,
+        stream_id: &str,
+        old: FileIdentity,
+        new: FileIdentity,
+    ) -> Result<(), CheckpointError>;
+
     /// Marks the stream complete. Idempotent. Fenced.
     fn mark_complete(
         &mut self,

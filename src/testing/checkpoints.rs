@@ -235,6 +235,23 @@ impl CheckpointStore for FakeCheckpoints {
         Ok(())
     }
 
+    fn record_identity(
+        &mut self,
+        stream_id: &str,
+        old: FileIdentity,
+        new: FileIdentity,
+    ) -> Result<(), CheckpointError> {
+        let mut server = self.up()?;
+        if server.identities.get(&old.key()).map(String::as_str) == Some(stream_id) {
+            server.identities.remove(&old.key());
+        }
+        server.identities.insert(new.key(), stream_id.to_string());
+        if let Some(stream) = server.streams.get_mut(stream_id) {
+            stream.identity = new;
+        }
+        Ok(())
+    }
+
     fn mark_complete(
         &mut self,
         stream_id: &str,

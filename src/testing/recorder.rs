@@ -64,6 +64,14 @@ impl CheckpointStore for MemoryCheckpoints {
     fn record_path(&mut self, _: &str, _: &str) -> Result<(), CheckpointError> {
         Ok(())
     }
+    fn record_identity(
+        &mut self,
+        _: &str,
+        _: FileIdentity,
+        _: FileIdentity,
+    ) -> Result<(), CheckpointError> {
+        Ok(())
+    }
     fn mark_complete(&mut self, id: &str, _: u64, _: &Completion) -> Result<(), FencedWriteError> {
         self.fence()?;
         self.completed.lock().unwrap().push(id.into());

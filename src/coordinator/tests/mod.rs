@@ -19,6 +19,7 @@ use crate::scan::{FileIdentity, Observation, Scan, WATCH_DIR_DEVICE};
 use crate::store::ports::{Completion, StoredStatus};
 use crate::testing::{FakeCheckpoints, FakeClock, config};
 use crate::upload::job::{Job, JobResult, Outcome};
+use crate::watchfs::RealFs;
 
 mod lifecycle;
 mod ownership;
@@ -88,6 +89,7 @@ impl World {
         let coordinator = Coordinator::new(
             config,
             Box::new(store.clone()),
+            Box::new(RealFs),
             jobs_tx,
             Observers {
                 events: metrics.clone(),
@@ -166,11 +168,14 @@ impl World {
         self.files.insert(to.to_string(), file);
     }
 
+    /// What the scanner reports. A file that is not a video (say
+    /// `notes.txt`) stays in the watch directory, so removing the last video
+    /// is not mistaken for a mount that dropped away.
     fn scan(&self) -> Scan {
+        let files: Vec<Observation> = self.files.values().cloned().collect();
         Scan {
-            files: self.files.values().cloned().collect(),
-            root_readable: true,
-            ..Scan::default()
+            root_entries: files.len() + 1,
+            ..Scan::clear(files)
         }
     }
 
