@@ -35,6 +35,17 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
+/// Whether a test may skip because `what` (a tool or server) is missing:
+/// only when `CHUNKSTREAM_SKIP_SERVER_TESTS=1` is set, and never with
+/// CI=true. Says so when it does.
+pub fn may_skip_without(what: &str) -> bool {
+    let skip = !in_ci() && std::env::var("CHUNKSTREAM_SKIP_SERVER_TESTS").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("skipping: {what} is missing and CHUNKSTREAM_SKIP_SERVER_TESTS=1");
+    }
+    skip
+}
+
 /// Finds a tool on PATH or in ~/.cargo/bin.
 fn find_tool(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
@@ -58,8 +69,7 @@ pub fn require_tool(name: &str) -> Option<PathBuf> {
     if in_ci() {
         panic!("{name} is required when CI=true; run scripts/test.sh");
     }
-    if std::env::var("CHUNKSTREAM_SKIP_SERVER_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("skipping: {name} not found and CHUNKSTREAM_SKIP_SERVER_TESTS=1");
+    if may_skip_without(name) {
         return None;
     }
     panic!(
