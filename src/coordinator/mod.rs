@@ -30,7 +30,7 @@ use crate::random_u64;
 use crate::scan::{FileIdentity, Observation, Scan};
 use crate::store::CheckpointStore;
 use crate::store::ports::{Claim, LeaseStatus};
-use crate::store::record::{CorruptRecord, Loaded};
+use crate::store::ports::{CorruptRecord, Loaded};
 use crate::stream::state::{Event, Rules, Work};
 use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream, file_name};
 use crate::upload::job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};

@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CheckpointError, FencedWriteError, StorageError};
 use crate::metadata::ChunkRecord;
 use crate::scan::FileIdentity;
-use crate::store::record::Loaded;
 
 // ---- the object store ----
 
@@ -240,7 +239,7 @@ pub trait CheckpointStore: Send {
 
     /// Every live stream (those in the identity index), with their chunks;
     /// a record that cannot be trusted comes back as a
-    /// [`CorruptRecord`](crate::store::record::CorruptRecord).
+    /// [`CorruptRecord`].
     fn load_streams(&mut self) -> Result<Vec<Loaded>, CheckpointError>;
 
     /// One stream by id, if its record exists.
@@ -350,3 +349,16 @@ pub trait CheckpointStore: Send {
         stream_id: &str,
     ) -> Result<(), CheckpointError>;
 }
+
+/// A stream whose record cannot be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the checkpoint record of stream {id} is corrupt: {reason}")]
+pub struct CorruptRecord {
+    pub id: String,
+    /// The path the record names, when that much is readable.
+    pub path: Option<String>,
+    pub reason: String,
+}
+
+/// A record read back: usable, or corrupt.
+pub type Loaded = Result<StoredStream, CorruptRecord>;

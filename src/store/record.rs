@@ -15,20 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::MAX_CHUNK_SIZE;
 use crate::metadata::{ChunkRecord, MAX_CHUNKS, unix_millis};
 use crate::scan::FileIdentity;
-use crate::store::ports::{StoredStatus, StoredStream};
-
-/// A stream whose record cannot be trusted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the checkpoint record of stream {id} is corrupt: {reason}")]
-pub struct CorruptRecord {
-    pub id: String,
-    /// The path the record names, when that much is readable.
-    pub path: Option<String>,
-    pub reason: String,
-}
-
-/// A record read back: usable, or corrupt.
-pub type Loaded = Result<StoredStream, CorruptRecord>;
+use crate::store::ports::{CorruptRecord, Loaded, StoredStatus, StoredStream};
 
 pub(crate) fn from_unix_millis(millis: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(millis)

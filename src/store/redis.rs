@@ -33,11 +33,12 @@ use crate::config::{RedisConfig, SentinelConfig};
 use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::{ChunkRecord, unix_millis};
 use crate::scan::FileIdentity;
+use crate::store::ports::Loaded;
 use crate::store::ports::{
     AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Renewal, StoredStatus,
     StoredStream,
 };
-use crate::store::record::{Loaded, decode_stream, stream_fields};
+use crate::store::record::{decode_stream, stream_fields};
 
 mod checkpoints;
 mod instance;

@@ -12,7 +12,7 @@ use crate::store::CheckpointStore;
 use crate::store::ports::{
     AssemblyProgress, Claim, Completion, LeaseStatus, Renewal, StoredStatus, StoredStream,
 };
-use crate::store::record::{CorruptRecord, Loaded};
+use crate::store::ports::{CorruptRecord, Loaded};
 
 /// A lease: who holds it, until when.
 #[derive(Debug, Clone)]

@@ -7,10 +7,10 @@ use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::ChunkRecord;
 use crate::scan::FileIdentity;
 use crate::store::CheckpointStore;
+use crate::store::ports::Loaded;
 use crate::store::ports::{
     AssemblyProgress, Claim, Completion, LeaseStatus, Renewal, StoredStream,
 };
-use crate::store::record::Loaded;
 
 /// Records the checkpoints a worker writes, with no lease semantics (see
 /// [`FakeCheckpoints`] for those). With `taken_over` set, every fenced
