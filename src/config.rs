@@ -176,6 +176,79 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub aws_secret_access_key: Option<String>,
+    /// Session token of temporary keys given in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = "AWS_SESSION_TOKEN", global = true, hide_env_values = true)]
+    pub aws_session_token: Option<String>,
+    /// Role to assume with a web identity token (EKS IRSA); needs AWS_WEB_IDENTITY_TOKEN_FILE.
+    #[arg(long, env = "AWS_ROLE_ARN", global = true)]
+    pub aws_role_arn: Option<String>,
+    /// File holding the web identity token (re-read at every refresh).
+    #[arg(long, env = "AWS_WEB_IDENTITY_TOKEN_FILE", global = true)]
+    pub aws_web_identity_token_file: Option<String>,
+    /// Session name for AssumeRoleWithWebIdentity (default: chunkstream-<host>).
+    #[arg(long, env = "AWS_ROLE_SESSION_NAME", global = true)]
+    pub aws_role_session_name: Option<String>,
+    /// STS endpoint for AssumeRoleWithWebIdentity (default: https://sts.<S3_REGION>.amazonaws.com).
+    #[arg(long, env = "AWS_ENDPOINT_URL_STS", global = true)]
+    pub aws_endpoint_url_sts: Option<String>,
+    /// Profile in the shared credentials and config files (default: default).
+    #[arg(long, env = "AWS_PROFILE", global = true)]
+    pub aws_profile: Option<String>,
+    /// Shared credentials file (default: ~/.aws/credentials).
+    #[arg(long, env = "AWS_SHARED_CREDENTIALS_FILE", global = true)]
+    pub aws_shared_credentials_file: Option<String>,
+    /// Shared config file (default: ~/.aws/config).
+    #[arg(long, env = "AWS_CONFIG_FILE", global = true)]
+    pub aws_config_file: Option<String>,
+    /// Container credentials URL (EKS Pod Identity, ECS with a full URI).
+    #[arg(long, env = "AWS_CONTAINER_CREDENTIALS_FULL_URI", global = true)]
+    pub aws_container_credentials_full_uri: Option<String>,
+    /// Container credentials path on 169.254.170.2 (ECS task roles).
+    #[arg(long, env = "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", global = true)]
+    pub aws_container_credentials_relative_uri: Option<String>,
+    /// Authorization header for the container credentials endpoint.
+    #[arg(
+        long,
+        env = "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub aws_container_authorization_token: Option<String>,
+    /// File holding the container authorization token (EKS Pod Identity; re-read at every refresh).
+    #[arg(long, env = "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", global = true)]
+    pub aws_container_authorization_token_file: Option<String>,
+    /// Skip the EC2 instance metadata service (IMDSv2) in the credential chain.
+    #[arg(
+        long,
+        env = "AWS_EC2_METADATA_DISABLED",
+        default_value = "false",
+        global = true
+    )]
+    pub aws_ec2_metadata_disabled: String,
+    /// Instance metadata endpoint (default: http://169.254.169.254).
+    #[arg(long, env = "AWS_EC2_METADATA_SERVICE_ENDPOINT", global = true)]
+    pub aws_ec2_metadata_service_endpoint: Option<String>,
+    /// Send unsigned requests on purpose; without it, finding no credentials stops the start.
+    #[arg(long, env = "S3_ANONYMOUS", default_value = "false", global = true)]
+    pub s3_anonymous: String,
+    /// Server-side encryption of every object written: AES256 or aws:kms (empty: the bucket's default).
+    #[arg(long, env = "S3_SSE", default_value = "", global = true)]
+    pub s3_sse: String,
+    /// KMS key for S3_SSE=aws:kms (empty: the account's AWS managed key).
+    #[arg(long, env = "S3_SSE_KMS_KEY_ID", default_value = "", global = true)]
+    pub s3_sse_kms_key_id: String,
+    /// Storage class of every object written, e.g. STANDARD_IA, GLACIER_IR (empty: the bucket's default).
+    #[arg(long, env = "S3_STORAGE_CLASS", default_value = "", global = true)]
+    pub s3_storage_class: String,
+    /// Object Lock mode of every object written: GOVERNANCE or COMPLIANCE (empty: none); needs S3_OBJECT_LOCK_RETAIN.
+    #[arg(long, env = "S3_OBJECT_LOCK_MODE", default_value = "", global = true)]
+    pub s3_object_lock_mode: String,
+    /// How long each object stays locked from its upload, e.g. 30d.
+    #[arg(long, env = "S3_OBJECT_LOCK_RETAIN", default_value = "", global = true)]
+    pub s3_object_lock_retain: String,
+    /// Tags of every object written, k=v,k2=v2 (sent as x-amz-tagging).
+    #[arg(long, env = "S3_TAGS", default_value = "", global = true)]
+    pub s3_tags: String,
     /// Redis URL for checkpoints, one server; rediss:// for TLS. Default redis://127.0.0.1:6379/0; leave it unset with REDIS_SENTINELS.
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -297,6 +370,78 @@ pub struct S3Config {
     /// Create a missing bucket at start.
     pub create_bucket: bool,
     pub content_md5: ContentMd5,
+    /// `S3_ANONYMOUS`: unsigned requests are intended.
+    pub anonymous: bool,
+    /// Where to look for credentials after the environment.
+    pub chain: CredentialChain,
+    pub policy: ObjectPolicy,
+}
+
+/// The sources of the AWS credential chain after the environment, in the
+/// SDKs' order (see `crate::credentials`).
+#[derive(Debug, Clone, Default)]
+pub struct CredentialChain {
+    pub web_identity: Option<WebIdentity>,
+    /// `AWS_PROFILE`, `default` when unset.
+    pub profile: String,
+    /// `None`: `~/.aws/credentials`.
+    pub shared_credentials_file: Option<PathBuf>,
+    /// `None`: `~/.aws/config`.
+    pub config_file: Option<PathBuf>,
+    pub container: Option<ContainerEndpoint>,
+    /// The IMDS base URL; `None` when `AWS_EC2_METADATA_DISABLED=true`.
+    pub imds_endpoint: Option<String>,
+}
+
+/// `AssumeRoleWithWebIdentity` (EKS IRSA).
+#[derive(Debug, Clone)]
+pub struct WebIdentity {
+    pub role_arn: String,
+    pub token_file: PathBuf,
+    pub session_name: String,
+    pub sts_endpoint: String,
+}
+
+/// The ECS / EKS Pod Identity credentials endpoint.
+#[derive(Clone)]
+pub struct ContainerEndpoint {
+    pub uri: String,
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN`; never shown.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ContainerEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerEndpoint")
+            .field("uri", &self.uri)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
+/// Headers every object written carries (`S3_SSE`, `S3_STORAGE_CLASS`,
+/// `S3_OBJECT_LOCK_*`, `S3_TAGS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectPolicy {
+    pub sse: Option<Sse>,
+    pub storage_class: Option<String>,
+    pub object_lock: Option<ObjectLock>,
+    pub tags: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sse {
+    Aes256,
+    Kms { key_id: Option<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectLock {
+    /// `GOVERNANCE` or `COMPLIANCE`.
+    pub mode: String,
+    pub retain: Duration,
 }
 
 /// When requests with a body carry `Content-MD5` (`S3_CONTENT_MD5`).
@@ -325,6 +470,7 @@ impl ContentMd5 {
 pub struct S3Credentials {
     pub access_key_id: String,
     pub secret_access_key: String,
+    pub session_token: Option<String>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -338,6 +484,9 @@ impl std::fmt::Debug for S3Config {
             .field("request_timeout", &self.request_timeout)
             .field("create_bucket", &self.create_bucket)
             .field("content_md5", &self.content_md5)
+            .field("anonymous", &self.anonymous)
+            .field("chain", &self.chain)
+            .field("policy", &self.policy)
             .field(
                 "access_key_id",
                 &self.credentials.as_ref().map(|c| c.access_key_id.as_str()),
@@ -588,6 +737,7 @@ impl S3Config {
             (Some(id), Some(secret)) => Some(S3Credentials {
                 access_key_id: id.to_string(),
                 secret_access_key: secret.to_string(),
+                session_token: set(&settings.aws_session_token).map(str::to_string),
             }),
             (None, None) => None,
             (Some(_), None) => {
@@ -611,6 +761,9 @@ impl S3Config {
             path_style: parse_bool("S3_PATH_STYLE", &settings.s3_path_style)?,
             request_timeout: parse_duration("S3_REQUEST_TIMEOUT", &settings.s3_request_timeout)?,
             credentials,
+            anonymous: parse_bool("S3_ANONYMOUS", &settings.s3_anonymous)?,
+            chain: CredentialChain::from_settings(settings)?,
+            policy: ObjectPolicy::from_settings(settings)?,
             create_bucket: parse_bool("S3_CREATE_BUCKET", &settings.s3_create_bucket)?,
             content_md5: match settings.s3_content_md5.trim().to_ascii_lowercase().as_str() {
                 "auto" => ContentMd5::Auto,
@@ -831,6 +984,165 @@ pub fn parse_log_format(value: &str) -> Result<LogFormat, ConfigError> {
             value,
             "expected text or json",
         )),
+    }
+}
+
+/// An optional setting's value, `None` when unset or blank.
+fn set(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// An optional URL setting: `None` when unset, else an http(s) URL.
+fn optional_url(variable: &'static str, value: &Option<String>) -> Result<Option<String>, ConfigError> {
+    match set(value) {
+        None => Ok(None),
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+            Ok(Some(url.trim_end_matches('/').to_string()))
+        }
+        Some(url) => Err(ConfigError::bad_value(
+            variable,
+            url,
+            "expected an http:// or https:// URL",
+        )),
+    }
+}
+
+impl CredentialChain {
+    fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let region = settings.s3_region.trim();
+        let web_identity = match (
+            set(&settings.aws_role_arn),
+            set(&settings.aws_web_identity_token_file),
+        ) {
+            (Some(role_arn), Some(token_file)) => Some(WebIdentity {
+                role_arn: role_arn.to_string(),
+                token_file: PathBuf::from(token_file),
+                session_name: set(&settings.aws_role_session_name)
+                    .unwrap_or("chunkstream")
+                    .to_string(),
+                sts_endpoint: optional_url("AWS_ENDPOINT_URL_STS", &settings.aws_endpoint_url_sts)?
+                    .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com")),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError {
+                    variable: "AWS_WEB_IDENTITY_TOKEN_FILE",
+                    reason: "missing while AWS_ROLE_ARN is set".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError {
+                    variable: "AWS_ROLE_ARN",
+                    reason: "missing while AWS_WEB_IDENTITY_TOKEN_FILE is set".into(),
+                });
+            }
+        };
+        let full = optional_url(
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            &settings.aws_container_credentials_full_uri,
+        )?;
+        let relative = set(&settings.aws_container_credentials_relative_uri)
+            .map(|path| format!("http://169.254.170.2/{}", path.trim_start_matches('/')));
+        let container = relative.or(full).map(|uri| ContainerEndpoint {
+            uri,
+            token: set(&settings.aws_container_authorization_token).map(str::to_string),
+            token_file: set(&settings.aws_container_authorization_token_file).map(PathBuf::from),
+        });
+        let imds_disabled =
+            parse_bool("AWS_EC2_METADATA_DISABLED", &settings.aws_ec2_metadata_disabled)?;
+        let imds_endpoint = optional_url(
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            &settings.aws_ec2_metadata_service_endpoint,
+        )?
+        .unwrap_or_else(|| "http://169.254.169.254".to_string());
+        Ok(Self {
+            web_identity,
+            profile: set(&settings.aws_profile).unwrap_or("default").to_string(),
+            shared_credentials_file: set(&settings.aws_shared_credentials_file).map(PathBuf::from),
+            config_file: set(&settings.aws_config_file).map(PathBuf::from),
+            container,
+            imds_endpoint: (!imds_disabled).then_some(imds_endpoint),
+        })
+    }
+}
+
+impl ObjectPolicy {
+    fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let kms_key = settings.s3_sse_kms_key_id.trim();
+        let sse = match settings.s3_sse.trim() {
+            "" => None,
+            "AES256" => Some(Sse::Aes256),
+            "aws:kms" => Some(Sse::Kms {
+                key_id: (!kms_key.is_empty()).then(|| kms_key.to_string()),
+            }),
+            other => {
+                return Err(ConfigError::bad_value(
+                    "S3_SSE",
+                    other,
+                    "expected AES256 or aws:kms",
+                ));
+            }
+        };
+        if !kms_key.is_empty() && !matches!(sse, Some(Sse::Kms { .. })) {
+            return Err(ConfigError::bad_value(
+                "S3_SSE_KMS_KEY_ID",
+                kms_key,
+                "only with S3_SSE=aws:kms",
+            ));
+        }
+        let storage_class = settings.s3_storage_class.trim();
+        if !storage_class
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(ConfigError::bad_value(
+                "S3_STORAGE_CLASS",
+                storage_class,
+                "expected a storage class name such as STANDARD_IA or GLACIER_IR",
+            ));
+        }
+        let retain = settings.s3_object_lock_retain.trim();
+        let object_lock = match settings.s3_object_lock_mode.trim() {
+            "" if retain.is_empty() => None,
+            "" => {
+                return Err(ConfigError {
+                    variable: "S3_OBJECT_LOCK_MODE",
+                    reason: "missing while S3_OBJECT_LOCK_RETAIN is set".into(),
+                });
+            }
+            mode @ ("GOVERNANCE" | "COMPLIANCE") => Some(ObjectLock {
+                mode: mode.to_string(),
+                retain: parse_duration("S3_OBJECT_LOCK_RETAIN", retain)?,
+            }),
+            other => {
+                return Err(ConfigError::bad_value(
+                    "S3_OBJECT_LOCK_MODE",
+                    other,
+                    "expected GOVERNANCE or COMPLIANCE",
+                ));
+            }
+        };
+        let mut tags = Vec::new();
+        for pair in settings.s3_tags.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => {
+                    tags.push((key.trim().to_string(), value.trim().to_string()));
+                }
+                _ => {
+                    return Err(ConfigError::bad_value(
+                        "S3_TAGS",
+                        &settings.s3_tags,
+                        "expected key=value pairs separated by commas",
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            sse,
+            storage_class: (!storage_class.is_empty()).then(|| storage_class.to_string()),
+            object_lock,
+            tags,
+        })
     }
 }
 

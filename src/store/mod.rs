@@ -5,6 +5,7 @@
 //! server, and a failure mode of one client library stays in one file.
 
 mod connection;
+pub mod credentials;
 pub mod redis;
 pub mod s3;
 
