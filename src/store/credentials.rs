@@ -153,8 +153,7 @@ impl Provider {
             }));
         };
         info!(
-            "credentials: {} ({}), access key id {}{}",
-            source.name(),
+            "credentials: {}, access key id {}{}",
             describe(source, &chain),
             fetched.access_key_id,
             match fetched.expires {
