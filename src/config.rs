@@ -993,7 +993,10 @@ fn set(value: &Option<String>) -> Option<&str> {
 }
 
 /// An optional URL setting: `None` when unset, else an http(s) URL.
-fn optional_url(variable: &'static str, value: &Option<String>) -> Result<Option<String>, ConfigError> {
+fn optional_url(
+    variable: &'static str,
+    value: &Option<String>,
+) -> Result<Option<String>, ConfigError> {
     match set(value) {
         None => Ok(None),
         Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
@@ -1048,8 +1051,10 @@ impl CredentialChain {
             token: set(&settings.aws_container_authorization_token).map(str::to_string),
             token_file: set(&settings.aws_container_authorization_token_file).map(PathBuf::from),
         });
-        let imds_disabled =
-            parse_bool("AWS_EC2_METADATA_DISABLED", &settings.aws_ec2_metadata_disabled)?;
+        let imds_disabled = parse_bool(
+            "AWS_EC2_METADATA_DISABLED",
+            &settings.aws_ec2_metadata_disabled,
+        )?;
         let imds_endpoint = optional_url(
             "AWS_EC2_METADATA_SERVICE_ENDPOINT",
             &settings.aws_ec2_metadata_service_endpoint,
@@ -1123,7 +1128,12 @@ impl ObjectPolicy {
             }
         };
         let mut tags = Vec::new();
-        for pair in settings.s3_tags.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for pair in settings
+            .s3_tags
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             match pair.split_once('=') {
                 Some((key, value)) if !key.trim().is_empty() => {
                     tags.push((key.trim().to_string(), value.trim().to_string()));

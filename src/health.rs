@@ -56,11 +56,14 @@ pub struct ReadinessReport {
     pub s3: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3_integrity: Option<Integrity>,
+    /// `"error: …"` while refreshing temporary credentials fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_credentials: Option<String>,
 }
 
 impl ReadinessReport {
     pub fn ready(&self) -> bool {
-        self.redis == "ok" && self.s3 == "ok"
+        self.redis == "ok" && self.s3 == "ok" && self.s3_credentials.is_none()
     }
 }
 
@@ -74,6 +77,8 @@ pub struct Readiness {
     /// writes back whatever Redis may have lost.
     redis_recoveries: AtomicU64,
     integrity: Mutex<Option<Integrity>>,
+    /// The last credential refresh error, until a refresh succeeds.
+    credentials: Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -125,6 +130,10 @@ impl Readiness {
         *self.integrity.lock().expect("readiness lock")
     }
 
+    pub fn set_credentials(&self, refresh_error: Option<String>) {
+        *self.credentials.lock().expect("readiness lock") = refresh_error;
+    }
+
     pub fn report(&self) -> ReadinessReport {
         let show = |dependency| match &*self.slot(dependency).lock().expect("readiness lock") {
             Some(Ok(())) => "ok".to_string(),
@@ -135,6 +144,12 @@ impl Readiness {
             redis: show(Dependency::Redis),
             s3: show(Dependency::Storage),
             s3_integrity: self.integrity(),
+            s3_credentials: self
+                .credentials
+                .lock()
+                .expect("readiness lock")
+                .as_ref()
+                .map(|err| format!("error: refreshing credentials: {err}")),
         }
     }
 }

@@ -119,7 +119,10 @@ fn container_credentials_that_expire_in_40s_are_refreshed_during_an_upload() {
     );
     let log = daemon.log();
     assert!(log.contains("credentials: container credentials"), "{log}");
-    assert!(log.contains("credentials: refreshed from container credentials"), "{log}");
+    assert!(
+        log.contains("credentials: refreshed from container credentials"),
+        "{log}"
+    );
     assert_eq!(daemon.metric_sum("chunkstream_upload_errors_total"), 0.0);
     assert!(!log.contains("pod-token"), "the token is never logged");
     daemon.terminate();
@@ -145,7 +148,10 @@ fn web_identity_assumes_a_role_at_moto_sts() {
     let meta = env.wait_complete("cam-irsa.mp4");
     env.assert_byte_exact(&meta, &path);
     let log = daemon.log();
-    assert!(log.contains("credentials: web identity (role arn:aws:iam::123456789012:role/chunkstream"), "{log}");
+    assert!(
+        log.contains("credentials: web identity (role arn:aws:iam::123456789012:role/chunkstream"),
+        "{log}"
+    );
     daemon.terminate();
 }
 
@@ -171,7 +177,10 @@ fn a_profile_in_a_shared_credentials_file_signs_for_s3s_fs() {
     let meta = env.wait_complete("cam-profile.mp4");
     env.assert_byte_exact(&meta, &path);
     let log = daemon.log();
-    assert!(log.contains("credentials: shared profile \"cameras\""), "{log}");
+    assert!(
+        log.contains("credentials: shared profile \"cameras\""),
+        "{log}"
+    );
     assert!(!log.contains(SECRET_KEY), "the secret is never logged");
     daemon.terminate();
 }
@@ -233,7 +242,10 @@ fn every_object_carries_sse_storage_class_tags_and_object_lock_on_moto() {
     let meta = env.wait_assembled("cam-policy.mp4", 1);
     env.assert_byte_exact(&meta, &path);
     let keys = env.keys();
-    assert!(keys.len() >= 4, "chunks, metadata and the assembled object: {keys:?}");
+    assert!(
+        keys.len() >= 4,
+        "chunks, metadata and the assembled object: {keys:?}"
+    );
     let soon = SystemTime::now() + Duration::from_secs(86_400);
     for key in keys.iter().filter(|key| !key.contains(".chunkstream/")) {
         let headers = head(&env, key);
@@ -262,5 +274,47 @@ fn every_object_carries_sse_storage_class_tags_and_object_lock_on_moto() {
     wait_for("no failed requests", || {
         daemon.metric_sum("chunkstream_upload_errors_total") == 0.0
     });
+    daemon.terminate();
+}
+
+#[test]
+fn a_failing_refresh_shows_in_readyz_and_the_metric_while_uploads_go_on() {
+    let Some(env) = TestEnv::start() else { return };
+    // Answers once with credentials for 20 s, then refuses every refresh.
+    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
+    let port = server.server_addr().to_ip().expect("ip").port();
+    let serving = server.clone();
+    std::thread::spawn(move || {
+        for (n, request) in serving.incoming_requests().enumerate() {
+            let response = if n == 0 {
+                let expires =
+                    humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(20));
+                tiny_http::Response::from_string(format!(
+                    r#"{{"AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{SECRET_KEY}","Token":"t","Expiration":"{expires}"}}"#
+                ))
+            } else {
+                tiny_http::Response::from_string("unavailable").with_status_code(503)
+            };
+            let _ = request.respond(response);
+        }
+    });
+    let url = format!("http://127.0.0.1:{port}/creds");
+    let daemon = start_with(
+        &env,
+        without_keys(&env),
+        &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url)],
+    );
+    wait_for("a failed refresh counted", || {
+        daemon.metric_sum("chunkstream_credentials_refresh_failures_total") >= 1.0
+    });
+    wait_for("/readyz shows the refresh error", || {
+        let (status, body) = daemon.http("GET", "/readyz");
+        status == 503 && body.contains("refreshing credentials")
+    });
+    // The credentials are still valid: a stream uploads meanwhile.
+    let path = env.drop_file("cam-during.mp4", &pseudo_random(6 * MIB, 9));
+    let meta = env.wait_complete("cam-during.mp4");
+    env.assert_byte_exact(&meta, &path);
+    server.unblock();
     daemon.terminate();
 }

@@ -20,9 +20,9 @@ use log::{info, warn};
 use s3::creds::Credentials;
 use serde::Deserialize;
 
+use super::s3::{percent_encode, xml_value};
 use crate::config::{ContainerEndpoint, CredentialChain, S3Config, WebIdentity};
 use crate::error::{AppError, ConfigError};
-use super::s3::{percent_encode, xml_value};
 
 /// Refresh this long before expiry, or at half the lifetime when shorter.
 const REFRESH_AHEAD: Duration = Duration::from_secs(300);
@@ -389,9 +389,7 @@ fn web_identity(web: &WebIdentity, agent: &ureq::Agent) -> Result<Fetched, Strin
             xml_value(&body, "Message").unwrap_or_else(|| body.chars().take(200).collect())
         ));
     }
-    let field = |tag: &str| {
-        xml_value(&body, tag).ok_or_else(|| format!("STS answer has no {tag}"))
-    };
+    let field = |tag: &str| xml_value(&body, tag).ok_or_else(|| format!("STS answer has no {tag}"));
     Ok(Fetched {
         access_key_id: field("AccessKeyId")?,
         secret_access_key: field("SecretAccessKey")?,
@@ -453,7 +451,9 @@ fn instance_metadata(endpoint: &str, agent: &ureq::Agent) -> Option<Fetched> {
         .ok()?;
     let get = |path: &str| -> Option<String> {
         let mut response = agent
-            .get(&format!("{endpoint}/latest/meta-data/iam/security-credentials/{path}"))
+            .get(&format!(
+                "{endpoint}/latest/meta-data/iam/security-credentials/{path}"
+            ))
             .header("x-aws-ec2-metadata-token", &token)
             .call()
             .ok()?;
@@ -473,7 +473,9 @@ fn instance_metadata(endpoint: &str, agent: &ureq::Agent) -> Option<Fetched> {
 /// The credentials file, then the config file (where the section of a
 /// profile other than `default` is `[profile NAME]`).
 fn profile_paths(chain: &CredentialChain) -> Vec<PathBuf> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     vec![
         chain
             .shared_credentials_file
@@ -567,7 +569,10 @@ mod tests {
     #[test]
     fn ini_sections_are_read_by_name() {
         let text = "[default]\naws_access_key_id = A\n# note\n[profile cam]\nAWS_SECRET_ACCESS_KEY=s = x\n";
-        assert_eq!(ini_section(text, "default").unwrap()["aws_access_key_id"], "A");
+        assert_eq!(
+            ini_section(text, "default").unwrap()["aws_access_key_id"],
+            "A"
+        );
         assert_eq!(
             ini_section(text, "profile cam").unwrap()["aws_secret_access_key"],
             "s = x"
@@ -607,13 +612,12 @@ mod tests {
                 obtained: Mutex::new(now),
                 health: Mutex::new(RefreshHealth::default()),
             };
-            provider
-                .refresh_at()
-                .unwrap()
-                .duration_since(now)
-                .unwrap()
+            provider.refresh_at().unwrap().duration_since(now).unwrap()
         };
-        assert_eq!(provider(Duration::from_secs(3600)), Duration::from_secs(3300));
+        assert_eq!(
+            provider(Duration::from_secs(3600)),
+            Duration::from_secs(3300)
+        );
         assert_eq!(provider(Duration::from_secs(100)), Duration::from_secs(50));
     }
 }

@@ -223,11 +223,9 @@ impl S3Store {
         if self.config.policy.object_lock.is_none() {
             return Ok(self.policy.clone());
         }
-        policy_headers(&self.config.policy, SystemTime::now()).map_err(|err| {
-            StorageError::Other {
-                key: key.to_string(),
-                detail: err.to_string(),
-            }
+        policy_headers(&self.config.policy, SystemTime::now()).map_err(|err| StorageError::Other {
+            key: key.to_string(),
+            detail: err.to_string(),
         })
     }
 
@@ -666,7 +664,10 @@ impl ObjectStore for S3Store {
                 etag: quoted(etag),
             })
             .collect();
-        let body = match self.bucket().complete_multipart_upload(key, upload_id, parts) {
+        let body = match self
+            .bucket()
+            .complete_multipart_upload(key, upload_id, parts)
+        {
             Ok(response) => String::from_utf8_lossy(response.as_slice()).to_string(),
             // rust-s3 insists on the root element's name, which moto spells
             // differently; a 2xx without an error document is a success.
@@ -732,7 +733,10 @@ fn policy_headers(policy: &ObjectPolicy, now: SystemTime) -> Result<HeaderMap, S
         Some(Sse::Kms { key_id }) => {
             pairs.push(("x-amz-server-side-encryption", "aws:kms".into()));
             if let Some(key_id) = key_id {
-                pairs.push(("x-amz-server-side-encryption-aws-kms-key-id", key_id.clone()));
+                pairs.push((
+                    "x-amz-server-side-encryption-aws-kms-key-id",
+                    key_id.clone(),
+                ));
             }
         }
         None => {}
@@ -751,7 +755,13 @@ fn policy_headers(policy: &ObjectPolicy, now: SystemTime) -> Result<HeaderMap, S
         let tagging = policy
             .tags
             .iter()
-            .map(|(key, value)| format!("{}={}", percent_encode(key, b""), percent_encode(value, b"")))
+            .map(|(key, value)| {
+                format!(
+                    "{}={}",
+                    percent_encode(key, b""),
+                    percent_encode(value, b"")
+                )
+            })
             .collect::<Vec<_>>()
             .join("&");
         pairs.push(("x-amz-tagging", tagging));
