@@ -64,24 +64,29 @@ impl Drop for CredentialsServer {
     }
 }
 
-/// The test environment's daemon settings without static keys.
-fn without_keys(env: &TestEnv) -> std::collections::BTreeMap<String, String> {
+/// The test environment's daemon settings without the static keys.
+fn keyless_env(env: &TestEnv) -> std::collections::BTreeMap<String, String> {
     let mut vars = env.daemon_env();
     vars.remove("AWS_ACCESS_KEY_ID");
     vars.remove("AWS_SECRET_ACCESS_KEY");
     vars
 }
 
-fn start_with(
-    env: &TestEnv,
-    vars: std::collections::BTreeMap<String, String>,
-    extra: &[(&str, &str)],
-) -> support::Daemon {
-    let mut vars = vars;
+/// The daemon with [`keyless_env`] plus `extra`.
+fn start_without_keys(env: &TestEnv, extra: &[(&str, &str)]) -> support::Daemon {
+    let mut vars = keyless_env(env);
     for (key, value) in extra {
         vars.insert(key.to_string(), value.to_string());
     }
     support::Daemon::start(vars, env.watch.path())
+}
+
+/// Drops a recording of `size` bytes, waits for it to complete and checks
+/// it byte for byte.
+fn uploads_byte_exact(env: &TestEnv, rel: &str, size: u64, seed: u64) {
+    let path = env.drop_file(rel, &pseudo_random(size, seed));
+    let meta = env.wait_complete(rel);
+    env.assert_byte_exact(&meta, &path);
 }
 
 #[test]
@@ -90,9 +95,8 @@ fn container_credentials_that_expire_in_40s_are_refreshed_during_an_upload() {
     let server = CredentialsServer::start("Bearer pod-token", Duration::from_secs(40));
     let token_file = env.staging.path().join("token");
     std::fs::write(&token_file, "Bearer pod-token\n").unwrap();
-    let daemon = start_with(
+    let daemon = start_without_keys(
         &env,
-        without_keys(&env),
         &[
             ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &server.url),
             (
@@ -135,18 +139,15 @@ fn web_identity_assumes_a_role_at_moto_sts() {
     };
     let token_file = env.staging.path().join("web-identity-token");
     std::fs::write(&token_file, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJjYW0ifQ.c2ln").unwrap();
-    let daemon = start_with(
+    let daemon = start_without_keys(
         &env,
-        without_keys(&env),
         &[
             ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/chunkstream"),
             ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.to_str().unwrap()),
             ("AWS_ENDPOINT_URL_STS", &env.s3.endpoint()),
         ],
     );
-    let path = env.drop_file("cam-irsa.mp4", &pseudo_random(7 * MIB, 3));
-    let meta = env.wait_complete("cam-irsa.mp4");
-    env.assert_byte_exact(&meta, &path);
+    uploads_byte_exact(&env, "cam-irsa.mp4", 7 * MIB, 3);
     let log = daemon.log();
     assert!(
         log.contains("credentials: web identity (role arn:aws:iam::123456789012:role/chunkstream"),
@@ -164,18 +165,15 @@ fn a_profile_in_a_shared_credentials_file_signs_for_s3s_fs() {
         format!("[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n[cameras]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"),
     )
     .unwrap();
-    let daemon = start_with(
+    let daemon = start_without_keys(
         &env,
-        without_keys(&env),
         &[
             ("AWS_PROFILE", "cameras"),
             ("AWS_SHARED_CREDENTIALS_FILE", file.to_str().unwrap()),
             ("AWS_CONFIG_FILE", "/nonexistent/config"),
         ],
     );
-    let path = env.drop_file("cam-profile.mp4", &pseudo_random(6 * MIB, 4));
-    let meta = env.wait_complete("cam-profile.mp4");
-    env.assert_byte_exact(&meta, &path);
+    uploads_byte_exact(&env, "cam-profile.mp4", 6 * MIB, 4);
     let log = daemon.log();
     assert!(
         log.contains("credentials: shared profile \"cameras\""),
@@ -188,7 +186,7 @@ fn a_profile_in_a_shared_credentials_file_signs_for_s3s_fs() {
 #[test]
 fn no_credentials_anywhere_exits_2_naming_every_source_tried() {
     let Some(env) = TestEnv::start() else { return };
-    let mut vars = without_keys(&env);
+    let mut vars = keyless_env(&env);
     vars.insert("HOME".into(), env.staging.path().display().to_string());
     vars.insert("METRICS_ADDR".into(), "127.0.0.1:0".into());
     let output = std::process::Command::new(chunkstream_binary())
@@ -299,11 +297,7 @@ fn a_failing_refresh_shows_in_readyz_and_the_metric_while_uploads_go_on() {
         }
     });
     let url = format!("http://127.0.0.1:{port}/creds");
-    let daemon = start_with(
-        &env,
-        without_keys(&env),
-        &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url)],
-    );
+    let daemon = start_without_keys(&env, &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url)]);
     wait_for("a failed refresh counted", || {
         daemon.metric_sum("chunkstream_credentials_refresh_failures_total") >= 1.0
     });
@@ -312,9 +306,7 @@ fn a_failing_refresh_shows_in_readyz_and_the_metric_while_uploads_go_on() {
         status == 503 && body.contains("refreshing credentials")
     });
     // The credentials are still valid: a stream uploads meanwhile.
-    let path = env.drop_file("cam-during.mp4", &pseudo_random(6 * MIB, 9));
-    let meta = env.wait_complete("cam-during.mp4");
-    env.assert_byte_exact(&meta, &path);
+    uploads_byte_exact(&env, "cam-during.mp4", 6 * MIB, 9);
     server.unblock();
     daemon.terminate();
 }
