@@ -252,6 +252,9 @@ pub struct Settings {
     /// Redis URL for checkpoints, one server; rediss:// for TLS. Default redis://127.0.0.1:6379/0; leave it unset with REDIS_SENTINELS.
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// PEM file of the CA (private or self-signed) that signed the rediss:// server's certificate; replaces the system roots for Redis.
+    #[arg(long, env = "REDIS_CA_FILE", global = true)]
+    pub redis_ca_file: Option<String>,
     /// Redis Sentinels, host:port,host:port,...: instead of REDIS_URL, follow the master they name through failovers.
     #[arg(long, env = "REDIS_SENTINELS", default_value = "", global = true)]
     pub redis_sentinels: String,
@@ -512,6 +515,9 @@ pub struct RedisConfig {
     pub url: String,
     pub key_prefix: String,
     pub timeout: Duration,
+    /// `REDIS_CA_FILE`: the CA the `rediss://` server's certificate is
+    /// checked against.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -908,11 +914,20 @@ impl RedisConfig {
             ));
         }
         let timeout = parse_duration("REDIS_TIMEOUT", &settings.redis_timeout)?;
+        let ca_file = set(&settings.redis_ca_file).map(PathBuf::from);
         if let Some(sentinel) = sentinel {
+            if ca_file.is_some() {
+                return Err(ConfigError {
+                    variable: "REDIS_CA_FILE",
+                    reason: "not supported with REDIS_SENTINELS yet; use REDIS_URL=rediss://"
+                        .into(),
+                });
+            }
             return Ok(Self {
                 url: sentinel.describe(),
                 key_prefix,
                 timeout,
+                ca_file,
             });
         }
         let url = given(&settings.redis_url)
@@ -934,10 +949,17 @@ impl RedisConfig {
             let detail = err.to_string().replace(&url, &shown);
             return Err(ConfigError::bad_value("REDIS_URL", &shown, detail));
         }
+        if ca_file.is_some() && !url.starts_with("rediss://") {
+            return Err(ConfigError {
+                variable: "REDIS_CA_FILE",
+                reason: format!("only with a rediss:// REDIS_URL, not {shown}"),
+            });
+        }
         Ok(Self {
             url,
             key_prefix,
             timeout,
+            ca_file,
         })
     }
 }
