@@ -1,7 +1,8 @@
 //! Credentials and object policy against real local servers: each source of
 //! the AWS credential chain uploads a stream byte-exact (container
-//! credentials from an HTTP server in this test, web identity from moto's
-//! STS, a profile file against s3s-fs), short-lived credentials are refreshed
+//! credentials and an IMDSv2 stand-in, both HTTP servers in this test, web
+//! identity from moto's STS, a profile file against s3s-fs), short-lived
+//! credentials are refreshed
 //! mid-upload, no credentials stop the start, and every object written
 //! carries the object policy (HEAD against moto). No test reaches the
 //! instance-metadata address or any host off this machine.
@@ -307,6 +308,65 @@ fn a_failing_refresh_shows_in_readyz_and_the_metric_while_uploads_go_on() {
     });
     // The credentials are still valid: a stream uploads meanwhile.
     uploads_byte_exact(&env, "cam-during.mp4", 6 * MIB, 9);
+    server.unblock();
+    daemon.terminate();
+}
+
+#[test]
+fn an_ec2_instance_profile_is_read_with_the_imdsv2_token_flow() {
+    let Some(env) = TestEnv::start() else { return };
+    // A local stand-in for the instance metadata service, reached through
+    // AWS_EC2_METADATA_SERVICE_ENDPOINT (never 169.254.169.254).
+    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
+    let port = server.server_addr().to_ip().expect("ip").port();
+    let serving = server.clone();
+    std::thread::spawn(move || {
+        for request in serving.incoming_requests() {
+            let token = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("x-aws-ec2-metadata-token"))
+                .map(|h| h.value.to_string());
+            let path = request.url().to_string();
+            let expires =
+                humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600));
+            let body = match (request.method(), path.as_str(), token.as_deref()) {
+                (tiny_http::Method::Put, "/latest/api/token", _) => "imds-session".to_string(),
+                (_, "/latest/meta-data/iam/security-credentials/", Some("imds-session")) => {
+                    "camera-uploader\n".to_string()
+                }
+                (
+                    _,
+                    "/latest/meta-data/iam/security-credentials/camera-uploader",
+                    Some("imds-session"),
+                ) => {
+                    format!(
+                        r#"{{"Code":"Success","AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{SECRET_KEY}","Token":"instance","Expiration":"{expires}"}}"#
+                    )
+                }
+                _ => {
+                    let _ = request.respond(tiny_http::Response::empty(401));
+                    continue;
+                }
+            };
+            let _ = request.respond(tiny_http::Response::from_string(body));
+        }
+    });
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let daemon = start_without_keys(
+        &env,
+        &[
+            ("AWS_EC2_METADATA_DISABLED", "false"),
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &endpoint),
+            ("HOME", env.staging.path().to_str().unwrap()),
+        ],
+    );
+    uploads_byte_exact(&env, "cam-ec2.mp4", 6 * MIB, 12);
+    let log = daemon.log();
+    assert!(
+        log.contains(&format!("credentials: EC2 instance metadata ({endpoint})")),
+        "{log}"
+    );
     server.unblock();
     daemon.terminate();
 }
