@@ -2,8 +2,8 @@
 //! the AWS credential chain uploads a stream byte-exact (container
 //! credentials and an IMDSv2 stand-in, both HTTP servers in this test, web
 //! identity from moto's STS, a profile file against s3s-fs), short-lived
-//! credentials are refreshed
-//! mid-upload, no credentials stop the start, and every object written
+//! credentials are refreshed mid-upload, no credentials stop the start, and
+//! every object written
 //! carries the object policy (HEAD against moto). No test reaches the
 //! instance-metadata address or any host off this machine.
 
@@ -18,51 +18,59 @@ use support::{
     pseudo_random, wait_for,
 };
 
-/// A container-credentials endpoint: answers the test's keys with a session
-/// token and an expiry `lifetime` from each request, when the request carries
-/// `Authorization: <token>`. Counts the requests it answered.
-struct CredentialsServer {
-    url: String,
+/// A local HTTP server: every request gets `answer(request, n)`, a status
+/// and a body, `n` counting the requests from 0. Stops when dropped.
+struct Stub {
+    base: String,
     answered: Arc<AtomicUsize>,
     server: Arc<tiny_http::Server>,
 }
 
-impl CredentialsServer {
-    fn start(token: &'static str, lifetime: Duration) -> Self {
+impl Stub {
+    fn start(
+        answer: impl Fn(&tiny_http::Request, usize) -> (u16, String) + Send + 'static,
+    ) -> Self {
         let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
         let port = server.server_addr().to_ip().expect("ip").port();
         let answered = Arc::new(AtomicUsize::new(0));
         let (serving, count) = (server.clone(), answered.clone());
         std::thread::spawn(move || {
             for request in serving.incoming_requests() {
-                let authorized = request
-                    .headers()
-                    .iter()
-                    .any(|h| h.field.equiv("Authorization") && h.value.as_str() == token);
-                if !authorized {
-                    let _ = request.respond(tiny_http::Response::empty(401));
-                    continue;
-                }
-                let n = count.fetch_add(1, Ordering::SeqCst);
-                let expires = humantime::format_rfc3339_seconds(SystemTime::now() + lifetime);
-                let body = format!(
-                    r#"{{"AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{SECRET_KEY}","Token":"session-{n}","Expiration":"{expires}"}}"#
-                );
-                let _ = request.respond(tiny_http::Response::from_string(body));
+                let (status, body) = answer(&request, count.fetch_add(1, Ordering::SeqCst));
+                let _ = request
+                    .respond(tiny_http::Response::from_string(body).with_status_code(status));
             }
         });
         Self {
-            url: format!("http://127.0.0.1:{port}/v2/credentials/pod"),
+            base: format!("http://127.0.0.1:{port}"),
             answered,
             server,
         }
     }
 }
 
-impl Drop for CredentialsServer {
+impl Drop for Stub {
     fn drop(&mut self) {
         self.server.unblock();
     }
+}
+
+/// The JSON of the container endpoint and IMDS: the test's keys, expiring
+/// `lifetime` from now.
+fn credentials_json(token: &str, lifetime: Duration) -> String {
+    let expires = humantime::format_rfc3339_seconds(SystemTime::now() + lifetime);
+    format!(
+        r#"{{"AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{SECRET_KEY}","Token":"{token}","Expiration":"{expires}"}}"#
+    )
+}
+
+/// The value of header `name`, if the request has it.
+fn header(request: &tiny_http::Request, name: &str) -> Option<String> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.to_string())
 }
 
 /// The test environment's daemon settings without the static keys.
@@ -93,13 +101,21 @@ fn uploads_byte_exact(env: &TestEnv, rel: &str, size: u64, seed: u64) {
 #[test]
 fn container_credentials_that_expire_in_40s_are_refreshed_during_an_upload() {
     let Some(env) = TestEnv::start() else { return };
-    let server = CredentialsServer::start("Bearer pod-token", Duration::from_secs(40));
+    // Credentials that expire 40 s after each request, for the pod's token.
+    let server = Stub::start(|request, n| match header(request, "Authorization") {
+        Some(token) if token == "Bearer pod-token" => (
+            200,
+            credentials_json(&format!("session-{n}"), Duration::from_secs(40)),
+        ),
+        _ => (401, String::new()),
+    });
+    let url = format!("{}/v2/credentials/pod", server.base);
     let token_file = env.staging.path().join("token");
     std::fs::write(&token_file, "Bearer pod-token\n").unwrap();
     let daemon = start_without_keys(
         &env,
         &[
-            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &server.url),
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url),
             (
                 "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
                 token_file.to_str().unwrap(),
@@ -280,24 +296,11 @@ fn every_object_carries_sse_storage_class_tags_and_object_lock_on_moto() {
 fn a_failing_refresh_shows_in_readyz_and_the_metric_while_uploads_go_on() {
     let Some(env) = TestEnv::start() else { return };
     // Answers once with credentials for 20 s, then refuses every refresh.
-    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
-    let port = server.server_addr().to_ip().expect("ip").port();
-    let serving = server.clone();
-    std::thread::spawn(move || {
-        for (n, request) in serving.incoming_requests().enumerate() {
-            let response = if n == 0 {
-                let expires =
-                    humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(20));
-                tiny_http::Response::from_string(format!(
-                    r#"{{"AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{SECRET_KEY}","Token":"t","Expiration":"{expires}"}}"#
-                ))
-            } else {
-                tiny_http::Response::from_string("unavailable").with_status_code(503)
-            };
-            let _ = request.respond(response);
-        }
+    let server = Stub::start(|_, n| match n {
+        0 => (200, credentials_json("t", Duration::from_secs(20))),
+        _ => (503, "unavailable".to_string()),
     });
-    let url = format!("http://127.0.0.1:{port}/creds");
+    let url = format!("{}/creds", server.base);
     let daemon = start_without_keys(&env, &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url)]);
     wait_for("a failed refresh counted", || {
         daemon.metric_sum("chunkstream_credentials_refresh_failures_total") >= 1.0
@@ -308,7 +311,6 @@ fn a_failing_refresh_shows_in_readyz_and_the_metric_while_uploads_go_on() {
     });
     // The credentials are still valid: a stream uploads meanwhile.
     uploads_byte_exact(&env, "cam-during.mp4", 6 * MIB, 9);
-    server.unblock();
     daemon.terminate();
 }
 
@@ -317,42 +319,21 @@ fn an_ec2_instance_profile_is_read_with_the_imdsv2_token_flow() {
     let Some(env) = TestEnv::start() else { return };
     // A local stand-in for the instance metadata service, reached through
     // AWS_EC2_METADATA_SERVICE_ENDPOINT (never 169.254.169.254).
-    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
-    let port = server.server_addr().to_ip().expect("ip").port();
-    let serving = server.clone();
-    std::thread::spawn(move || {
-        for request in serving.incoming_requests() {
-            let token = request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("x-aws-ec2-metadata-token"))
-                .map(|h| h.value.to_string());
-            let path = request.url().to_string();
-            let expires =
-                humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600));
-            let body = match (request.method(), path.as_str(), token.as_deref()) {
-                (tiny_http::Method::Put, "/latest/api/token", _) => "imds-session".to_string(),
-                (_, "/latest/meta-data/iam/security-credentials/", Some("imds-session")) => {
-                    "camera-uploader\n".to_string()
-                }
-                (
-                    _,
-                    "/latest/meta-data/iam/security-credentials/camera-uploader",
-                    Some("imds-session"),
-                ) => {
-                    format!(
-                        r#"{{"Code":"Success","AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{SECRET_KEY}","Token":"instance","Expiration":"{expires}"}}"#
-                    )
-                }
-                _ => {
-                    let _ = request.respond(tiny_http::Response::empty(401));
-                    continue;
-                }
-            };
-            let _ = request.respond(tiny_http::Response::from_string(body));
+    let server = Stub::start(|request, _| {
+        let token = header(request, "x-aws-ec2-metadata-token");
+        let role_path = "/latest/meta-data/iam/security-credentials/";
+        match (request.method(), request.url(), token.as_deref()) {
+            (tiny_http::Method::Put, "/latest/api/token", _) => (200, "imds-session".into()),
+            (_, path, Some("imds-session")) if path == role_path => {
+                (200, "camera-uploader\n".into())
+            }
+            (_, path, Some("imds-session")) if path == format!("{role_path}camera-uploader") => {
+                (200, credentials_json("instance", Duration::from_secs(3600)))
+            }
+            _ => (401, String::new()),
         }
     });
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let endpoint = server.base.clone();
     let daemon = start_without_keys(
         &env,
         &[
@@ -367,6 +348,5 @@ fn an_ec2_instance_profile_is_read_with_the_imdsv2_token_flow() {
         log.contains(&format!("credentials: EC2 instance metadata ({endpoint})")),
         "{log}"
     );
-    server.unblock();
     daemon.terminate();
 }
