@@ -213,6 +213,17 @@ impl Provider {
     fn refresh(&self) -> Result<(), String> {
         let fetched = fetch(self.source, &self.chain, &self.agent)?
             .ok_or_else(|| format!("{} no longer has credentials", self.source.name()))?;
+        // A source that has not rotated yet answers the same credentials:
+        // try again after a backoff rather than in a tight loop.
+        if let (Some(new), Some(old)) = (fetched.expires, self.expires())
+            && new <= old
+        {
+            return Err(format!(
+                "{} answered credentials that still expire at {}",
+                self.source.name(),
+                humantime::format_rfc3339_seconds(new)
+            ));
+        }
         let credentials = signing(&fetched).map_err(|err| err.to_string())?;
         info!(
             "credentials: refreshed from {}{}",
