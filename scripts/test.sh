@@ -5,10 +5,12 @@
 #   scripts/test.sh -- NAME    # only tests whose name contains NAME
 #
 # Installs, when missing: redis-server, redis-sentinel, ffmpeg/ffprobe, openssl,
-# promtool (Debian package prometheus) and Ceph RGW (radosgw, ceph-mon,
-# ceph-osd, ceph-common) with apt-get; the S3 test servers s3s-fs 0.14.1
-# (cargo install) and moto server (pip). With CI=true a tool that is still
-# missing afterwards is a failure, never a skip.
+# promtool (Debian package prometheus), Ceph RGW (radosgw, ceph-mon, ceph-osd,
+# ceph-common) and the network file system test bed's sshd, ssh, sshfs and
+# fusermount3 (openssh-server openssh-client sshfs fuse3) with apt-get; the S3
+# test servers s3s-fs 0.14.1 (cargo install) and moto server (pip). The netfs
+# test bed also needs /dev/fuse. With CI=true a tool that is still missing
+# afterwards is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +29,12 @@ command -v openssl >/dev/null || apt_packages+=(openssl)
 for tool in radosgw:radosgw ceph-mon:ceph-mon ceph-osd:ceph-osd ceph:ceph-common bc:bc uuidgen:uuid-runtime curl:curl; do
   command -v "${tool%%:*}" >/dev/null || apt_packages+=("${tool#*:}")
 done
+# tests/netfs.rs: the loopback SFTP server (sshd by its absolute path, as
+# the test bed starts it) and the sshfs mount.
+[ -x /usr/sbin/sshd ] || apt_packages+=(openssh-server)
+{ command -v ssh >/dev/null && command -v ssh-keygen >/dev/null; } || apt_packages+=(openssh-client)
+command -v sshfs >/dev/null || apt_packages+=(sshfs)
+command -v fusermount3 >/dev/null || apt_packages+=(fuse3)
 if ((${#apt_packages[@]})); then
   if command -v apt-get >/dev/null; then
     sudo=""
@@ -50,9 +58,10 @@ if ! python3 -m pip show moto 2>/dev/null | grep -qx "Version: $MOTO_VERSION" ||
 fi
 
 missing=()
-for tool in redis-server redis-sentinel ffmpeg ffprobe promtool openssl s3s-fs radosgw ceph-mon ceph-osd moto_server; do
+for tool in redis-server redis-sentinel ffmpeg ffprobe promtool openssl s3s-fs radosgw ceph-mon ceph-osd moto_server /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
+[ -e /dev/fuse ] || missing+=(/dev/fuse)
 if ((${#missing[@]})); then
   if [ "${CI:-}" = true ]; then
     echo "error: required test tools missing: ${missing[*]}" >&2

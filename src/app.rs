@@ -129,6 +129,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         http.addr
     );
 
+    crate::watchfs::report_mount(&config.watch_dir, config.stream_timeout);
+
     let holder = LeaseHolder {
         owner: instance.clone(),
         ttl: config.lease.ttl,
@@ -419,6 +421,8 @@ pub struct Coordinator {
     registration_failing: bool,
     /// Redis recoveries already answered with a write-back.
     redis_recoveries_handled: u64,
+    /// Paths the last scan could not read.
+    unreadable_paths: usize,
 }
 
 impl Coordinator {
@@ -459,6 +463,7 @@ impl Coordinator {
             heartbeat: observers.heartbeat,
             registration_failing: false,
             redis_recoveries_handled: 0,
+            unreadable_paths: 0,
         }
     }
 
@@ -571,14 +576,88 @@ impl Coordinator {
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.events.scan_finished(elapsed, unix);
+        self.unreadable_paths = scan.unreadable_count();
+        let was_blind = self.table.blind().map(str::to_string);
         let changes = self.table.apply_scan(&scan, now, &self.rules);
+        let blind = self.table.blind().map(str::to_string);
+        match (&blind, &was_blind) {
+            (Some(reason), _) if blind != was_blind => warn!(
+                "{reason}; no stream completes, vanishes or is replaced until the watch directory can be seen again"
+            ),
+            (None, Some(_)) => info!("the watch directory can be seen again; decisions resume"),
+            _ => {}
+        }
+        self.readiness.set_watch_dir(blind);
         self.apply_changes(changes, now);
+    }
+
+    /// Decides, by content, whether files that sit at a stream's path with a
+    /// new identity are the stream's file: the sha256 of its first chunk as
+    /// uploaded must match the file's first bytes. Matches continue their
+    /// stream under the new identity; a mismatch is a replacement; a read
+    /// error decides nothing (the next scan asks again). A stream with no
+    /// chunk uploaded yet has nothing to compare and continues: every byte
+    /// it uploads later is read from the file it then has.
+    fn resolve_identity_changes(
+        &mut self,
+        candidates: Vec<(FileIdentity, Observation)>,
+        now: Instant,
+    ) {
+        let mut same = Vec::new();
+        for (identity, seen) in candidates {
+            let Some(stream) = self.table.get(&identity) else {
+                continue;
+            };
+            let verdict = match stream.chunks.get(&0) {
+                None => Ok(true),
+                Some(first) => match self.lister.head_sha256(&seen.abs_path, first.size_bytes) {
+                    Ok(digest) => Ok(digest == first.sha256),
+                    Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+                    Err(err) => Err(err),
+                },
+            };
+            match verdict {
+                Ok(true) => same.push((identity, seen)),
+                Ok(false) => {
+                    let changes = self
+                        .table
+                        .apply(identity, Event::Replaced, now, &self.rules);
+                    self.apply_changes(changes, now);
+                    // The replaced stream was closed only once no job was
+                    // out; the new file is registered on the next scan.
+                }
+                Err(err) => debug!(
+                    "cannot read {} to compare it with its stream ({}: {err}); asking again on the next scan",
+                    seen.rel_path,
+                    crate::watchfs::errno_name(&err)
+                ),
+            }
+        }
+        for (stream_id, old, new) in self.table.rekey(same) {
+            self.queued.remove(&old);
+            info!(
+                stream_id = stream_id.as_str();
+                "stream {stream_id}: its file now has identity {} (was {}), and its first chunk matches; continuing the stream",
+                new.key(),
+                old.key()
+            );
+            if let Err(err) = self.checkpoints.record_identity(&stream_id, old, new) {
+                warn!(
+                    "stream {stream_id}: cannot record its new identity {}: {err}",
+                    new.key()
+                );
+            }
+        }
     }
 
     fn apply_changes(&mut self, changes: Vec<Change>, now: Instant) {
         let mut registered = 0;
+        let mut identity_changes = Vec::new();
         for change in changes {
             match change {
+                Change::IdentityChanged { identity, seen } => {
+                    identity_changes.push((identity, seen));
+                }
                 // Each registration is a Redis round trip on this thread: a
                 // burst of new files is spread over several polls so the
                 // loop (and /healthz) stays responsive.
@@ -638,6 +717,9 @@ impl Coordinator {
                     }
                 }
             }
+        }
+        if !identity_changes.is_empty() {
+            self.resolve_identity_changes(identity_changes, now);
         }
     }
 
@@ -1255,6 +1337,7 @@ impl Coordinator {
             streams,
             // The HTTP thread adds what the probe found.
             s3_integrity: None,
+            watch_dir_blind: self.table.blind().map(str::to_string),
         }
     }
 
@@ -1264,6 +1347,8 @@ impl Coordinator {
             inflight_jobs: self.in_flight.len() as u64,
             streams_owned: self.ownership.held_count() as u64,
             replicas: self.ownership.replicas() as u64,
+            unreadable_paths: self.unreadable_paths as u64,
+            watch_dir_blind: self.table.blind().is_some(),
             ..Gauges::default()
         };
         for stream in self.table.iter().filter(|s| s.is_active()) {

@@ -139,6 +139,9 @@ pub fn render(snapshot: &StreamsSnapshot) -> String {
         out.push_str(&integrity_line(integrity));
         out.push('\n');
     }
+    if let Some(reason) = &snapshot.watch_dir_blind {
+        out.push_str(&format!("watch dir: degraded: {reason}\n"));
+    }
     let recent = snapshot.streams.len() - active.len();
     let pending: u64 = active
         .iter()
@@ -227,6 +230,7 @@ mod tests {
                 checksum_verified: false,
                 content_md5: true,
             }),
+            watch_dir_blind: None,
         };
         let text = render(&snapshot);
         let lines: Vec<&str> = text.lines().collect();
@@ -253,5 +257,21 @@ mod tests {
         assert_eq!(progress_bar(0, 0), format!("[{}]", "-".repeat(BAR_WIDTH)));
         assert_eq!(progress_bar(9, 4), format!("[{}]", "#".repeat(BAR_WIDTH)));
         assert_eq!(percent(0, 0), 100.0);
+    }
+
+    #[test]
+    fn a_blind_watch_dir_gets_its_own_status_row() {
+        let snapshot = StreamsSnapshot {
+            instance: "host-1-abc".into(),
+            streams: vec![view("cam1.mp4", "unseen", 10 << 20, 40 << 20)],
+            s3_integrity: None,
+            watch_dir_blind: Some("watch directory /w is not readable (EIO)".into()),
+        };
+        let text = render(&snapshot);
+        assert!(
+            text.lines()
+                .any(|line| line == "watch dir: degraded: watch directory /w is not readable (EIO)"),
+            "{text}"
+        );
     }
 }

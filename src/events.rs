@@ -54,6 +54,12 @@ pub struct Gauges {
     pub streams_owned: u64,
     /// Live replicas on this Redis (this one included), at the last renewal.
     pub replicas: u64,
+    /// Paths under the watch directory the last scan could not read (the
+    /// watch directory itself counts as one).
+    pub unreadable_paths: u64,
+    /// Whether the watch directory as a whole cannot be trusted (unreadable,
+    /// remounted, or emptied while streams are open).
+    pub watch_dir_blind: bool,
 }
 
 /// Discards everything.

@@ -3,8 +3,10 @@
 //!
 //! Liveness (`/healthz`) is the coordinator's heartbeat: the loop finished a
 //! turn recently. Readiness (`/readyz`) is whether Redis and S3 answered at
-//! the last check, from real operations and from a periodic probe. Readiness
-//! also drives the storage breaker: while S3 is down, no new jobs go out.
+//! the last check, from real operations and from a periodic probe, and
+//! whether the watch directory can be seen (a network mount that is down or
+//! dropped away makes it degraded). Readiness also drives the storage
+//! breaker: while S3 is down, no new jobs go out.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,12 +50,14 @@ pub enum Dependency {
     Storage,
 }
 
-/// `"ok"` or `"error: …"` per dependency, as `/readyz` shows it, and how
-/// uploads are protected against corruption once the probe has run.
+/// `"ok"` or `"error: …"` per dependency and `"ok"` or `"degraded: …"` for
+/// the watch directory, as `/readyz` shows it, and how uploads are protected
+/// against corruption once the probe has run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReadinessReport {
     pub redis: String,
     pub s3: String,
+    pub watch_dir: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3_integrity: Option<Integrity>,
     /// `"error: …"` while refreshing temporary credentials fails.
@@ -63,7 +67,10 @@ pub struct ReadinessReport {
 
 impl ReadinessReport {
     pub fn ready(&self) -> bool {
-        self.redis == "ok" && self.s3 == "ok" && self.s3_credentials.is_none()
+        self.redis == "ok"
+            && self.s3 == "ok"
+            && self.watch_dir == "ok"
+            && self.s3_credentials.is_none()
     }
 }
 
@@ -76,6 +83,8 @@ pub struct Readiness {
     /// How many times Redis came back after being down; the coordinator then
     /// writes back whatever Redis may have lost.
     redis_recoveries: AtomicU64,
+    /// Why the watch directory cannot be trusted now, if it cannot.
+    watch_dir: Mutex<Option<String>>,
     integrity: Mutex<Option<Integrity>>,
     /// The last credential refresh error, until a refresh succeeds.
     credentials: Mutex<Option<String>>,
@@ -122,6 +131,11 @@ impl Readiness {
         )
     }
 
+    /// Records whether (and why) the watch directory cannot be seen.
+    pub fn set_watch_dir(&self, blind: Option<String>) {
+        *self.watch_dir.lock().expect("readiness lock") = blind;
+    }
+
     pub fn set_integrity(&self, integrity: Integrity) {
         *self.integrity.lock().expect("readiness lock") = Some(integrity);
     }
@@ -140,9 +154,14 @@ impl Readiness {
             Some(Err(detail)) => format!("error: {detail}"),
             None => "error: not checked yet".to_string(),
         };
+        let watch_dir = match &*self.watch_dir.lock().expect("readiness lock") {
+            None => "ok".to_string(),
+            Some(reason) => format!("degraded: {reason}"),
+        };
         ReadinessReport {
             redis: show(Dependency::Redis),
             s3: show(Dependency::Storage),
+            watch_dir,
             s3_integrity: self.integrity(),
             s3_credentials: self
                 .credentials
@@ -179,6 +198,17 @@ mod tests {
         readiness.record(Dependency::Redis, Err("broken pipe".into()));
         readiness.record(Dependency::Redis, Ok(()));
         assert_eq!(readiness.redis_recoveries(), 1);
+        readiness.record(Dependency::Storage, Ok(()));
+        assert!(readiness.report().ready());
+        readiness.set_watch_dir(Some("watch directory /w is not readable (EIO)".into()));
+        let report = readiness.report();
+        assert!(!report.ready());
+        assert_eq!(
+            report.watch_dir,
+            "degraded: watch directory /w is not readable (EIO)"
+        );
+        readiness.set_watch_dir(None);
+        assert!(readiness.report().ready());
     }
 
     #[test]

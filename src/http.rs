@@ -35,6 +35,9 @@ pub struct StreamsSnapshot {
     /// What the S3 start-up probe found (`None` before it ran).
     #[serde(default)]
     pub s3_integrity: Option<Integrity>,
+    /// Why the watch directory cannot be seen, while it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_dir_blind: Option<String>,
 }
 
 /// A request for a snapshot: the coordinator answers on the enclosed sender.

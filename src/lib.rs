@@ -23,6 +23,7 @@ pub mod scan;
 pub mod store;
 pub mod stream;
 pub mod upload;
+pub mod watchfs;
 
 /// A random number from the standard library's per-process random keys; good
 /// enough for backoff jitter and unique suffixes, with no extra crate.

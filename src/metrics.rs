@@ -46,6 +46,8 @@ pub struct Metrics {
     pending_bytes: IntGauge,
     streams_owned: IntGauge,
     replicas: IntGauge,
+    unreadable_paths: IntGauge,
+    watch_dir_blind: IntGauge,
     leases_claimed: IntCounter,
     leases_lost: IntCounter,
     last_scan_timestamp: prometheus::Gauge,
@@ -189,6 +191,16 @@ impl Metrics {
                 &registry,
                 "chunkstream_replicas",
                 "Live replicas sharing this Redis key prefix, this one included, at the last lease renewal.",
+            ),
+            unreadable_paths: gauge(
+                &registry,
+                "chunkstream_unreadable_paths",
+                "Files and directories under WATCH_DIR (WATCH_DIR itself included) that the last scan could not read (EIO, ESTALE, EACCES, ...); their streams are kept as they are.",
+            ),
+            watch_dir_blind: gauge(
+                &registry,
+                "chunkstream_watch_dir_blind",
+                "1 while WATCH_DIR cannot be trusted (unreadable, remounted, or empty while streams are open): no stream completes or vanishes meanwhile.",
             ),
             leases_claimed: counter(
                 &registry,
@@ -390,6 +402,8 @@ impl Events for Metrics {
         set(&self.pending_bytes, gauges.pending_bytes);
         set(&self.streams_owned, gauges.streams_owned);
         set(&self.replicas, gauges.replicas);
+        set(&self.unreadable_paths, gauges.unreadable_paths);
+        set(&self.watch_dir_blind, u64::from(gauges.watch_dir_blind));
     }
 }
 

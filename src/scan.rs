@@ -2,19 +2,27 @@
 //!
 //! Polling, not inotify, because the watched directory is often an NFS or SMB
 //! mount where change notifications never arrive. Each pass stats every
-//! matching regular file (size, mtime, device, inode) and reports which parts
-//! of the tree could not be read, so that an unreadable subtree or a vanished
-//! mount is never mistaken for deleted files. Per-entry problems are logged
-//! once per path, not once per poll.
+//! matching regular file (size, mtime, device, inode) and says what it could
+//! not see, so that an error is never mistaken for an absence: a file is
+//! absent only when a listing of its directory succeeded without it (or its
+//! stat said `ENOENT`). Any other error on a file or a directory (`EIO`,
+//! `ESTALE`, `ENOTCONN`, `EACCES`, …) marks that path unreadable, and a
+//! watch directory that cannot be listed, or that is suddenly another file
+//! system (remounted, or the mount dropped away), makes the whole scan blind.
+//! Problems are logged when they start, with the path and errno, and when
+//! they end, at most once a minute per path; not once per poll.
 
-use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
+use std::collections::HashMap;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::warn;
-use walkdir::WalkDir;
+use crate::watchfs::{Entry, FileSystem, Kind, RealFs, errno_name, is_absence};
+
+mod report;
+
+use report::{ProblemLog, Problems};
 
 /// What makes a file the same file across polls, renames and hosts: its
 /// inode on its file system. A new inode at the same path is a different file.
@@ -79,23 +87,70 @@ impl Observation {
 #[derive(Debug, Clone, Default)]
 pub struct Scan {
     pub files: Vec<Observation>,
-    /// False when the watch directory itself could not be read (for example an
-    /// NFS mount that went away). Nothing may be concluded about missing files.
-    pub root_readable: bool,
-    /// Relative paths of subdirectories that could not be read this time; files
-    /// under them are in an unknown state, not missing.
-    pub unreadable_dirs: Vec<String>,
+    /// Why nothing at all may be concluded from this scan about files that
+    /// are not in it: the watch directory could not be read, or it is now
+    /// another file system than at the last scan. `None`: the scan saw.
+    pub blind: Option<String>,
+    /// Relative paths, of files or directories, that could not be read this
+    /// time: they and everything below them are in an unknown state, not
+    /// missing.
+    pub unreadable: Vec<String>,
+    /// Names in the watch directory itself (hidden ones included).
+    pub root_entries: usize,
+    /// Every directory listed in full (`""` is the watch directory), with
+    /// the device it is on, in the form of [`FileIdentity::device`].
+    pub listed: HashMap<String, u64>,
 }
 
 impl Scan {
-    /// Whether an absent file at `rel_path` can be trusted to be really absent.
+    /// A scan that saw `files` and nothing else.
+    #[cfg(test)]
+    pub fn clear(files: Vec<Observation>) -> Self {
+        Self {
+            root_entries: files.len(),
+            files,
+            blind: None,
+            unreadable: Vec::new(),
+            listed: HashMap::from([(String::new(), WATCH_DIR_DEVICE)]),
+        }
+    }
+
+    /// Whether this scan proves that a file at `rel_path`, which was on
+    /// `device`, is gone: nothing on the way was unreadable, and the nearest
+    /// directory above it that was listed is on the same file system (a
+    /// network mount below `WATCH_DIR` that dropped away leaves an empty
+    /// local directory, which proves nothing).
+    pub fn proves_absent(&self, rel_path: &str, device: u64) -> bool {
+        if !self.covers(rel_path) {
+            return false;
+        }
+        let mut dir = rel_path;
+        loop {
+            dir = dir.rsplit_once('/').map_or("", |(parent, _)| parent);
+            if let Some(listed) = self.listed.get(dir) {
+                return *listed == device;
+            }
+            if dir.is_empty() {
+                return false;
+            }
+        }
+    }
+
+    /// Whether an absent file at `rel_path` can be trusted to be really absent:
+    /// neither it nor a directory above it was unreadable.
     pub fn covers(&self, rel_path: &str) -> bool {
-        self.root_readable
-            && !self.unreadable_dirs.iter().any(|dir| {
-                rel_path
-                    .strip_prefix(dir.as_str())
-                    .is_some_and(|rest| rest.starts_with('/'))
+        self.blind.is_none()
+            && !self.unreadable.iter().any(|path| {
+                path.is_empty()
+                    || rel_path
+                        .strip_prefix(path.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             })
+    }
+
+    /// Paths that could not be read, the watch directory counted as one.
+    pub fn unreadable_count(&self) -> usize {
+        self.unreadable.len() + usize::from(self.blind.is_some())
     }
 }
 
@@ -103,6 +158,10 @@ impl Scan {
 /// fake one lets the coordinator be tested without files.
 pub trait DirectoryLister: Send {
     fn scan(&mut self) -> Scan;
+    /// Lower-case hex sha256 of the first `len` bytes of the file at `path`:
+    /// the content fingerprint that tells a file with a new inode number from
+    /// a new file.
+    fn head_sha256(&self, path: &Path, len: u64) -> io::Result<String>;
 }
 
 /// A cold file is stat'ed at most once every this many polls.
@@ -132,7 +191,45 @@ impl Stat {
     }
 }
 
-/// Walks a real directory tree with walkdir.
+/// One walk in progress: what it found so far.
+struct Walk {
+    scan: Scan,
+    problems: Problems,
+    now: Instant,
+    root_device: u64,
+}
+
+/// A device number as [`FileIdentity::device`] has it: [`WATCH_DIR_DEVICE`]
+/// for the watch directory's own file system.
+fn device_form(device: u64, root_device: u64) -> u64 {
+    if device == root_device {
+        WATCH_DIR_DEVICE
+    } else {
+        device
+    }
+}
+
+impl Walk {
+    fn device_form(&self, device: u64) -> u64 {
+        device_form(device, self.root_device)
+    }
+
+    fn unreadable(&mut self, rel_path: &str, what: &str, err: &io::Error) {
+        self.scan.unreadable.push(rel_path.to_string());
+        self.problems.unreadable.insert(
+            rel_path.to_string(),
+            (
+                errno_name(err),
+                format!(
+                    "cannot {what} {rel_path:?} ({}: {err}); keeping its streams as they are until it is readable again",
+                    errno_name(err)
+                ),
+            ),
+        );
+    }
+}
+
+/// Walks a real directory tree (or, in tests, a fake one).
 ///
 /// Stat calls dominate the cost of a poll (the kernel resolves every path).
 /// So, like Vector's file source, files unchanged for longer than
@@ -142,25 +239,41 @@ impl Stat {
 /// renamed file is noticed at once; a change *inside* a cold file (it grows
 /// again, or is replaced at the same path) is noticed within
 /// `MAX_COLD_SKIP_POLLS` polls.
-pub struct FsLister {
+pub struct FsLister<F: FileSystem = RealFs> {
+    fs: F,
     root: PathBuf,
     extensions: Vec<String>,
-    /// Problems already logged, so a permanent problem is logged once.
-    reported: HashSet<String>,
+    /// What was logged about which path, for rate limiting.
+    log: ProblemLog,
     cold_after: Duration,
     stats: HashMap<String, Stat>,
     poll: u64,
+    /// The device number of the watch directory at the last scan that could
+    /// read it.
+    root_device: Option<u64>,
+    /// The device of every subdirectory at the last scan that listed it, to
+    /// say when a mount below the watch directory comes or goes.
+    dir_devices: HashMap<String, u64>,
 }
 
 impl FsLister {
     pub fn new(root: PathBuf, extensions: Vec<String>, cold_after: Duration) -> Self {
+        Self::with_fs(RealFs, root, extensions, cold_after)
+    }
+}
+
+impl<F: FileSystem> FsLister<F> {
+    pub fn with_fs(fs: F, root: PathBuf, extensions: Vec<String>, cold_after: Duration) -> Self {
         Self {
+            fs,
             root,
             extensions,
-            reported: HashSet::new(),
+            log: ProblemLog::default(),
             cold_after,
             stats: HashMap::new(),
             poll: 0,
+            root_device: None,
+            dir_devices: HashMap::new(),
         }
     }
 
@@ -171,8 +284,8 @@ impl FsLister {
         &mut self,
         rel_path: &str,
         now: Instant,
-        stat: impl FnOnce() -> std::io::Result<Observation>,
-    ) -> std::io::Result<Observation> {
+        stat: impl FnOnce(&F) -> io::Result<Observation>,
+    ) -> io::Result<Observation> {
         let poll = self.poll;
         if let Some(cached) = self.stats.get_mut(rel_path)
             && poll < cached.next_stat_poll
@@ -180,7 +293,7 @@ impl FsLister {
             cached.seen_poll = poll;
             return Ok(cached.observation.clone());
         }
-        let observation = stat()?;
+        let observation = stat(&self.fs)?;
         match self.stats.get_mut(rel_path) {
             Some(cached) if cached.observation.same_file_state(&observation) => {
                 let quiet = now.saturating_duration_since(cached.unchanged_since);
@@ -206,125 +319,152 @@ impl FsLister {
         Ok(observation)
     }
 
-    fn wanted(&self, path: &Path) -> bool {
-        path.extension()
+    /// Warns when a subdirectory is on another file system than at the last
+    /// scan: a mount below the watch directory came or went.
+    fn note_device(&mut self, rel_dir: &str, device: u64) {
+        match self.dir_devices.insert(rel_dir.to_string(), device) {
+            Some(before) if before != device => log::warn!(
+                "directory {rel_dir:?} is another file system than a moment ago (device {before} is now {device}): a mount below the watch directory came or went; files missing under it prove nothing until it is back"
+            ),
+            _ => {}
+        }
+    }
+
+    fn wanted(&self, name: &str) -> bool {
+        Path::new(name)
+            .extension()
             .and_then(|ext| ext.to_str())
             .is_some_and(|ext| self.extensions.iter().any(|w| w.eq_ignore_ascii_case(ext)))
     }
 
-    /// The path relative to the root; on Unix the separator is already `/`.
-    fn relative(&self, path: &Path) -> String {
-        path.strip_prefix(&self.root)
-            .unwrap_or(path)
-            .to_string_lossy()
-            .into_owned()
+    /// Walks one directory's `entries` (already listed), depth first.
+    fn walk(&mut self, rel_dir: &str, abs_dir: &Path, mut entries: Vec<Entry>, walk: &mut Walk) {
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        for entry in entries {
+            let name = entry.name.to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let rel_path = if rel_dir.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel_dir}/{name}")
+            };
+            let abs_path = abs_dir.join(&entry.name);
+            let kind = match entry.kind {
+                Some(kind) => kind,
+                None => match self.fs.lstat(&abs_path) {
+                    Ok(stat) => stat.kind,
+                    // Gone since the listing: absent, which is evidence.
+                    Err(err) if is_absence(&err) => continue,
+                    Err(err) => {
+                        walk.unreadable(&rel_path, "stat", &err);
+                        continue;
+                    }
+                },
+            };
+            match kind {
+                Kind::Dir => match self
+                    .fs
+                    .lstat(&abs_path)
+                    .and_then(|stat| self.fs.list(&abs_path).map(|children| (stat, children)))
+                {
+                    Ok((stat, children)) => {
+                        self.note_device(&rel_path, stat.device);
+                        let device = walk.device_form(stat.device);
+                        walk.scan.listed.insert(rel_path.clone(), device);
+                        self.walk(&rel_path, &abs_path, children, walk);
+                    }
+                    Err(err) if is_absence(&err) => {}
+                    Err(err) => walk.unreadable(&rel_path, "list", &err),
+                },
+                Kind::Symlink if self.wanted(&name) => {
+                    walk.problems.notes.insert(
+                        rel_path.clone(),
+                        format!("skipping symbolic link {rel_path:?}: links are not followed"),
+                    );
+                }
+                Kind::File if self.wanted(&name) => {
+                    let root_device = walk.root_device;
+                    let stat = |fs: &F| {
+                        fs.lstat(&abs_path).map(|stat| Observation {
+                            identity: FileIdentity {
+                                device: device_form(stat.device, root_device),
+                                inode: stat.inode,
+                            },
+                            size: stat.size,
+                            mtime_ns: stat.mtime_ns,
+                            abs_path: Arc::from(abs_path.as_path()),
+                            rel_path: Arc::from(rel_path.as_str()),
+                        })
+                    };
+                    match self.observe(&rel_path, walk.now, stat) {
+                        Ok(observation) => walk.scan.files.push(observation),
+                        Err(err) if is_absence(&err) => {}
+                        Err(err) => walk.unreadable(&rel_path, "stat", &err),
+                    }
+                }
+                Kind::File | Kind::Symlink | Kind::Other => {}
+            }
+        }
     }
 }
 
-fn is_hidden(entry: &walkdir::DirEntry) -> bool {
-    entry.depth() > 0 && entry.file_name().to_string_lossy().starts_with('.')
-}
-
-impl DirectoryLister for FsLister {
+impl<F: FileSystem> DirectoryLister for FsLister<F> {
     fn scan(&mut self) -> Scan {
         self.poll += 1;
-        let now = Instant::now();
-        let mut scan = Scan {
-            root_readable: true,
-            ..Scan::default()
+        let mut walk = Walk {
+            scan: Scan::default(),
+            problems: Problems::default(),
+            now: Instant::now(),
+            root_device: 0,
         };
-        let mut problems: Vec<(String, String)> = Vec::new();
-        match std::fs::read_dir(&self.root).and_then(|_| std::fs::metadata(&self.root)) {
+        let root = self.root.clone();
+        match self
+            .fs
+            .stat(&root)
+            .and_then(|stat| self.fs.list(&root).map(|entries| (stat, entries)))
+        {
+            // The coordinator reports a blind watch directory.
             Err(err) => {
-                scan.root_readable = false;
-                problems.push((
-                    self.root.display().to_string(),
-                    format!(
-                        "watch directory {} is not readable: {err}; keeping every stream as it is until it returns",
-                        self.root.display()
-                    ),
+                walk.scan.blind = Some(format!(
+                    "watch directory {} is not readable ({}: {err})",
+                    root.display(),
+                    errno_name(&err)
                 ));
             }
-            Ok(root) => {
-                let root_device = root.dev();
-                let walker = WalkDir::new(&self.root)
-                    .follow_links(false)
-                    .into_iter()
-                    .filter_entry(|entry| !is_hidden(entry));
-                for entry in walker {
-                    let entry = match entry {
-                        Ok(entry) => entry,
-                        Err(err) => {
-                            let path = err.path().map(|p| self.relative(p)).unwrap_or_default();
-                            if err.depth() == 0 {
-                                scan.root_readable = false;
-                            } else if err.loop_ancestor().is_none() {
-                                scan.unreadable_dirs.push(path.clone());
-                            }
-                            problems.push((path.clone(), format!("skipping {path:?}: {err}")));
-                            continue;
-                        }
-                    };
-                    let file_type = entry.file_type();
-                    if file_type.is_symlink() && self.wanted(entry.path()) {
-                        let rel = self.relative(entry.path());
-                        problems.push((
-                            rel.clone(),
-                            format!("skipping symbolic link {rel:?}: links are not followed"),
-                        ));
-                        continue;
-                    }
-                    if !file_type.is_file() || !self.wanted(entry.path()) {
-                        continue;
-                    }
-                    let rel_path = self.relative(entry.path());
-                    let stat = || {
-                        entry
-                            .metadata()
-                            .map_err(std::io::Error::from)
-                            .map(|meta| Observation {
-                                identity: FileIdentity {
-                                    device: if meta.dev() == root_device {
-                                        WATCH_DIR_DEVICE
-                                    } else {
-                                        meta.dev()
-                                    },
-                                    inode: meta.ino(),
-                                },
-                                size: meta.len(),
-                                mtime_ns: i128::from(meta.mtime()) * 1_000_000_000
-                                    + i128::from(meta.mtime_nsec()),
-                                abs_path: Arc::from(entry.path()),
-                                rel_path: Arc::from(rel_path.as_str()),
-                            })
-                    };
-                    match self.observe(&rel_path, now, stat) {
-                        Ok(observation) => scan.files.push(observation),
-                        Err(err) => {
-                            let parent = rel_path.rsplit_once('/').map_or("", |(dir, _)| dir);
-                            scan.unreadable_dirs.push(parent.to_string());
-                            problems.push((
-                                rel_path.clone(),
-                                format!("cannot stat {rel_path:?}: {err}"),
-                            ));
-                        }
-                    }
+            Ok((stat, entries)) => {
+                if let Some(before) = self.root_device.replace(stat.device)
+                    && before != stat.device
+                {
+                    walk.scan.blind = Some(format!(
+                        "watch directory {} is another file system than a moment ago (device {before} is now {}): remounted, or the mount dropped away",
+                        root.display(),
+                        stat.device
+                    ));
                 }
+                walk.scan.root_entries = entries.len();
+                walk.root_device = stat.device;
+                walk.scan.listed.insert(String::new(), WATCH_DIR_DEVICE);
+                self.walk("", &root, entries, &mut walk);
             }
         }
         // Files the walk did not reach this time (gone, or under an
         // unreadable directory) lose their cached stat.
         let poll = self.poll;
         self.stats.retain(|_, stat| stat.seen_poll == poll);
-        let mut now_reported = HashSet::with_capacity(problems.len());
-        for (path, message) in problems {
-            if !self.reported.contains(&path) {
-                warn!("{message}");
-            }
-            now_reported.insert(path);
+        if walk.scan.blind.is_none() {
+            let listed = &walk.scan.listed;
+            self.dir_devices.retain(|dir, _| listed.contains_key(dir));
         }
-        self.reported = now_reported;
-        scan
+        for (level, line) in self.log.lines(walk.problems, walk.now) {
+            log::log!(level, "{line}");
+        }
+        walk.scan
+    }
+
+    fn head_sha256(&self, path: &Path, len: u64) -> io::Result<String> {
+        self.fs.head_sha256(path, len)
     }
 }
 
@@ -365,7 +505,7 @@ mod tests {
         std::os::unix::fs::symlink(root.join("missing"), root.join("broken.mp4")).unwrap();
 
         let scan = lister(root).scan();
-        assert!(scan.root_readable);
+        assert!(scan.blind.is_none());
         assert_eq!(paths(&scan), vec!["a/b/deep.mp4", "top.MP4"]);
         let deep = scan
             .files
@@ -422,20 +562,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut lister = lister(&dir.path().join("gone"));
         let scan = lister.scan();
-        assert!(!scan.root_readable);
+        assert!(scan.blind.is_some());
         assert!(!scan.covers("anything.mp4"));
     }
 
     #[test]
     fn coverage_excludes_unreadable_subtrees_only() {
         let scan = Scan {
-            files: vec![],
-            root_readable: true,
-            unreadable_dirs: vec!["cams/a".into()],
+            unreadable: vec!["cams/a".into(), "top.mp4".into()],
+            ..Scan::clear(vec![])
         };
         assert!(!scan.covers("cams/a/x.mp4"));
+        assert!(!scan.covers("cams/a"));
         assert!(scan.covers("cams/ab/x.mp4"));
         assert!(scan.covers("x.mp4"));
+        assert!(!scan.covers("top.mp4"), "an unreadable file covers itself");
+        assert!(scan.covers("top.mp4.mp4"));
     }
 
     #[test]
@@ -446,5 +588,186 @@ mod tests {
         };
         assert_eq!(FileIdentity::parse_key(&id.key()), Some(id));
         assert_eq!(FileIdentity::parse_key("nope"), None);
+    }
+
+    /// A file system in memory that fails on cue, to test how the scanner
+    /// classifies errors.
+    #[derive(Default)]
+    struct FakeFs {
+        /// Path → kind and inode; files have size = inode.
+        nodes: std::collections::BTreeMap<PathBuf, (Kind, u64)>,
+        device: u64,
+        /// Listings that carry no file type (a FUSE cache).
+        untyped: bool,
+        /// Path → errno for `list` and for `stat`/`lstat`.
+        list_fails: HashMap<PathBuf, i32>,
+        stat_fails: HashMap<PathBuf, i32>,
+    }
+
+    impl FakeFs {
+        fn with(paths: &[(&str, Kind)]) -> Self {
+            let mut fs = FakeFs {
+                device: 7,
+                ..FakeFs::default()
+            };
+            fs.nodes.insert(PathBuf::from("/w"), (Kind::Dir, 1));
+            for (inode, (path, kind)) in paths.iter().enumerate() {
+                fs.nodes
+                    .insert(Path::new("/w").join(path), (*kind, inode as u64 + 2));
+            }
+            fs
+        }
+
+        fn fail(map: &HashMap<PathBuf, i32>, path: &Path) -> io::Result<()> {
+            match map.get(path) {
+                Some(errno) => Err(io::Error::from_raw_os_error(*errno)),
+                None => Ok(()),
+            }
+        }
+    }
+
+    impl FileSystem for FakeFs {
+        fn list(&self, dir: &Path) -> io::Result<Vec<Entry>> {
+            Self::fail(&self.list_fails, dir)?;
+            if !self.nodes.contains_key(dir) {
+                return Err(io::Error::from_raw_os_error(2));
+            }
+            Ok(self
+                .nodes
+                .iter()
+                .filter(|(path, _)| path.parent() == Some(dir))
+                .map(|(path, (kind, _))| Entry {
+                    name: path.file_name().unwrap().to_os_string(),
+                    kind: (!self.untyped).then_some(*kind),
+                })
+                .collect())
+        }
+
+        fn lstat(&self, path: &Path) -> io::Result<crate::watchfs::Stat> {
+            Self::fail(&self.stat_fails, path)?;
+            let (kind, inode) = self
+                .nodes
+                .get(path)
+                .ok_or_else(|| io::Error::from_raw_os_error(2))?;
+            Ok(crate::watchfs::Stat {
+                kind: *kind,
+                device: self.device,
+                inode: *inode,
+                size: *inode,
+                mtime_ns: 0,
+            })
+        }
+
+        fn stat(&self, path: &Path) -> io::Result<crate::watchfs::Stat> {
+            self.lstat(path)
+        }
+
+        fn head_sha256(&self, _path: &Path, _len: u64) -> io::Result<String> {
+            Err(io::Error::from_raw_os_error(5))
+        }
+    }
+
+    fn fake_lister(fs: FakeFs) -> FsLister<FakeFs> {
+        FsLister::with_fs(
+            fs,
+            PathBuf::from("/w"),
+            vec!["mp4".into()],
+            Duration::from_secs(3600),
+        )
+    }
+
+    const TREE: [(&str, Kind); 4] = [
+        ("top.mp4", Kind::File),
+        ("cams", Kind::Dir),
+        ("cams/a.mp4", Kind::File),
+        ("cams/b.mp4", Kind::File),
+    ];
+
+    #[test]
+    fn a_file_at_the_root_whose_stat_fails_is_unreadable_not_missing() {
+        for errno in [5, 13, 107, 110, 116] {
+            let mut fs = FakeFs::with(&TREE);
+            fs.stat_fails.insert("/w/top.mp4".into(), errno);
+            let scan = fake_lister(fs).scan();
+            assert!(scan.blind.is_none());
+            assert_eq!(paths(&scan), vec!["cams/a.mp4", "cams/b.mp4"]);
+            assert!(!scan.covers("top.mp4"), "errno {errno}: no evidence");
+            assert!(scan.covers("cams/a.mp4") && scan.covers("other.mp4"));
+            assert_eq!(scan.unreadable_count(), 1);
+        }
+    }
+
+    #[test]
+    fn a_file_deeper_down_whose_stat_fails_in_the_walk_is_unreadable() {
+        // Without file types in the listing, the walk itself stats entries.
+        let mut fs = FakeFs::with(&TREE);
+        fs.untyped = true;
+        fs.stat_fails.insert("/w/cams/a.mp4".into(), 5);
+        let scan = fake_lister(fs).scan();
+        assert_eq!(paths(&scan), vec!["cams/b.mp4", "top.mp4"]);
+        assert!(!scan.covers("cams/a.mp4"));
+        assert!(scan.covers("cams/c.mp4"));
+    }
+
+    #[test]
+    fn an_unlistable_directory_covers_nothing_below_it() {
+        let mut fs = FakeFs::with(&TREE);
+        fs.list_fails.insert("/w/cams".into(), 13);
+        let scan = fake_lister(fs).scan();
+        assert_eq!(paths(&scan), vec!["top.mp4"]);
+        assert!(!scan.covers("cams/a.mp4"));
+        assert!(scan.covers("top.mp4"));
+    }
+
+    #[test]
+    fn enoent_from_stat_is_absence() {
+        // Listed, then gone before its stat: absent, which is evidence.
+        let mut fs = FakeFs::with(&TREE);
+        fs.stat_fails.insert("/w/top.mp4".into(), 2);
+        let scan = fake_lister(fs).scan();
+        assert!(scan.covers("top.mp4"));
+        assert_eq!(scan.unreadable_count(), 0);
+    }
+
+    #[test]
+    fn an_unreadable_or_replaced_root_makes_the_scan_blind() {
+        let mut lister = fake_lister(FakeFs::with(&TREE));
+        assert!(lister.scan().blind.is_none());
+        lister.fs.list_fails.insert("/w".into(), 107);
+        let scan = lister.scan();
+        assert!(scan.blind.as_deref().unwrap().contains("ENOTCONN"));
+        assert!(scan.files.is_empty() && !scan.covers("top.mp4"));
+        lister.fs.list_fails.clear();
+        assert!(lister.scan().blind.is_none(), "the same file system again");
+        // Remounted (or the mount dropped to the local directory below).
+        lister.fs.device = 8;
+        let scan = lister.scan();
+        assert!(
+            scan.blind
+                .as_deref()
+                .unwrap()
+                .contains("another file system")
+        );
+        assert!(lister.scan().blind.is_none(), "blind for one scan only");
+    }
+
+    #[test]
+    fn an_empty_root_is_seen_as_empty() {
+        let mut lister = fake_lister(FakeFs::with(&[]));
+        let scan = lister.scan();
+        assert!(scan.blind.is_none());
+        assert_eq!(scan.root_entries, 0);
+    }
+
+    #[test]
+    fn listed_directories_carry_their_device() {
+        let scan = fake_lister(FakeFs::with(&TREE)).scan();
+        assert_eq!(scan.listed.get("cams"), Some(&WATCH_DIR_DEVICE));
+        assert!(scan.proves_absent("cams/gone.mp4", WATCH_DIR_DEVICE));
+        assert!(scan.proves_absent("cams/sub/gone.mp4", WATCH_DIR_DEVICE));
+        assert!(
+            !scan.proves_absent("cams/gone.mp4", 9),
+            "a file from another file system is not absent from this one"
+        );
     }
 }

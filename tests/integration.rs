@@ -422,6 +422,7 @@ fn i_metrics_health_readiness_streams_status_and_json_logs() {
         serde_json::json!({
             "redis": "ok",
             "s3": "ok",
+            "watch_dir": "ok",
             "s3_integrity": {"checksum_verified": true, "content_md5": false}
         })
     );
@@ -1515,4 +1516,49 @@ fn s3_verify_and_list_report_what_is_in_the_bucket() {
     );
     let (ok, _) = verify(&["verify", &good_meta.stream_id, "--deep"]);
     assert!(ok);
+}
+
+#[test]
+fn r10_a_new_inode_with_the_same_bytes_continues_its_stream_other_bytes_replace_it() {
+    let Some(env) = TestEnv::start() else { return };
+    let daemon = env.start_daemon(&[("STREAM_TIMEOUT", "8s")]);
+    let cam = env.file("cam.mp4");
+    let first = pseudo_random(6 * MIB, 101);
+    append(&cam, &first);
+    wait_for("chunk 0", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") >= 1.0
+    });
+    // The same recording under a new inode number (what a FUSE or SMB client
+    // can do after an outage), grown meanwhile: the stream goes on.
+    let mut grown = first.clone();
+    grown.extend(pseudo_random(MIB, 102));
+    env.drop_file("cam.mp4", &grown);
+    let meta = env.wait_complete("cam.mp4");
+    env.assert_byte_exact(&meta, &cam);
+    assert_eq!(daemon.metric("chunkstream_streams_discovered_total"), 1.0);
+    assert_eq!(
+        mentions(&daemon.log(), "first chunk matches; continuing the stream"),
+        1,
+        "{}",
+        daemon.log()
+    );
+
+    // Other bytes under a new inode at the same path: a replacement.
+    let other = env.file("other.mp4");
+    let uploaded = daemon.metric("chunkstream_chunks_uploaded_total");
+    append(&other, &pseudo_random(6 * MIB, 103));
+    wait_for("chunk 0 of other.mp4", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") > uploaded
+    });
+    env.drop_file("other.mp4", &pseudo_random(7 * MIB, 104));
+    let meta = env.wait_complete("other.mp4");
+    env.assert_byte_exact(&meta, &other);
+    let replaced: Vec<_> = env
+        .all_metadata()
+        .into_iter()
+        .filter(|m| m.source.path == "other.mp4" && m.status == StreamStatus::Incomplete)
+        .collect();
+    assert_eq!(replaced.len(), 1);
+    assert_eq!(replaced[0].reason.as_deref(), Some("replaced"));
+    assert_ne!(replaced[0].stream_id, meta.stream_id);
 }

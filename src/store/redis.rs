@@ -224,6 +224,15 @@ pub trait CheckpointStore: Send {
     /// Records the path a stream was last seen at.
     fn record_path(&mut self, stream_id: &str, rel_path: &str) -> Result<(), CheckpointError>;
 
+    /// Records that the stream's file now has identity `new` (it had `old`):
+    /// the index maps `new` to the stream, and `old` no longer does.
+    fn record_identity(
+        &mut self,
+        stream_id: &str,
+        old: FileIdentity,
+        new: FileIdentity,
+    ) -> Result<(), CheckpointError>;
+
     /// Marks the stream complete. Idempotent. Fenced.
     fn mark_complete(
         &mut self,
@@ -503,6 +512,19 @@ end
 return 1
 ";
 
+/// Move a stream from identity ARGV[1] to ARGV[2] in the index and in its
+/// record (if it has one).
+const REKEY_LUA: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[3] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+if redis.call('HEXISTS', KEYS[2], 'id') == 1 then
+  redis.call('HSET', KEYS[2], 'identity', ARGV[2])
+end
+return 1
+";
+
 /// Delete the identity mapping only if it still points at this stream.
 const FORGET_LUA: &str = r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
@@ -519,6 +541,7 @@ pub struct RedisStore {
     register: Script,
     restore: Script,
     forget: Script,
+    rekey: Script,
     fenced_write: Script,
     claim: Script,
     renew: Script,
@@ -565,6 +588,7 @@ impl RedisStore {
             register: Script::new(REGISTER_LUA),
             restore: Script::new(RESTORE_LUA),
             forget: Script::new(FORGET_LUA),
+            rekey: Script::new(REKEY_LUA),
             fenced_write: Script::new(&format!("{HOLDS_LUA}{FENCED_WRITE_LUA}")),
             claim: Script::new(CLAIM_LUA),
             renew: Script::new(&format!("{HOLDS_LUA}{RENEW_LUA}")),
@@ -883,6 +907,25 @@ impl CheckpointStore for RedisStore {
                 .arg("path")
                 .arg(rel_path)
                 .query(con)
+        })
+    }
+
+    fn record_identity(
+        &mut self,
+        stream_id: &str,
+        old: FileIdentity,
+        new: FileIdentity,
+    ) -> Result<(), CheckpointError> {
+        let rekey = self.rekey.clone();
+        self.with_connection(|con, keys| {
+            rekey
+                .key(keys.identities())
+                .key(keys.stream(stream_id))
+                .arg(old.key())
+                .arg(new.key())
+                .arg(stream_id)
+                .invoke::<i64>(con)
+                .map(|_| ())
         })
     }
 

@@ -56,6 +56,11 @@ pub enum Event {
     Missing,
     /// A poll found a different file at the stream's path, and not the stream's.
     Replaced,
+    /// A poll could not see the file: an error on it or on a directory above
+    /// it, or the whole watch directory was unreadable. Nothing is concluded:
+    /// the `gap` since the previous poll does not count towards inactivity,
+    /// and an absence seen so far has to be seen afresh for the full grace.
+    Unseen { gap: Duration },
     /// A job was handed to a worker.
     Dispatched(Work),
     /// A full chunk was uploaded and checkpointed.
@@ -133,6 +138,9 @@ pub struct StreamState {
     pub completed: Option<(u64, i128)>,
     /// The last completion still has to be assembled into one object.
     pub assembly_pending: bool,
+    /// The last poll could not see the file (an error, or a blind watch
+    /// directory).
+    pub unseen: bool,
 }
 
 impl StreamState {
@@ -152,6 +160,7 @@ impl StreamState {
             retry_at: None,
             completed: None,
             assembly_pending: false,
+            unseen: false,
         }
     }
 
@@ -222,6 +231,13 @@ impl StreamState {
         match (self.phase, event) {
             (Phase::Closed(_), _) => Vec::new(),
 
+            (_, Event::Unseen { gap }) => {
+                self.unseen = true;
+                self.missing_since = None;
+                self.last_change = (self.last_change + gap).min(now);
+                Vec::new()
+            }
+
             (_, Event::Dispatched(work)) => {
                 self.in_flight = true;
                 if let Work::Finalize { .. } = work {
@@ -231,6 +247,7 @@ impl StreamState {
             }
 
             (Phase::Active | Phase::Finalizing, Event::Observed { size, mtime_ns }) => {
+                self.unseen = false;
                 self.missing_since = None;
                 if size < self.size {
                     if self.in_flight {
@@ -249,6 +266,7 @@ impl StreamState {
             }
 
             (Phase::Complete, Event::Observed { size, mtime_ns }) => {
+                self.unseen = false;
                 self.missing_since = None;
                 let (done_size, done_mtime) = self.completed.unwrap_or((self.size, self.mtime_ns));
                 if size < done_size {
@@ -264,6 +282,7 @@ impl StreamState {
             }
 
             (phase, Event::Missing) => {
+                self.unseen = false;
                 let since = *self.missing_since.get_or_insert(now);
                 if self.in_flight || now.saturating_duration_since(since) < rules.vanish_grace {
                     return Vec::new();
@@ -563,6 +582,45 @@ mod tests {
     }
 
     #[test]
+    fn unseen_polls_stop_the_inactivity_and_vanish_timers() {
+        let clock = Clock(Instant::now());
+        let rules = rules();
+        let mut s = StreamState::new(CHUNK, 5, 5, clock.at(0));
+        // 100 s blind, one poll every 10 s: still not quiet for 30 s.
+        for t in (10..=100).step_by(10) {
+            s.step(
+                Event::Unseen {
+                    gap: Duration::from_secs(10),
+                },
+                clock.at(t),
+                &rules,
+            );
+            assert_eq!(s.wanted(clock.at(t), &rules), None, "blind at {t} s");
+        }
+        assert_eq!(s.wanted(clock.at(129), &rules), None);
+        assert_eq!(
+            s.wanted(clock.at(130), &rules),
+            Some(Work::Finalize { size: 5 }),
+            "30 s of quiet actually seen"
+        );
+        // An absence interrupted by an unseen poll starts over.
+        s.step(Event::Missing, clock.at(101), &rules);
+        s.step(
+            Event::Unseen {
+                gap: Duration::from_secs(1),
+            },
+            clock.at(102),
+            &rules,
+        );
+        assert!(s.step(Event::Missing, clock.at(103), &rules).is_empty());
+        assert!(s.step(Event::Missing, clock.at(132), &rules).is_empty());
+        assert_eq!(
+            s.step(Event::Missing, clock.at(133), &rules),
+            vec![Action::Close(CloseReason::Vanished)]
+        );
+    }
+
+    #[test]
     fn a_complete_file_that_vanishes_is_forgotten() {
         let clock = Clock(Instant::now());
         let rules = rules();
@@ -775,7 +833,10 @@ mod tests {
                         observed(size)
                     }
                     4 => Event::Missing,
-                    5 => Event::Replaced,
+                    5 if rng.next(2) == 0 => Event::Replaced,
+                    5 => Event::Unseen {
+                        gap: Duration::from_secs(rng.next(20)),
+                    },
                     _ => match in_flight.take() {
                         Some(Work::Upload { index }) => Event::ChunkUploaded { index },
                         Some(Work::Finalize { size }) => match rng.next(3) {

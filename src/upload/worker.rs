@@ -782,6 +782,14 @@ mod tests {
         fn record_path(&mut self, _: &str, _: &str) -> Result<(), CheckpointError> {
             Ok(())
         }
+        fn record_identity(
+            &mut self,
+            _: &str,
+            _: FileIdentity,
+            _: FileIdentity,
+        ) -> Result<(), CheckpointError> {
+            Ok(())
+        }
         fn mark_complete(
             &mut self,
             id: &str,
