@@ -4,7 +4,7 @@
 #   scripts/test.sh            # everything
 #   scripts/test.sh -- NAME    # only tests whose name contains NAME
 #
-# Installs, when missing: redis-server, redis-sentinel, ffmpeg/ffprobe,
+# Installs, when missing: redis-server, redis-sentinel, ffmpeg/ffprobe, openssl,
 # promtool (Debian package prometheus), Ceph RGW (radosgw, ceph-mon, ceph-osd,
 # ceph-common) and the network file system test bed's sshd, ssh, sshfs and
 # fusermount3 (openssh-server openssh-client sshfs fuse3) with apt-get; the S3
@@ -23,6 +23,8 @@ command -v redis-server >/dev/null || apt_packages+=(redis-server)
 command -v redis-sentinel >/dev/null || apt_packages+=(redis-sentinel)
 { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || apt_packages+=(ffmpeg)
 command -v promtool >/dev/null || apt_packages+=(prometheus)
+# A private CA for the Redis TLS test (tests/tls.rs).
+command -v openssl >/dev/null || apt_packages+=(openssl)
 # Ceph RGW for the compatibility suite (tests/testbeds/rgw needs bc, uuidgen, curl too).
 for tool in radosgw:radosgw ceph-mon:ceph-mon ceph-osd:ceph-osd ceph:ceph-common bc:bc uuidgen:uuid-runtime curl:curl; do
   command -v "${tool%%:*}" >/dev/null || apt_packages+=("${tool#*:}")
@@ -56,7 +58,7 @@ if ! python3 -m pip show moto 2>/dev/null | grep -qx "Version: $MOTO_VERSION" ||
 fi
 
 missing=()
-for tool in redis-server redis-sentinel ffmpeg ffprobe promtool s3s-fs radosgw ceph-mon ceph-osd moto_server /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3; do
+for tool in redis-server redis-sentinel ffmpeg ffprobe promtool openssl s3s-fs radosgw ceph-mon ceph-osd moto_server /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 [ -e /dev/fuse ] || missing+=(/dev/fuse)

@@ -17,9 +17,11 @@ use log::LevelFilter;
 use crate::error::ConfigError;
 use crate::logging::LogFormat;
 
+mod aws;
 mod cli;
 mod stores;
 
+pub use aws::{ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, Sse, WebIdentity};
 pub use cli::{Cli, Command, Settings};
 pub use stores::{
     ContentMd5, DEFAULT_REDIS_URL, RedisConfig, S3Config, S3Credentials, SentinelConfig,

@@ -403,6 +403,9 @@ fn spawn_probe(
             let mut next_sweep = Instant::now();
             loop {
                 let storage = s3.probe().map_err(|err| err.to_string());
+                if let Some(health) = s3.credentials_health() {
+                    events.credentials_refresh(&health);
+                }
                 let checkpoints = redis.ping().map_err(|err| err.to_string());
                 let healthy = storage.is_ok() && checkpoints.is_ok();
                 events.dependency_checked(Dependency::Storage, storage);

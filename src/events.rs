@@ -6,6 +6,7 @@
 
 use crate::health::Dependency;
 use crate::store::Integrity;
+use crate::store::credentials::RefreshHealth;
 
 /// Things worth counting or timing. Implementations must be cheap and must not
 /// block: they are called from the coordinator loop and the workers.
@@ -33,6 +34,8 @@ pub trait Events: Send + Sync {
     fn dependency_checked(&self, _dependency: Dependency, _outcome: Result<(), String>) {}
     /// What the start-up probe found about the server's integrity checks.
     fn storage_integrity(&self, _integrity: Integrity) {}
+    /// How refreshing temporary S3 credentials goes (checked by the probe).
+    fn credentials_refresh(&self, _health: &RefreshHealth) {}
     /// The multipart sweep aborted `count` abandoned uploads.
     fn multipart_uploads_aborted(&self, _count: u64) {}
     /// This process claimed a stream's lease.

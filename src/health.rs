@@ -60,11 +60,17 @@ pub struct ReadinessReport {
     pub watch_dir: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3_integrity: Option<Integrity>,
+    /// `"error: …"` while refreshing temporary credentials fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_credentials: Option<String>,
 }
 
 impl ReadinessReport {
     pub fn ready(&self) -> bool {
-        self.redis == "ok" && self.s3 == "ok" && self.watch_dir == "ok"
+        self.redis == "ok"
+            && self.s3 == "ok"
+            && self.watch_dir == "ok"
+            && self.s3_credentials.is_none()
     }
 }
 
@@ -80,6 +86,8 @@ pub struct Readiness {
     /// Why the watch directory cannot be trusted now, if it cannot.
     watch_dir: Mutex<Option<String>>,
     integrity: Mutex<Option<Integrity>>,
+    /// The last credential refresh error, until a refresh succeeds.
+    credentials: Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -129,6 +137,10 @@ impl Readiness {
         *self.integrity.lock().expect("readiness lock")
     }
 
+    pub fn set_credentials(&self, refresh_error: Option<String>) {
+        *self.credentials.lock().expect("readiness lock") = refresh_error;
+    }
+
     pub fn report(&self) -> ReadinessReport {
         let show = |dependency| match &*self.slot(dependency).lock().expect("readiness lock") {
             Some(Ok(())) => "ok".to_string(),
@@ -144,6 +156,12 @@ impl Readiness {
             s3: show(Dependency::Storage),
             watch_dir,
             s3_integrity: self.integrity(),
+            s3_credentials: self
+                .credentials
+                .lock()
+                .expect("readiness lock")
+                .as_ref()
+                .map(|err| format!("error: refreshing credentials: {err}")),
         }
     }
 }

@@ -17,6 +17,7 @@ use log::{info, warn};
 use crate::events::{Events, Gauges};
 use crate::health::{Dependency, Readiness};
 use crate::store::Integrity;
+use crate::store::credentials::RefreshHealth;
 
 /// The error kinds reported by `chunkstream_upload_errors_total`.
 pub const UPLOAD_ERROR_KINDS: [&str; 6] = [
@@ -37,6 +38,7 @@ pub struct Metrics {
     streams_completed: IntCounterVec,
     upload_errors: IntCounterVec,
     checkpoint_errors: IntCounter,
+    credentials_refresh_failures: IntCounter,
     source_errors: IntCounter,
     worker_panics: IntCounter,
     streams_active: IntGauge,
@@ -151,6 +153,11 @@ impl Metrics {
                 &registry,
                 "chunkstream_checkpoint_errors_total",
                 "Failed checkpoint writes to Redis.",
+            ),
+            credentials_refresh_failures: counter(
+                &registry,
+                "chunkstream_credentials_refresh_failures_total",
+                "Failed attempts to refresh temporary S3 credentials (each is retried with backoff).",
             ),
             source_errors: counter(
                 &registry,
@@ -382,6 +389,13 @@ impl Events for Metrics {
                 Some(detail) => warn!("{name} is unavailable: {detail}"),
             }
         }
+    }
+
+    fn credentials_refresh(&self, health: &RefreshHealth) {
+        let counted = self.credentials_refresh_failures.get();
+        self.credentials_refresh_failures
+            .inc_by(health.failures.saturating_sub(counted));
+        self.readiness.set_credentials(health.last_error.clone());
     }
 
     fn storage_integrity(&self, integrity: Integrity) {

@@ -192,6 +192,7 @@ fn chunk_record(index: u64) -> ChunkRecord {
 
 fn store_for(env: &TestEnv, owner: &str) -> RedisStore {
     let config = RedisConfig {
+        ca_file: None,
         url: env.redis.url(),
         key_prefix: "cstest".into(),
         timeout: Duration::from_secs(5),

@@ -153,9 +153,85 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub aws_secret_access_key: Option<String>,
+    /// Session token of temporary keys given in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = "AWS_SESSION_TOKEN", global = true, hide_env_values = true)]
+    pub aws_session_token: Option<String>,
+    /// Role to assume with a web identity token (EKS IRSA); needs AWS_WEB_IDENTITY_TOKEN_FILE.
+    #[arg(long, env = "AWS_ROLE_ARN", global = true)]
+    pub aws_role_arn: Option<String>,
+    /// File holding the web identity token (re-read at every refresh).
+    #[arg(long, env = "AWS_WEB_IDENTITY_TOKEN_FILE", global = true)]
+    pub aws_web_identity_token_file: Option<String>,
+    /// Session name for AssumeRoleWithWebIdentity (default: chunkstream-<host>).
+    #[arg(long, env = "AWS_ROLE_SESSION_NAME", global = true)]
+    pub aws_role_session_name: Option<String>,
+    /// STS endpoint for AssumeRoleWithWebIdentity (default: https://sts.<S3_REGION>.amazonaws.com).
+    #[arg(long, env = "AWS_ENDPOINT_URL_STS", global = true)]
+    pub aws_endpoint_url_sts: Option<String>,
+    /// Profile in the shared credentials and config files (default: default).
+    #[arg(long, env = "AWS_PROFILE", global = true)]
+    pub aws_profile: Option<String>,
+    /// Shared credentials file (default: ~/.aws/credentials).
+    #[arg(long, env = "AWS_SHARED_CREDENTIALS_FILE", global = true)]
+    pub aws_shared_credentials_file: Option<String>,
+    /// Shared config file (default: ~/.aws/config).
+    #[arg(long, env = "AWS_CONFIG_FILE", global = true)]
+    pub aws_config_file: Option<String>,
+    /// Container credentials URL (EKS Pod Identity, ECS with a full URI).
+    #[arg(long, env = "AWS_CONTAINER_CREDENTIALS_FULL_URI", global = true)]
+    pub aws_container_credentials_full_uri: Option<String>,
+    /// Container credentials path on 169.254.170.2 (ECS task roles).
+    #[arg(long, env = "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", global = true)]
+    pub aws_container_credentials_relative_uri: Option<String>,
+    /// Authorization header for the container credentials endpoint.
+    #[arg(
+        long,
+        env = "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub aws_container_authorization_token: Option<String>,
+    /// File holding the container authorization token (EKS Pod Identity; re-read at every refresh).
+    #[arg(long, env = "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", global = true)]
+    pub aws_container_authorization_token_file: Option<String>,
+    /// Skip the EC2 instance metadata service (IMDSv2) in the credential chain.
+    #[arg(
+        long,
+        env = "AWS_EC2_METADATA_DISABLED",
+        default_value = "false",
+        global = true
+    )]
+    pub aws_ec2_metadata_disabled: String,
+    /// Instance metadata endpoint (default: http://169.254.169.254).
+    #[arg(long, env = "AWS_EC2_METADATA_SERVICE_ENDPOINT", global = true)]
+    pub aws_ec2_metadata_service_endpoint: Option<String>,
+    /// Send unsigned requests on purpose; without it, finding no credentials stops the start.
+    #[arg(long, env = "S3_ANONYMOUS", default_value = "false", global = true)]
+    pub s3_anonymous: String,
+    /// Server-side encryption of every object written: AES256 or aws:kms (empty: the bucket's default).
+    #[arg(long, env = "S3_SSE", default_value = "", global = true)]
+    pub s3_sse: String,
+    /// KMS key for S3_SSE=aws:kms (empty: the account's AWS managed key).
+    #[arg(long, env = "S3_SSE_KMS_KEY_ID", default_value = "", global = true)]
+    pub s3_sse_kms_key_id: String,
+    /// Storage class of every object written, e.g. STANDARD_IA, GLACIER_IR (empty: the bucket's default).
+    #[arg(long, env = "S3_STORAGE_CLASS", default_value = "", global = true)]
+    pub s3_storage_class: String,
+    /// Object Lock mode of every object written: GOVERNANCE or COMPLIANCE (empty: none); needs S3_OBJECT_LOCK_RETAIN.
+    #[arg(long, env = "S3_OBJECT_LOCK_MODE", default_value = "", global = true)]
+    pub s3_object_lock_mode: String,
+    /// How long each object stays locked from its upload, e.g. 30d.
+    #[arg(long, env = "S3_OBJECT_LOCK_RETAIN", default_value = "", global = true)]
+    pub s3_object_lock_retain: String,
+    /// Tags of every object written, k=v,k2=v2 (sent as x-amz-tagging).
+    #[arg(long, env = "S3_TAGS", default_value = "", global = true)]
+    pub s3_tags: String,
     /// Redis URL for checkpoints, one server; rediss:// for TLS. Default redis://127.0.0.1:6379/0; leave it unset with REDIS_SENTINELS.
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// PEM file of the CA (private or self-signed) that signed the rediss:// server's certificate; replaces the system roots for Redis.
+    #[arg(long, env = "REDIS_CA_FILE", global = true)]
+    pub redis_ca_file: Option<String>,
     /// Redis Sentinels, host:port,host:port,...: instead of REDIS_URL, follow the master they name through failovers.
     #[arg(long, env = "REDIS_SENTINELS", default_value = "", global = true)]
     pub redis_sentinels: String,

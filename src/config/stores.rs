@@ -18,6 +18,11 @@ pub struct S3Config {
     /// Create a missing bucket at start.
     pub create_bucket: bool,
     pub content_md5: ContentMd5,
+    /// `S3_ANONYMOUS`: unsigned requests are intended.
+    pub anonymous: bool,
+    /// Where to look for credentials after the environment.
+    pub chain: CredentialChain,
+    pub policy: ObjectPolicy,
 }
 
 /// When requests with a body carry `Content-MD5` (`S3_CONTENT_MD5`).
@@ -46,6 +51,7 @@ impl ContentMd5 {
 pub struct S3Credentials {
     pub access_key_id: String,
     pub secret_access_key: String,
+    pub session_token: Option<String>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -59,6 +65,9 @@ impl std::fmt::Debug for S3Config {
             .field("request_timeout", &self.request_timeout)
             .field("create_bucket", &self.create_bucket)
             .field("content_md5", &self.content_md5)
+            .field("anonymous", &self.anonymous)
+            .field("chain", &self.chain)
+            .field("policy", &self.policy)
             .field(
                 "access_key_id",
                 &self.credentials.as_ref().map(|c| c.access_key_id.as_str()),
@@ -84,6 +93,9 @@ pub struct RedisConfig {
     pub url: String,
     pub key_prefix: String,
     pub timeout: Duration,
+    /// `REDIS_CA_FILE`: the CA the `rediss://` server's certificate is
+    /// checked against.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -177,6 +189,7 @@ impl S3Config {
             (Some(id), Some(secret)) => Some(S3Credentials {
                 access_key_id: id.to_string(),
                 secret_access_key: secret.to_string(),
+                session_token: given(&settings.aws_session_token).map(str::to_string),
             }),
             (None, None) => None,
             (Some(_), None) => {
@@ -200,6 +213,9 @@ impl S3Config {
             path_style: parse_bool("S3_PATH_STYLE", &settings.s3_path_style)?,
             request_timeout: parse_duration("S3_REQUEST_TIMEOUT", &settings.s3_request_timeout)?,
             credentials,
+            anonymous: parse_bool("S3_ANONYMOUS", &settings.s3_anonymous)?,
+            chain: CredentialChain::from_settings(settings)?,
+            policy: ObjectPolicy::from_settings(settings)?,
             create_bucket: parse_bool("S3_CREATE_BUCKET", &settings.s3_create_bucket)?,
             content_md5: match settings.s3_content_md5.trim().to_ascii_lowercase().as_str() {
                 "auto" => ContentMd5::Auto,
@@ -219,7 +235,7 @@ impl S3Config {
 
 /// A setting given as an empty string counts as unset (Compose passes
 /// `${VAR:-}` through as empty).
-fn given(value: &Option<String>) -> Option<&str> {
+pub(super) fn given(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
@@ -324,11 +340,20 @@ impl RedisConfig {
             ));
         }
         let timeout = parse_duration("REDIS_TIMEOUT", &settings.redis_timeout)?;
+        let ca_file = given(&settings.redis_ca_file).map(PathBuf::from);
         if let Some(sentinel) = sentinel {
+            if ca_file.is_some() {
+                return Err(ConfigError {
+                    variable: "REDIS_CA_FILE",
+                    reason: "not supported with REDIS_SENTINELS yet; use REDIS_URL=rediss://"
+                        .into(),
+                });
+            }
             return Ok(Self {
                 url: sentinel.describe(),
                 key_prefix,
                 timeout,
+                ca_file,
             });
         }
         let url = given(&settings.redis_url)
@@ -350,10 +375,17 @@ impl RedisConfig {
             let detail = err.to_string().replace(&url, &shown);
             return Err(ConfigError::bad_value("REDIS_URL", &shown, detail));
         }
+        if ca_file.is_some() && !url.starts_with("rediss://") {
+            return Err(ConfigError {
+                variable: "REDIS_CA_FILE",
+                reason: format!("only with a rediss:// REDIS_URL, not {shown}"),
+            });
+        }
         Ok(Self {
             url,
             key_prefix,
             timeout,
+            ca_file,
         })
     }
 }

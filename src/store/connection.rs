@@ -216,10 +216,24 @@ impl Link {
     /// A link to the one server of `config.url`.
     pub(super) fn server(config: &RedisConfig) -> Result<Self, CheckpointError> {
         let shown_url = redact_url(&config.url);
-        let client = redis::Client::open(config.url.as_str()).map_err(|err| CheckpointError {
+        let failure = |detail: String| CheckpointError {
             url: shown_url.clone(),
-            detail: err.to_string(),
-        })?;
+            detail,
+        };
+        let client = match &config.ca_file {
+            None => redis::Client::open(config.url.as_str()),
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|err| {
+                    failure(format!("reading REDIS_CA_FILE {}: {err}", path.display()))
+                })?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(config.url.as_str(), certificates)
+            }
+        }
+        .map_err(|err| failure(err.to_string()))?;
         Ok(Self::to(Target::Server(client), config))
     }
 

@@ -5,6 +5,7 @@
 //! server, and a failure mode of one client library stays in one file.
 
 mod connection;
+pub mod credentials;
 pub mod ports;
 pub mod record;
 pub mod redis;

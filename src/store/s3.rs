@@ -14,6 +14,8 @@
 //! `us-east-1` location constraint, unquoted or empty ETags.
 
 use std::io;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use base64::Engine;
 use http::{HeaderMap, HeaderValue};
@@ -23,8 +25,9 @@ use s3::error::S3Error;
 use s3::{Bucket, Region};
 use sha2::{Digest, Sha256};
 
-use crate::config::S3Config;
-use crate::error::StorageError;
+use super::credentials::{Provider, RefreshHealth};
+use crate::config::{ObjectPolicy, S3Config, Sse};
+use crate::error::{AppError, StorageError};
 use crate::store::ports::{
     BucketAdmin, BucketError, Integrity, ObjectInfo, ObjectStore, OpenUpload,
 };
@@ -35,7 +38,7 @@ mod admin;
 const PRESIGNED_URL_SECONDS: u32 = 3600;
 
 /// The value of the first `<tag>…</tag>` in an XML body, unescaped.
-fn xml_value(body: &str, tag: &str) -> Option<String> {
+pub(crate) fn xml_value(body: &str, tag: &str) -> Option<String> {
     let open = format!("<{tag}>");
     let start = body.find(&open)? + open.len();
     let end = body[start..].find(&format!("</{tag}>"))? + start;
@@ -48,7 +51,7 @@ fn xml_value(body: &str, tag: &str) -> Option<String> {
 
 /// Percent-encodes `value` (SigV4 URI encoding), keeping the unreserved
 /// characters and any in `also_keep`.
-fn percent_encode(value: &str, also_keep: &[u8]) -> String {
+pub(crate) fn percent_encode(value: &str, also_keep: &[u8]) -> String {
     let mut encoded = String::with_capacity(value.len());
     for byte in value.bytes() {
         if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) || also_keep.contains(&byte) {
@@ -63,7 +66,13 @@ fn percent_encode(value: &str, also_keep: &[u8]) -> String {
 /// An S3 or S3-compatible bucket.
 #[derive(Clone)]
 pub struct S3Store {
+    /// Signs with anonymous credentials; [`S3Store::bucket`] adds the
+    /// current ones.
     bucket: Box<Bucket>,
+    /// `None`: anonymous (`S3_ANONYMOUS=true`).
+    credentials: Option<Arc<Provider>>,
+    /// Headers every object written carries.
+    policy: HeaderMap,
     config: S3Config,
     /// For requests rust-s3 presigns: chunk PUTs and UploadPartCopy. It keeps
     /// connections alive (rust-s3 opens one per request).
@@ -74,10 +83,16 @@ pub struct S3Store {
 }
 
 impl S3Store {
-    pub fn new(config: &S3Config) -> Result<Self, StorageError> {
+    /// Resolves the credentials (see [`Provider::resolve`]): finding none
+    /// without `S3_ANONYMOUS=true` is a configuration error.
+    pub fn new(config: &S3Config) -> Result<Self, AppError> {
         // Retries belong to the caller; see the module doc.
         s3::set_retries(0);
-        let bucket = Bucket::new(&config.bucket, region(config)?, credentials(config)?)
+        let anonymous = Credentials::anonymous().map_err(|err| StorageError::Other {
+            key: String::new(),
+            detail: format!("credentials: {err}"),
+        })?;
+        let bucket = Bucket::new(&config.bucket, region(config)?, anonymous)
             .map_err(|err| map_error(err, config, ""))?;
         let mut bucket = if config.path_style {
             bucket.with_path_style()
@@ -90,14 +105,43 @@ impl S3Store {
             .http_status_as_error(false)
             .build()
             .into();
+        let credentials = Provider::resolve(config)?;
         Ok(Self {
             bucket,
+            credentials,
+            policy: policy_headers(&config.policy, SystemTime::now())?,
             config: config.clone(),
             agent,
             integrity: Integrity {
                 checksum_verified: false,
                 content_md5: config.content_md5.wanted(false),
             },
+        })
+    }
+
+    /// The bucket, signing with the current credentials.
+    fn bucket(&self) -> Box<Bucket> {
+        let mut bucket = self.bucket.clone();
+        if let Some(provider) = &self.credentials {
+            bucket.set_credentials(provider.current());
+        }
+        bucket
+    }
+
+    /// How refreshing temporary credentials goes (`None`: nothing to refresh).
+    pub fn credentials_health(&self) -> Option<RefreshHealth> {
+        self.credentials.as_ref().map(|provider| provider.health())
+    }
+
+    /// The object policy headers, with an Object Lock retain-until date
+    /// counted from now.
+    fn policy(&self, key: &str) -> Result<HeaderMap, StorageError> {
+        if self.config.policy.object_lock.is_none() {
+            return Ok(self.policy.clone());
+        }
+        policy_headers(&self.config.policy, SystemTime::now()).map_err(|err| StorageError::Other {
+            key: key.to_string(),
+            detail: err.to_string(),
         })
     }
 
@@ -113,6 +157,7 @@ impl S3Store {
         content_type: &str,
         sha256: &[u8; 32],
         md5: Option<&[u8; 16]>,
+        mut headers: HeaderMap,
     ) -> Result<Option<String>, StorageError> {
         let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         let mut pairs = vec![
@@ -122,7 +167,6 @@ impl S3Store {
         if let Some(md5) = md5 {
             pairs.push(("content-md5", base64(md5)));
         }
-        let mut headers = HeaderMap::new();
         for (name, value) in &pairs {
             let value = HeaderValue::from_str(value).map_err(|err| StorageError::Other {
                 key: key.to_string(),
@@ -131,12 +175,12 @@ impl S3Store {
             headers.insert(*name, value);
         }
         let url = self
-            .bucket
-            .presign_put(key, PRESIGNED_URL_SECONDS, Some(headers), None)
+            .bucket()
+            .presign_put(key, PRESIGNED_URL_SECONDS, Some(headers.clone()), None)
             .map_err(|err| map_error(err, &self.config, key))?;
         let mut request = self.agent.put(&url);
-        for (name, value) in &pairs {
-            request = request.header(*name, value);
+        for (name, value) in &headers {
+            request = request.header(name, value);
         }
         let mut response = request
             .send(body)
@@ -218,29 +262,33 @@ impl ObjectStore for S3Store {
         sha256: &[u8; 32],
     ) -> Result<(), StorageError> {
         let md5 = self.integrity.content_md5.then(|| md5::compute(body).0);
-        let etag = self.send_put(key, body, content_type, sha256, md5.as_ref())?;
+        let policy = self.policy(key)?;
+        let etag = self.send_put(key, body, content_type, sha256, md5.as_ref(), policy)?;
+        // With SSE-KMS the ETag is not the body's MD5 (Content-MD5 and the
+        // checksum still protect the body).
+        let etag_is_md5 = !matches!(self.config.policy.sse, Some(Sse::Kms { .. }));
         match (md5, etag) {
-            (Some(md5), Some(etag)) => check_etag(key, &etag, &md5),
+            (Some(md5), Some(etag)) if etag_is_md5 => check_etag(key, &etag, &md5),
             _ => Ok(()),
         }
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
-        self.bucket
+        self.bucket()
             .get_object(key)
             .map(|response| response.to_vec())
             .map_err(|err| map_error(err, &self.config, key))
     }
 
     fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StorageError> {
-        self.bucket
+        self.bucket()
             .get_object_range(key, start, Some(end))
             .map(|response| response.to_vec())
             .map_err(|err| map_error(err, &self.config, key))
     }
 
     fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
-        match self.bucket.head_object(key) {
+        match self.bucket().head_object(key) {
             Ok((head, _)) => Ok(Some(ObjectInfo {
                 size: head
                     .content_length
@@ -254,14 +302,16 @@ impl ObjectStore for S3Store {
     }
 
     fn delete(&self, key: &str) -> Result<(), StorageError> {
-        match self.bucket.delete_object(key) {
+        match self.bucket().delete_object(key) {
             Ok(_) | Err(S3Error::HttpFailWithBody(404, _)) => Ok(()),
             Err(err) => Err(map_error(err, &self.config, key)),
         }
     }
 
     fn initiate_multipart(&self, key: &str, content_type: &str) -> Result<String, StorageError> {
-        self.bucket
+        self.bucket()
+            .with_extra_headers(self.policy(key)?)
+            .map_err(|err| map_error(err, &self.config, key))?
             .initiate_multipart_upload(key, content_type)
             .map(|response| response.upload_id)
             .map_err(|err| map_error(err, &self.config, key))
@@ -296,7 +346,7 @@ impl ObjectStore for S3Store {
             ("uploadId".to_string(), upload_id.to_string()),
         ]);
         let url = self
-            .bucket
+            .bucket()
             .presign_put(key, PRESIGNED_URL_SECONDS, Some(headers), Some(queries))
             .map_err(|err| map_error(err, &self.config, key))?;
         // rust-s3 0.38 signs the custom query parameters but leaves them out
@@ -345,7 +395,10 @@ impl ObjectStore for S3Store {
                 etag: quoted(etag),
             })
             .collect();
-        let body = match self.bucket.complete_multipart_upload(key, upload_id, parts) {
+        let body = match self
+            .bucket()
+            .complete_multipart_upload(key, upload_id, parts)
+        {
             Ok(response) => String::from_utf8_lossy(response.as_slice()).to_string(),
             // rust-s3 insists on the root element's name, which moto spells
             // differently; a 2xx without an error document is a success.
@@ -365,7 +418,7 @@ impl ObjectStore for S3Store {
     }
 
     fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
-        match self.bucket.abort_upload(key, upload_id) {
+        match self.bucket().abort_upload(key, upload_id) {
             Ok(()) | Err(S3Error::HttpFailWithBody(404, _)) => Ok(()),
             Err(err) => Err(map_error(err, &self.config, key)),
         }
@@ -402,21 +455,57 @@ fn region(config: &S3Config) -> Result<Region, StorageError> {
     }
 }
 
-fn credentials(config: &S3Config) -> Result<Credentials, StorageError> {
-    let credentials = match &config.credentials {
-        Some(pair) => Credentials::new(
-            Some(&pair.access_key_id),
-            Some(&pair.secret_access_key),
-            None,
-            None,
-            None,
-        ),
-        None => Credentials::anonymous(),
-    };
-    credentials.map_err(|err| StorageError::Other {
-        key: String::new(),
-        detail: format!("credentials: {err}"),
-    })
+/// The headers of `S3_SSE`, `S3_STORAGE_CLASS`, `S3_OBJECT_LOCK_*` (retained
+/// until `now` plus the retention) and `S3_TAGS`.
+fn policy_headers(policy: &ObjectPolicy, now: SystemTime) -> Result<HeaderMap, StorageError> {
+    let mut pairs: Vec<(&str, String)> = Vec::new();
+    match &policy.sse {
+        Some(Sse::Aes256) => pairs.push(("x-amz-server-side-encryption", "AES256".into())),
+        Some(Sse::Kms { key_id }) => {
+            pairs.push(("x-amz-server-side-encryption", "aws:kms".into()));
+            if let Some(key_id) = key_id {
+                pairs.push((
+                    "x-amz-server-side-encryption-aws-kms-key-id",
+                    key_id.clone(),
+                ));
+            }
+        }
+        None => {}
+    }
+    if let Some(class) = &policy.storage_class {
+        pairs.push(("x-amz-storage-class", class.clone()));
+    }
+    if let Some(lock) = &policy.object_lock {
+        pairs.push(("x-amz-object-lock-mode", lock.mode.clone()));
+        pairs.push((
+            "x-amz-object-lock-retain-until-date",
+            humantime::format_rfc3339_seconds(now + lock.retain).to_string(),
+        ));
+    }
+    if !policy.tags.is_empty() {
+        let tagging = policy
+            .tags
+            .iter()
+            .map(|(key, value)| {
+                format!(
+                    "{}={}",
+                    percent_encode(key, b""),
+                    percent_encode(value, b"")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        pairs.push(("x-amz-tagging", tagging));
+    }
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        let value = HeaderValue::from_str(&value).map_err(|err| StorageError::Other {
+            key: String::new(),
+            detail: format!("{name}: {value:?}: {err}"),
+        })?;
+        headers.insert(name, value);
+    }
+    Ok(headers)
 }
 
 /// The I/O error at the bottom of a transport error, if there is one.

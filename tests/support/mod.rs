@@ -689,9 +689,13 @@ pub fn s3_config(endpoint: &str, prefix: &str, access_key: &str, secret_key: &st
         credentials: Some(S3Credentials {
             access_key_id: access_key.into(),
             secret_access_key: secret_key.into(),
+            session_token: None,
         }),
         create_bucket: true,
         content_md5: ContentMd5::Always,
+        anonymous: false,
+        chain: Default::default(),
+        policy: Default::default(),
     }
 }
 

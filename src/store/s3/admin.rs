@@ -10,13 +10,22 @@ impl S3Store {
     /// request is presigned by rust-s3 and sent here).
     fn create_bucket(&self) -> Result<(), StorageError> {
         let body = create_bucket_body(&self.config.region);
+        let mut headers = HeaderMap::new();
+        if self.config.policy.object_lock.is_some() {
+            headers.insert(
+                "x-amz-bucket-object-lock-enabled",
+                HeaderValue::from_static("true"),
+            );
+        }
         let url = self
-            .bucket
-            .presign_put("", PRESIGNED_URL_SECONDS, None, None)
+            .bucket()
+            .presign_put("", PRESIGNED_URL_SECONDS, Some(headers.clone()), None)
             .map_err(|err| map_error(err, &self.config, ""))?;
-        let mut response = self
-            .agent
-            .put(&url)
+        let mut request = self.agent.put(&url);
+        for (name, value) in &headers {
+            request = request.header(name, value);
+        }
+        let mut response = request
             .send(body.as_bytes())
             .map_err(|err| map_ureq_error(err, &self.config, ""))?;
         http_outcome(&mut response, "").map(|_| ())
@@ -24,7 +33,7 @@ impl S3Store {
 
     /// HEAD on the bucket: true if it exists and these credentials reach it.
     fn bucket_exists(&self) -> Result<bool, StorageError> {
-        match self.bucket.head_object("") {
+        match self.bucket().head_object("") {
             Ok(_) => Ok(true),
             Err(S3Error::HttpFailWithBody(404 | 403, _)) => Ok(false),
             Err(err) => Err(map_error(err, &self.config, "")),
@@ -109,7 +118,13 @@ impl BucketAdmin for S3Store {
         );
         let body = b"chunkstream checks whether this server verifies x-amz-checksum-sha256\n";
         let wrong: [u8; 32] = Sha256::digest(b"not the body").into();
-        let checksum_verified = match self.send_put(&key, body, "text/plain", &wrong, None) {
+        // The scratch object carries the policy but no Object Lock, so that
+        // it can be deleted.
+        let mut policy = self.policy(&key)?;
+        policy.remove("x-amz-object-lock-mode");
+        policy.remove("x-amz-object-lock-retain-until-date");
+        let checksum_verified = match self.send_put(&key, body, "text/plain", &wrong, None, policy)
+        {
             Err(StorageError::Corrupted { .. }) => true,
             Ok(_) => false,
             Err(err) if err.is_client_error() => {
@@ -120,8 +135,15 @@ impl BucketAdmin for S3Store {
             }
             Err(err) => return Err(err),
         };
-        // Even a refused body may have been kept (s3s-fs 0.14 does).
-        self.delete(&key)?;
+        // Even a refused body may have been kept (s3s-fs 0.14 does). A
+        // bucket with default retention may refuse the delete: the scratch
+        // object then stays until its retention ends.
+        match self.delete(&key) {
+            Err(err) if err.is_client_error() => {
+                warn!("the checksum probe object {key} could not be deleted: {err}")
+            }
+            other => other?,
+        }
         self.integrity = Integrity {
             checksum_verified,
             content_md5: self.config.content_md5.wanted(checksum_verified),
@@ -131,7 +153,7 @@ impl BucketAdmin for S3Store {
     /// A cheap request that succeeds only if the bucket is reachable and
     /// usable with these credentials.
     fn probe(&self) -> Result<(), StorageError> {
-        self.bucket
+        self.bucket()
             .list_page(String::new(), None, None, None, Some(1))
             .map(|_| ())
             .map_err(|err| map_error(err, &self.config, ""))
@@ -139,7 +161,7 @@ impl BucketAdmin for S3Store {
     /// Keys under `prefix` (a listing, paginated by rust-s3).
     fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let pages = self
-            .bucket
+            .bucket()
             .list(prefix.to_string(), None)
             .map_err(|err| map_error(err, &self.config, prefix))?;
         Ok(pages
@@ -150,7 +172,7 @@ impl BucketAdmin for S3Store {
     /// The multipart uploads open under `prefix` (ListMultipartUploads).
     fn open_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StorageError> {
         let pages = self
-            .bucket
+            .bucket()
             .list_multiparts_uploads(Some(prefix), None)
             .map_err(|err| map_error(err, &self.config, prefix))?;
         Ok(pages

@@ -60,6 +60,9 @@ fn http_errors_keep_their_status() {
         credentials: None,
         create_bucket: true,
         content_md5: crate::config::ContentMd5::Auto,
+        anonymous: false,
+        chain: Default::default(),
+        policy: Default::default(),
     };
     let err = map_error(S3Error::HttpFailWithBody(503, "busy".into()), &config, "k");
     assert_eq!(err.kind(), "http_5xx");

@@ -1,0 +1,352 @@
+//! Credentials and object policy against real local servers: each source of
+//! the AWS credential chain uploads a stream byte-exact (container
+//! credentials and an IMDSv2 stand-in, both HTTP servers in this test, web
+//! identity from moto's STS, a profile file against s3s-fs), short-lived
+//! credentials are refreshed mid-upload, no credentials stop the start, and
+//! every object written
+//! carries the object policy (HEAD against moto). No test reaches the
+//! instance-metadata address or any host off this machine.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use support::{
+    ACCESS_KEY, BUCKET, MIB, S3Kind, SECRET_KEY, TestEnv, append, chunkstream_binary,
+    pseudo_random, wait_for,
+};
+
+/// A local HTTP server: every request gets `answer(request, n)`, a status
+/// and a body, `n` counting the requests from 0. Stops when dropped.
+struct Stub {
+    base: String,
+    answered: Arc<AtomicUsize>,
+    server: Arc<tiny_http::Server>,
+}
+
+impl Stub {
+    fn start(
+        answer: impl Fn(&tiny_http::Request, usize) -> (u16, String) + Send + 'static,
+    ) -> Self {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
+        let port = server.server_addr().to_ip().expect("ip").port();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (serving, count) = (server.clone(), answered.clone());
+        std::thread::spawn(move || {
+            for request in serving.incoming_requests() {
+                let (status, body) = answer(&request, count.fetch_add(1, Ordering::SeqCst));
+                let _ = request
+                    .respond(tiny_http::Response::from_string(body).with_status_code(status));
+            }
+        });
+        Self {
+            base: format!("http://127.0.0.1:{port}"),
+            answered,
+            server,
+        }
+    }
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        self.server.unblock();
+    }
+}
+
+/// The JSON of the container endpoint and IMDS: the test's keys, expiring
+/// `lifetime` from now.
+fn credentials_json(token: &str, lifetime: Duration) -> String {
+    let expires = humantime::format_rfc3339_seconds(SystemTime::now() + lifetime);
+    format!(
+        r#"{{"AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{SECRET_KEY}","Token":"{token}","Expiration":"{expires}"}}"#
+    )
+}
+
+/// The value of header `name`, if the request has it.
+fn header(request: &tiny_http::Request, name: &str) -> Option<String> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.to_string())
+}
+
+/// The test environment's daemon settings without the static keys.
+fn keyless_env(env: &TestEnv) -> std::collections::BTreeMap<String, String> {
+    let mut vars = env.daemon_env();
+    vars.remove("AWS_ACCESS_KEY_ID");
+    vars.remove("AWS_SECRET_ACCESS_KEY");
+    vars
+}
+
+/// The daemon with [`keyless_env`] plus `extra`.
+fn start_without_keys(env: &TestEnv, extra: &[(&str, &str)]) -> support::Daemon {
+    let mut vars = keyless_env(env);
+    for (key, value) in extra {
+        vars.insert(key.to_string(), value.to_string());
+    }
+    support::Daemon::start(vars, env.watch.path())
+}
+
+/// Drops a recording of `size` bytes, waits for it to complete and checks
+/// it byte for byte.
+fn uploads_byte_exact(env: &TestEnv, rel: &str, size: u64, seed: u64) {
+    let path = env.drop_file(rel, &pseudo_random(size, seed));
+    let meta = env.wait_complete(rel);
+    env.assert_byte_exact(&meta, &path);
+}
+
+#[test]
+fn container_credentials_that_expire_in_40s_are_refreshed_during_an_upload() {
+    let Some(env) = TestEnv::start() else { return };
+    // Credentials that expire 40 s after each request, for the pod's token.
+    let server = Stub::start(|request, n| match header(request, "Authorization") {
+        Some(token) if token == "Bearer pod-token" => (
+            200,
+            credentials_json(&format!("session-{n}"), Duration::from_secs(40)),
+        ),
+        _ => (401, String::new()),
+    });
+    let url = format!("{}/v2/credentials/pod", server.base);
+    let token_file = env.staging.path().join("token");
+    std::fs::write(&token_file, "Bearer pod-token\n").unwrap();
+    let daemon = start_without_keys(
+        &env,
+        &[
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                token_file.to_str().unwrap(),
+            ),
+            ("STREAM_TIMEOUT", "4s"),
+        ],
+    );
+    // The stream grows for longer than half the credentials' lifetime.
+    let path = env.file("cam-container.mp4");
+    let started = std::time::Instant::now();
+    let mut seed = 1;
+    while started.elapsed() < Duration::from_secs(30) {
+        append(&path, &pseudo_random(3 * MIB, seed));
+        seed += 1;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let meta = env.wait_complete("cam-container.mp4");
+    env.assert_byte_exact(&meta, &path);
+    assert!(
+        server.answered.load(Ordering::SeqCst) >= 2,
+        "the credentials were refreshed"
+    );
+    let log = daemon.log();
+    assert!(log.contains("credentials: container credentials"), "{log}");
+    assert!(
+        log.contains("credentials: refreshed from container credentials"),
+        "{log}"
+    );
+    assert_eq!(daemon.metric_sum("chunkstream_upload_errors_total"), 0.0);
+    assert!(!log.contains("pod-token"), "the token is never logged");
+    daemon.terminate();
+}
+
+#[test]
+fn web_identity_assumes_a_role_at_moto_sts() {
+    let Some(env) = TestEnv::start_on(S3Kind::Moto, ACCESS_KEY, SECRET_KEY) else {
+        return;
+    };
+    let token_file = env.staging.path().join("web-identity-token");
+    std::fs::write(&token_file, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJjYW0ifQ.c2ln").unwrap();
+    let daemon = start_without_keys(
+        &env,
+        &[
+            ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/chunkstream"),
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.to_str().unwrap()),
+            ("AWS_ENDPOINT_URL_STS", &env.s3.endpoint()),
+        ],
+    );
+    uploads_byte_exact(&env, "cam-irsa.mp4", 7 * MIB, 3);
+    let log = daemon.log();
+    assert!(
+        log.contains("credentials: web identity (role arn:aws:iam::123456789012:role/chunkstream"),
+        "{log}"
+    );
+    daemon.terminate();
+}
+
+#[test]
+fn a_profile_in_a_shared_credentials_file_signs_for_s3s_fs() {
+    let Some(env) = TestEnv::start() else { return };
+    let file = env.staging.path().join("credentials");
+    std::fs::write(
+        &file,
+        format!("[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n[cameras]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"),
+    )
+    .unwrap();
+    let daemon = start_without_keys(
+        &env,
+        &[
+            ("AWS_PROFILE", "cameras"),
+            ("AWS_SHARED_CREDENTIALS_FILE", file.to_str().unwrap()),
+            ("AWS_CONFIG_FILE", "/nonexistent/config"),
+        ],
+    );
+    uploads_byte_exact(&env, "cam-profile.mp4", 6 * MIB, 4);
+    let log = daemon.log();
+    assert!(
+        log.contains("credentials: shared profile \"cameras\""),
+        "{log}"
+    );
+    assert!(!log.contains(SECRET_KEY), "the secret is never logged");
+    daemon.terminate();
+}
+
+#[test]
+fn no_credentials_anywhere_exits_2_naming_every_source_tried() {
+    let Some(env) = TestEnv::start() else { return };
+    let mut vars = keyless_env(&env);
+    vars.insert("HOME".into(), env.staging.path().display().to_string());
+    vars.insert("METRICS_ADDR".into(), "127.0.0.1:0".into());
+    let output = std::process::Command::new(chunkstream_binary())
+        .arg("run")
+        .env_clear()
+        .envs(&vars)
+        .output()
+        .expect("chunkstream runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for source in [
+        "environment",
+        "web identity",
+        "shared profile",
+        "container credentials",
+        "EC2 instance metadata (AWS_EC2_METADATA_DISABLED=true)",
+        "S3_ANONYMOUS=true",
+    ] {
+        assert!(stderr.contains(source), "{source} in {stderr}");
+    }
+}
+
+/// HEAD with a placeholder signature (moto reads the access key but checks
+/// no signature; unsigned requests are anonymous): the response headers.
+fn head(env: &TestEnv, key: &str) -> http::HeaderMap {
+    let url = format!("{}/{BUCKET}/{key}", env.s3.endpoint());
+    let response = ureq::head(&url)
+        .header(
+            "authorization",
+            format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"),
+        )
+        .call()
+        .unwrap_or_else(|err| panic!("HEAD {url}: {err}"));
+    response.headers().clone()
+}
+
+#[test]
+fn every_object_carries_sse_storage_class_tags_and_object_lock_on_moto() {
+    let Some(env) = TestEnv::start_on(S3Kind::Moto, ACCESS_KEY, SECRET_KEY) else {
+        return;
+    };
+    let daemon = env.start_daemon(&[
+        ("S3_SSE", "AES256"),
+        ("S3_STORAGE_CLASS", "STANDARD_IA"),
+        ("S3_OBJECT_LOCK_MODE", "GOVERNANCE"),
+        ("S3_OBJECT_LOCK_RETAIN", "2d"),
+        ("S3_TAGS", "site=north gate,kind=cctv"),
+        ("ASSEMBLE", "true"),
+    ]);
+    let path = env.drop_file("cam-policy.mp4", &pseudo_random(11 * MIB, 5));
+    let meta = env.wait_assembled("cam-policy.mp4", 1);
+    env.assert_byte_exact(&meta, &path);
+    let keys = env.keys();
+    assert!(
+        keys.len() >= 4,
+        "chunks, metadata and the assembled object: {keys:?}"
+    );
+    let soon = SystemTime::now() + Duration::from_secs(86_400);
+    for key in keys.iter().filter(|key| !key.contains(".chunkstream/")) {
+        let headers = head(&env, key);
+        let value = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_else(|| panic!("{key}: no {name} in {headers:?}"))
+                .to_string()
+        };
+        assert_eq!(value("x-amz-server-side-encryption"), "AES256", "{key}");
+        assert_eq!(value("x-amz-storage-class"), "STANDARD_IA", "{key}");
+        assert_eq!(value("x-amz-tagging-count"), "2", "{key}");
+        // moto 5.2 drops Object Lock headers on CreateMultipartUpload (AWS
+        // applies them), so the assembled object is checked for the rest only.
+        if key.ends_with("/cam-policy.mp4") {
+            continue;
+        }
+        assert_eq!(value("x-amz-object-lock-mode"), "GOVERNANCE", "{key}");
+        let until = humantime::parse_rfc3339_weak(
+            value("x-amz-object-lock-retain-until-date").trim_end_matches('Z'),
+        )
+        .expect("a date");
+        assert!(until > soon, "{key} is retained for 2 days");
+    }
+    wait_for("no failed requests", || {
+        daemon.metric_sum("chunkstream_upload_errors_total") == 0.0
+    });
+    daemon.terminate();
+}
+
+#[test]
+fn a_failing_refresh_shows_in_readyz_and_the_metric_while_uploads_go_on() {
+    let Some(env) = TestEnv::start() else { return };
+    // Answers once with credentials for 20 s, then refuses every refresh.
+    let server = Stub::start(|_, n| match n {
+        0 => (200, credentials_json("t", Duration::from_secs(20))),
+        _ => (503, "unavailable".to_string()),
+    });
+    let url = format!("{}/creds", server.base);
+    let daemon = start_without_keys(&env, &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url)]);
+    wait_for("a failed refresh counted", || {
+        daemon.metric_sum("chunkstream_credentials_refresh_failures_total") >= 1.0
+    });
+    wait_for("/readyz shows the refresh error", || {
+        let (status, body) = daemon.http("GET", "/readyz");
+        status == 503 && body.contains("refreshing credentials")
+    });
+    // The credentials are still valid: a stream uploads meanwhile.
+    uploads_byte_exact(&env, "cam-during.mp4", 6 * MIB, 9);
+    daemon.terminate();
+}
+
+#[test]
+fn an_ec2_instance_profile_is_read_with_the_imdsv2_token_flow() {
+    let Some(env) = TestEnv::start() else { return };
+    // A local stand-in for the instance metadata service, reached through
+    // AWS_EC2_METADATA_SERVICE_ENDPOINT (never 169.254.169.254).
+    let server = Stub::start(|request, _| {
+        let token = header(request, "x-aws-ec2-metadata-token");
+        let role_path = "/latest/meta-data/iam/security-credentials/";
+        match (request.method(), request.url(), token.as_deref()) {
+            (tiny_http::Method::Put, "/latest/api/token", _) => (200, "imds-session".into()),
+            (_, path, Some("imds-session")) if path == role_path => {
+                (200, "camera-uploader\n".into())
+            }
+            (_, path, Some("imds-session")) if path == format!("{role_path}camera-uploader") => {
+                (200, credentials_json("instance", Duration::from_secs(3600)))
+            }
+            _ => (401, String::new()),
+        }
+    });
+    let endpoint = server.base.clone();
+    let daemon = start_without_keys(
+        &env,
+        &[
+            ("AWS_EC2_METADATA_DISABLED", "false"),
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &endpoint),
+            ("HOME", env.staging.path().to_str().unwrap()),
+        ],
+    );
+    uploads_byte_exact(&env, "cam-ec2.mp4", 6 * MIB, 12);
+    let log = daemon.log();
+    assert!(
+        log.contains(&format!("credentials: EC2 instance metadata ({endpoint})")),
+        "{log}"
+    );
+    daemon.terminate();
+}
