@@ -65,6 +65,8 @@ pub struct Config {
     pub sentinel: Option<SentinelConfig>,
     /// `INSTANCE_ID`, if set: this replica's stable name.
     pub instance_id: Option<String>,
+    /// How long Redis keeps the record of a stream whose file is gone.
+    pub record_retention: Duration,
 }
 
 /// How replicas share streams (see docs/scaling.md).
@@ -179,6 +181,7 @@ impl Config {
             lease: LeasePolicy::from_settings(settings)?,
             sentinel,
             instance_id: parse_instance_id(&settings.instance_id)?,
+            record_retention: parse_duration("RECORD_RETENTION", &settings.record_retention)?,
         })
     }
 }

@@ -176,6 +176,7 @@ fn stored_stream(id: &str) -> StoredStream {
         completed_mtime_ns: 0,
         assembled_revision: 0,
         chunks: BTreeMap::new(),
+        head: None,
     }
 }
 
@@ -264,6 +265,7 @@ fn m0_the_lease_scripts_give_one_owner_and_fence_out_a_stale_one() {
         mtime_ns: 1,
         last_change_at: std::time::SystemTime::now(),
         completed_at: std::time::SystemTime::now(),
+        head: None,
         release_lease: false,
     };
     assert!(matches!(

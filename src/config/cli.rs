@@ -292,4 +292,7 @@ pub struct Settings {
     /// Stable name of this replica (e.g. the pod name), so a restart takes its streams back at once; empty means a fresh identity per process. Never give two live processes the same one.
     #[arg(long, env = "INSTANCE_ID", default_value = "", global = true)]
     pub instance_id: String,
+    /// How long Redis keeps the record of a stream whose file is gone (deleted, moved away, replaced); complete streams stay in the bucket.
+    #[arg(long, env = "RECORD_RETENTION", default_value = "7d", global = true)]
+    pub record_retention: String,
 }

@@ -120,6 +120,9 @@ pub struct Coordinator {
     /// Identity → stream id of streams just closed or forgotten whose identity
     /// mapping may still be in Redis; a new stream may take it over.
     retired: HashMap<FileIdentity, String>,
+    /// Stream id → identity of streams whose retirement (identity mapping
+    /// removed, records set to expire) failed and is retried.
+    unretired: BTreeMap<String, FileIdentity>,
     /// Whether the last registration failed (to log an outage once).
     registration_failing: bool,
     /// Redis recoveries already answered with a write-back.
@@ -176,6 +179,7 @@ impl Coordinator {
             ownership,
             demand: 0,
             retired: HashMap::new(),
+            unretired: BTreeMap::new(),
             registration_failing: false,
             redis_recoveries_handled: 0,
             quarantined: BTreeMap::new(),
@@ -223,6 +227,7 @@ impl Coordinator {
             self.handle_result(result, now);
         }
         if let Some(scan) = observations.scan {
+            self.retry_retirements();
             self.apply_scan(scan, now);
             self.queue_ready_streams(now);
             self.publish_gauges();

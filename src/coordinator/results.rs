@@ -48,6 +48,7 @@ impl Coordinator {
                     self.ownership.drop_lease(&stream.id);
                 }
                 stream.revision = revision;
+                stream.settle_completion();
                 let lag = completed_at
                     .duration_since(stream.last_change_at)
                     .map_or(0.0, |d| d.as_secs_f64());

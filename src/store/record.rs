@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::MAX_CHUNK_SIZE;
 use crate::metadata::{ChunkRecord, MAX_CHUNKS, unix_millis};
 use crate::scan::FileIdentity;
-use crate::store::ports::{CorruptRecord, Loaded, StoredStatus, StoredStream};
+use crate::store::ports::{CorruptRecord, HeadPrint, Loaded, StoredStatus, StoredStream};
 
 pub(crate) fn from_unix_millis(millis: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(millis)
@@ -23,7 +23,7 @@ pub(crate) fn from_unix_millis(millis: u64) -> SystemTime {
 
 /// The record fields of a stream, as (name, value) pairs.
 pub(crate) fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)> {
-    vec![
+    let mut fields = vec![
         ("id", stream.id.clone()),
         ("identity", stream.identity.key()),
         ("path", stream.rel_path.clone()),
@@ -39,6 +39,19 @@ pub(crate) fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)
         ("completed_size", stream.completed_size.to_string()),
         ("completed_mtime_ns", stream.completed_mtime_ns.to_string()),
         ("assembled_revision", stream.assembled_revision.to_string()),
+    ];
+    if let Some(head) = &stream.head {
+        fields.extend(head_fields(head));
+    }
+    fields
+}
+
+/// The fields that hold a stream's [`HeadPrint`]. Each value stays within
+/// the 64 bytes of Redis's compact hash encoding.
+pub(crate) fn head_fields(head: &HeadPrint) -> [(&'static str, String); 2] {
+    [
+        ("head_size", head.size_bytes.to_string()),
+        ("head_sha256", head.sha256.clone()),
     ]
 }
 
@@ -106,6 +119,16 @@ fn decode_fields(
     } else {
         0
     };
+    let head = match fields.get("head_sha256") {
+        None => None,
+        Some(sha256) if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(HeadPrint {
+                size_bytes: parsed("head_size")?,
+                sha256: sha256.to_ascii_lowercase(),
+            })
+        }
+        Some(other) => return Err(format!("field head_sha256 is {other:?}, not a sha256")),
+    };
     Ok(StoredStream {
         id: text("id")?.to_string(),
         identity: FileIdentity::parse_key(identity)
@@ -122,6 +145,7 @@ fn decode_fields(
         completed_mtime_ns,
         assembled_revision,
         chunks: decode_chunks(chunk_fields, chunk_size)?,
+        head,
     })
 }
 
@@ -197,6 +221,10 @@ mod tests {
                     uploaded_at: "t".into(),
                 },
             )]),
+            head: Some(HeadPrint {
+                size_bytes: 12,
+                sha256: "ab".repeat(32),
+            }),
         }
     }
 
@@ -241,6 +269,8 @@ mod tests {
         assert!(reason(&with("chunk_size", "ten"), &chunks).contains("not a number"));
         assert!(reason(&with("status", "paused"), &chunks).contains("status"));
         assert!(reason(&with("revision", "99999999999"), &chunks).contains("out of range"));
+        assert!(reason(&with("head_sha256", "abc"), &chunks).contains("not a sha256"));
+        assert!(reason(&with("head_size", "-1"), &chunks).contains("not a number"));
         let mut missing = fields.clone();
         missing.remove("identity");
         let corrupt = decode_stream("cam-1", &missing, &chunks)

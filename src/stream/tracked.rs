@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metadata::{ChunkRecord, contiguous_prefix};
 use crate::scan::{FileIdentity, Observation};
+use crate::store::ports::HeadPrint;
 use crate::store::{StoredStatus, StoredStream};
 use crate::stream::state::{Phase, StreamState};
 use crate::upload::job::{StreamFacts, StreamRef};
@@ -23,7 +24,12 @@ pub struct TrackedStream {
     pub abs_path: PathBuf,
     pub file_name: String,
     pub state: StreamState,
+    /// The chunk records of the revision in progress. Dropped at completion
+    /// (`metadata.json` holds them; the next revision's jobs read them back
+    /// from there), so a complete stream costs little memory.
     pub chunks: BTreeMap<u64, ChunkRecord>,
+    /// The first chunk's fingerprint, kept when the records are dropped.
+    pub head: Option<HeadPrint>,
     pub started_at: SystemTime,
     pub last_change_at: SystemTime,
     /// Completed revisions so far.
@@ -75,6 +81,7 @@ impl TrackedStream {
             file_name: file_name(&observation.rel_path),
             state: StreamState::new(chunk_size, observation.size, observation.mtime_ns, now),
             chunks: BTreeMap::new(),
+            head: None,
             started_at: wall,
             last_change_at: wall,
             revision: 0,
@@ -125,6 +132,7 @@ impl TrackedStream {
             file_name: stored.file_name,
             state,
             chunks: stored.chunks,
+            head: stored.head,
             started_at: stored.started_at,
             last_change_at: stored.last_change_at,
             revision: stored.revision,
@@ -166,9 +174,17 @@ impl TrackedStream {
                 state.assembly_pending = false;
             }
         }
-        state.full_chunks_done =
-            leading_full_chunks(&stored.chunks, stored.chunk_size).min(available);
+        // A complete record keeps no chunk records: its metadata.json lists
+        // every chunk of the completed size.
+        let completed_chunks = match stored.status {
+            StoredStatus::Complete => stored.completed_size / stored.chunk_size,
+            _ => 0,
+        };
+        state.full_chunks_done = leading_full_chunks(&stored.chunks, stored.chunk_size)
+            .max(completed_chunks)
+            .min(available);
         self.chunks = stored.chunks;
+        self.head = stored.head.or(self.head.take());
         self.revision = stored.revision;
         self.assembled_revision = stored.assembled_revision;
         self.started_at = stored.started_at;
@@ -181,7 +197,23 @@ impl TrackedStream {
         self.is_active() || (self.state.phase == Phase::Complete && self.state.assembly_pending)
     }
 
-    /// The record as the checkpoint store should hold it.
+    /// Drops the chunk records of a completed revision (its `metadata.json`
+    /// holds them), keeping the first chunk's fingerprint.
+    pub fn settle_completion(&mut self) {
+        if let Some(first) = self.chunks.get(&0) {
+            self.head = Some(HeadPrint::of(first));
+        }
+        self.chunks.clear();
+    }
+
+    /// The first chunk's fingerprint: from its record while the revision is
+    /// in progress, else as kept at completion.
+    pub fn head_print(&self) -> Option<HeadPrint> {
+        self.chunks.get(&0).map(HeadPrint::of).or(self.head.clone())
+    }
+
+    /// The record as the checkpoint store should hold it: a complete stream
+    /// without its chunk records.
     pub fn to_stored(&self) -> StoredStream {
         let (status, (completed_size, completed_mtime_ns)) = match self.state.phase {
             Phase::Complete => (
@@ -206,7 +238,11 @@ impl TrackedStream {
             completed_size,
             completed_mtime_ns,
             assembled_revision: self.assembled_revision,
-            chunks: self.chunks.clone(),
+            chunks: match status {
+                StoredStatus::Complete => BTreeMap::new(),
+                StoredStatus::Active | StoredStatus::Incomplete => self.chunks.clone(),
+            },
+            head: self.head_print(),
         }
     }
 

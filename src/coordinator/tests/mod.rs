@@ -24,6 +24,7 @@ use crate::watchfs::RealFs;
 mod lifecycle;
 mod ownership;
 mod recovery;
+mod retention;
 
 const MIB: u64 = 1024 * 1024;
 /// The default `CHUNK_SIZE`.
@@ -243,6 +244,10 @@ impl World {
                     mtime_ns,
                     last_change_at: finalize.facts.last_change_at,
                     completed_at: SystemTime::now(),
+                    head: finalize
+                        .chunks
+                        .get(&0)
+                        .map(crate::store::ports::HeadPrint::of),
                     release_lease: finalize.release_lease,
                 };
                 store

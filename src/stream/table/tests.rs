@@ -280,6 +280,7 @@ fn resumed_streams_continue_after_their_last_full_chunk() {
         completed_mtime_ns: 0,
         assembled_revision: 0,
         chunks: BTreeMap::from([(0, chunk(0, CHUNK)), (1, chunk(1, CHUNK)), (2, chunk(2, 4))]),
+        head: None,
     };
     let resumed =
         TrackedStream::from_stored(stored.clone(), Path::new("/w"), Instant::now(), false).unwrap();
