@@ -295,12 +295,9 @@ impl Coordinator {
         match self.checkpoints.load_stream(&id) {
             Ok(Some(Err(corrupt))) => self.quarantine(corrupt, Some(observation.identity)),
             Ok(Some(Ok(stored))) => {
-                if let Some(tracked) = TrackedStream::from_stored(
-                    stored,
-                    &self.config.watch_dir,
-                    now,
-                    self.config.assemble,
-                ) {
+                if let Some(tracked) =
+                    TrackedStream::from_stored(stored, &self.config.watch_dir, now, &self.rules)
+                {
                     info!(
                         "stream {id}: {} already registered; continuing it",
                         observation.rel_path

@@ -21,7 +21,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use log::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::events::{Events, Gauges};
+use crate::events::{Disposal, Events, Gauges};
 use crate::health::{Dependency, Readiness};
 use crate::http::StreamsSnapshot;
 use crate::lease::{HeldLeases, Ownership};
@@ -33,7 +33,9 @@ use crate::store::ports::{Claim, LeaseStatus};
 use crate::store::ports::{CorruptRecord, Loaded};
 use crate::stream::state::{Event, Rules, Work};
 use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream, file_name};
-use crate::upload::job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
+use crate::upload::job::{
+    AssembleJob, ChunkJob, CloseJob, DisposeJob, FinalizeJob, Job, JobResult, Outcome,
+};
 use crate::watchfs::FileSystem;
 
 mod changes;
@@ -161,6 +163,8 @@ impl Coordinator {
             vanish_grace: config.stream_timeout,
             retry: config.retry,
             assemble: config.assemble,
+            dispose: config.on_complete.disposes(),
+            dispose_delay: config.on_complete_delay,
         };
         Self {
             config,
@@ -199,12 +203,9 @@ impl Coordinator {
                     continue;
                 }
             };
-            if let Some(tracked) = TrackedStream::from_stored(
-                stream,
-                &self.config.watch_dir,
-                now,
-                self.config.assemble,
-            ) {
+            if let Some(tracked) =
+                TrackedStream::from_stored(stream, &self.config.watch_dir, now, &self.rules)
+            {
                 debug!(
                     "stream {}: resumed for {} ({} chunks checkpointed)",
                     tracked.id,

@@ -12,7 +12,7 @@ use crate::metadata::{ChunkRecord, contiguous_prefix};
 use crate::scan::{FileIdentity, Observation};
 use crate::store::ports::HeadPrint;
 use crate::store::{StoredStatus, StoredStream};
-use crate::stream::state::{Phase, StreamState};
+use crate::stream::state::{Phase, Rules, StreamState};
 use crate::upload::job::{StreamFacts, StreamRef};
 
 /// One stream as the coordinator tracks it.
@@ -95,13 +95,14 @@ impl TrackedStream {
     }
 
     /// A stream resumed from its checkpoint. Closed streams are not resumed.
-    /// With `assemble`, a complete stream whose last revision has no
-    /// assembled object yet wants one.
+    /// A complete stream takes up its duties as `rules` ask: an assembly if
+    /// its last revision has no assembled object yet, the disposal of its
+    /// file (`ON_COMPLETE_DELAY` counts from now).
     pub fn from_stored(
         stored: StoredStream,
         watch_dir: &Path,
         now: Instant,
-        assemble: bool,
+        rules: &Rules,
     ) -> Option<Self> {
         let state = match stored.status {
             StoredStatus::Incomplete => return None,
@@ -111,8 +112,9 @@ impl TrackedStream {
                     stored.completed_size,
                     stored.completed_mtime_ns,
                     now,
+                    rules,
                 );
-                state.assembly_pending = assemble && stored.assembled_revision < stored.revision;
+                state.assembly_pending &= stored.assembled_revision < stored.revision;
                 state
             }
             StoredStatus::Active => {
@@ -151,7 +153,7 @@ impl TrackedStream {
     /// has been quiet). False if the record says the stream was closed as
     /// incomplete: it is then dropped, and its file (if still there) is
     /// discovered afresh.
-    pub fn adopt(&mut self, stored: StoredStream, assemble: bool) -> bool {
+    pub fn adopt(&mut self, stored: StoredStream, rules: &Rules, now: Instant) -> bool {
         let state = &mut self.state;
         let available = state.size / state.chunk_size;
         match stored.status {
@@ -160,18 +162,29 @@ impl TrackedStream {
                 let completed = (stored.completed_size, stored.completed_mtime_ns);
                 state.completed = Some(completed);
                 if (state.size, state.mtime_ns) == completed {
+                    let wanted = StreamState::completed(
+                        stored.chunk_size,
+                        completed.0,
+                        completed.1,
+                        now,
+                        rules,
+                    );
                     state.phase = Phase::Complete;
                     state.assembly_pending =
-                        assemble && stored.assembled_revision < stored.revision;
+                        wanted.assembly_pending && stored.assembled_revision < stored.revision;
+                    state.disposal_pending = wanted.disposal_pending;
+                    state.dispose_after = wanted.dispose_after;
                 } else {
                     // Changed since that completion: a new revision.
                     state.phase = Phase::Active;
                     state.assembly_pending = false;
+                    state.disposal_pending = false;
                 }
             }
             StoredStatus::Active => {
                 state.phase = Phase::Active;
                 state.assembly_pending = false;
+                state.disposal_pending = false;
             }
         }
         // A complete record keeps no chunk records: its metadata.json lists
@@ -192,9 +205,9 @@ impl TrackedStream {
     }
 
     /// Whether the stream needs an owner: it is being uploaded, or its last
-    /// completion still has to be assembled.
+    /// completion still has to be assembled or its file disposed of.
     pub fn needs_owner(&self) -> bool {
-        self.is_active() || (self.state.phase == Phase::Complete && self.state.assembly_pending)
+        self.is_active() || self.state.has_duties()
     }
 
     /// Drops the chunk records of a completed revision (its `metadata.json`

@@ -39,6 +39,7 @@ use crate::upload::job::{ChunkJob, Job, JobResult, Outcome};
 
 mod assembly;
 mod completion;
+mod disposal;
 
 /// Why a retry loop gave up.
 enum Stop {
@@ -204,6 +205,7 @@ impl Worker {
                 }
                 Job::Close(job) => (self.close(&job).unwrap_or_else(Stop::stopped), None),
                 Job::Assemble(job) => (self.assemble(&job).unwrap_or_else(Stop::stopped), None),
+                Job::Dispose(job) => (self.dispose(&job), None),
             }
         };
         JobResult {

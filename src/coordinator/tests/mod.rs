@@ -21,6 +21,7 @@ use crate::testing::{FakeCheckpoints, FakeClock, config};
 use crate::upload::job::{Job, JobResult, Outcome};
 use crate::watchfs::RealFs;
 
+mod disposal;
 mod lifecycle;
 mod ownership;
 mod recovery;
@@ -59,10 +60,17 @@ struct World {
     next_inode: u64,
     next_mtime: i128,
     replicas: Vec<Replica>,
+    /// The settings every replica of the world runs with.
+    args: Vec<String>,
 }
 
 /// A world with one replica and `WORKERS` job slots.
 fn world_with_workers(workers: usize) -> World {
+    world_with(&[&format!("--workers={workers}")])
+}
+
+/// A world with one replica configured with `args`.
+fn world_with(args: &[&str]) -> World {
     let clock = FakeClock::default();
     let store = FakeCheckpoints::new("replica-0", TTL, clock.clone());
     let mut world = World {
@@ -73,8 +81,9 @@ fn world_with_workers(workers: usize) -> World {
         next_inode: 100,
         next_mtime: 1,
         replicas: Vec::new(),
+        args: args.iter().map(|arg| (*arg).to_string()).collect(),
     };
-    world.add_replica(store, workers);
+    world.add_replica(store);
     world
 }
 
@@ -83,9 +92,10 @@ fn world() -> World {
 }
 
 impl World {
-    fn add_replica(&mut self, store: FakeCheckpoints, workers: usize) {
-        let config = config(&self.root, &[&format!("--workers={workers}")]);
-        let (jobs_tx, jobs) = bounded(workers);
+    fn add_replica(&mut self, store: FakeCheckpoints) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let config = config(&self.root, &args);
+        let (jobs_tx, jobs) = bounded(config.workers);
         let metrics = Arc::new(Metrics::new());
         let coordinator = Coordinator::new(
             config,
@@ -111,7 +121,7 @@ impl World {
     /// A second replica on the same checkpoint store.
     fn add_second_replica(&mut self) {
         let store = self.replicas[0].store.replica("replica-1");
-        self.add_replica(store, 4);
+        self.add_replica(store);
     }
 
     fn store(&self) -> &FakeCheckpoints {
@@ -275,6 +285,13 @@ impl World {
                     revision: assemble.revision,
                 }
             }
+            Job::Dispose(dispose) => {
+                store
+                    .confirm_lease(&stream.stream_id, stream.token)
+                    .expect("the disposal runs under the lease");
+                self.files.remove(&dispose.rel_path);
+                Outcome::Disposed(crate::events::Disposal::Deleted)
+            }
         };
         self.report_on(n, job, outcome);
     }
@@ -331,7 +348,7 @@ impl World {
         let loaded = self.store().clone().load_streams().unwrap();
         let store = self.store().replica("replica-restarted");
         self.replicas.clear();
-        self.add_replica(store, 4);
+        self.add_replica(store);
         let now = self.now();
         self.replicas[0].coordinator.resume(loaded, now)
     }
@@ -393,6 +410,7 @@ fn kind(job: &Job) -> &'static str {
         Job::Finalize(_) => "finalize",
         Job::Close(_) => "close",
         Job::Assemble(_) => "assemble",
+        Job::Dispose(_) => "dispose",
     }
 }
 

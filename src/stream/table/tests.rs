@@ -21,6 +21,8 @@ fn rules() -> Rules {
             max_delay: Duration::from_secs(8),
         },
         assemble: false,
+        dispose: false,
+        dispose_delay: Duration::ZERO,
     }
 }
 
@@ -283,7 +285,8 @@ fn resumed_streams_continue_after_their_last_full_chunk() {
         head: None,
     };
     let resumed =
-        TrackedStream::from_stored(stored.clone(), Path::new("/w"), Instant::now(), false).unwrap();
+        TrackedStream::from_stored(stored.clone(), Path::new("/w"), Instant::now(), &rules())
+            .unwrap();
     assert_eq!(resumed.state.full_chunks_done, 2);
     assert_eq!(resumed.state.size, 24);
     assert_eq!(resumed.abs_path, PathBuf::from("/w/cam.mp4"));
@@ -291,5 +294,7 @@ fn resumed_streams_continue_after_their_last_full_chunk() {
         status: StoredStatus::Incomplete,
         ..stored
     };
-    assert!(TrackedStream::from_stored(closed, Path::new("/w"), Instant::now(), false).is_none());
+    assert!(
+        TrackedStream::from_stored(closed, Path::new("/w"), Instant::now(), &rules()).is_none()
+    );
 }
