@@ -46,7 +46,7 @@ impl Coordinator {
             let verdict = match stream.head_print() {
                 None => Ok(true),
                 Some(first) => match self.files.head_sha256(&seen.abs_path, first.size_bytes) {
-                    Ok(digest) => Ok(digest == first.sha256),
+                    Ok(digest) => Ok(first.matches(&digest)),
                     Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
                     Err(err) => Err(err),
                 },

@@ -182,17 +182,28 @@ pub struct StoredStream {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeadPrint {
     pub size_bytes: u64,
-    /// Lower-case hex.
+    /// The first [`HEAD_PRINT_HEX`] lower-case hex digits (128 bits) of the
+    /// chunk's sha256: ample to tell two files apart, and half the bytes in
+    /// every complete stream's record.
     pub sha256: String,
 }
+
+/// Hex digits of a first chunk's sha256 kept in a [`HeadPrint`].
+pub const HEAD_PRINT_HEX: usize = 32;
 
 impl HeadPrint {
     /// The fingerprint of a stream whose first chunk is `chunk`.
     pub fn of(chunk: &ChunkRecord) -> Self {
         Self {
             size_bytes: chunk.size_bytes,
-            sha256: chunk.sha256.clone(),
+            sha256: chunk.sha256.chars().take(HEAD_PRINT_HEX).collect(),
         }
+    }
+
+    /// Whether a file whose first `size_bytes` hash to `sha256` (full hex)
+    /// starts like the stream's file.
+    pub fn matches(&self, sha256: &str) -> bool {
+        !self.sha256.is_empty() && sha256.starts_with(&self.sha256)
     }
 }
 

@@ -15,7 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::MAX_CHUNK_SIZE;
 use crate::metadata::{ChunkRecord, MAX_CHUNKS, unix_millis};
 use crate::scan::FileIdentity;
-use crate::store::ports::{CorruptRecord, HeadPrint, Loaded, StoredStatus, StoredStream};
+use crate::store::ports::{
+    CorruptRecord, HEAD_PRINT_HEX, HeadPrint, Loaded, StoredStatus, StoredStream,
+};
 
 pub(crate) fn from_unix_millis(millis: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(millis)
@@ -38,21 +40,24 @@ pub(crate) fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)
         ("revision", stream.revision.to_string()),
         ("completed_size", stream.completed_size.to_string()),
         ("completed_mtime_ns", stream.completed_mtime_ns.to_string()),
-        ("assembled_revision", stream.assembled_revision.to_string()),
     ];
-    if let Some(head) = &stream.head {
-        fields.extend(head_fields(head));
+    // Absent means 0: every complete stream's record is a little smaller.
+    if stream.assembled_revision > 0 {
+        fields.push(("assembled_revision", stream.assembled_revision.to_string()));
+    }
+    if stream.status == StoredStatus::Complete
+        && let Some(head) = &stream.head
+    {
+        fields.push(head_field(head));
     }
     fields
 }
 
-/// The fields that hold a stream's [`HeadPrint`]. Each value stays within
-/// the 64 bytes of Redis's compact hash encoding.
-pub(crate) fn head_fields(head: &HeadPrint) -> [(&'static str, String); 2] {
-    [
-        ("head_size", head.size_bytes.to_string()),
-        ("head_sha256", head.sha256.clone()),
-    ]
+/// The field that holds a complete stream's [`HeadPrint`]; its size is not
+/// stored, as the first chunk of a complete stream holds
+/// `min(chunk_size, completed_size)` bytes.
+pub(crate) fn head_field(head: &HeadPrint) -> (&'static str, String) {
+    ("head_sha256", head.sha256.clone())
 }
 
 /// Rebuilds stream `id` from its record and chunk hash. `None` if there is
@@ -121,14 +126,21 @@ fn decode_fields(
     };
     let head = match fields.get("head_sha256") {
         None => None,
-        Some(sha256) if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) => {
+        Some(sha256)
+            if sha256.len() == HEAD_PRINT_HEX && sha256.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
             Some(HeadPrint {
-                size_bytes: parsed("head_size")?,
+                size_bytes: chunk_size.min(optional("completed_size")?),
                 sha256: sha256.to_ascii_lowercase(),
             })
         }
-        Some(other) => return Err(format!("field head_sha256 is {other:?}, not a sha256")),
-    };
+        Some(other) => {
+            return Err(format!(
+                "field head_sha256 is {other:?}, not {HEAD_PRINT_HEX} hex digits"
+            ));
+        }
+    }
+    .filter(|head| head.size_bytes > 0);
     Ok(StoredStream {
         id: text("id")?.to_string(),
         identity: FileIdentity::parse_key(identity)
@@ -223,7 +235,7 @@ mod tests {
             )]),
             head: Some(HeadPrint {
                 size_bytes: 12,
-                sha256: "ab".repeat(32),
+                sha256: "ab".repeat(16),
             }),
         }
     }
@@ -269,8 +281,7 @@ mod tests {
         assert!(reason(&with("chunk_size", "ten"), &chunks).contains("not a number"));
         assert!(reason(&with("status", "paused"), &chunks).contains("status"));
         assert!(reason(&with("revision", "99999999999"), &chunks).contains("out of range"));
-        assert!(reason(&with("head_sha256", "abc"), &chunks).contains("not a sha256"));
-        assert!(reason(&with("head_size", "-1"), &chunks).contains("not a number"));
+        assert!(reason(&with("head_sha256", "abc"), &chunks).contains("hex digits"));
         let mut missing = fields.clone();
         missing.remove("identity");
         let corrupt = decode_stream("cam-1", &missing, &chunks)

@@ -43,7 +43,7 @@ use crate::store::ports::{
     AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Renewal, StoredStatus,
     StoredStream,
 };
-use crate::store::record::{decode_stream, head_fields, stream_fields};
+use crate::store::record::{decode_stream, head_field, stream_fields};
 
 mod checkpoints;
 mod instance;

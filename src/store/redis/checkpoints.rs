@@ -139,7 +139,7 @@ impl CheckpointStore for RedisStore {
             ),
         ];
         if let Some(head) = &completion.head {
-            set.extend(head_fields(head));
+            set.push(head_field(head));
         }
         // The chunk records go with the completion: metadata.json holds them.
         let chunks = self.keys.chunks(stream_id);
