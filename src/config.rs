@@ -107,9 +107,24 @@ pub struct Settings {
         global = true
     )]
     pub watch_dir: String,
-    /// Comma-separated file extensions to upload, case-insensitive.
+    /// Comma-separated file extensions to upload, case-insensitive: the shorthand for INCLUDE=*.mp4,... used while INCLUDE is empty.
     #[arg(long, env = "FILE_EXTENSIONS", default_value = "mp4", global = true)]
     pub file_extensions: String,
+    /// Comma-separated globs on the path relative to WATCH_DIR (** any depth; no / means any depth); empty means FILE_EXTENSIONS.
+    #[arg(long, env = "INCLUDE", default_value = "", global = true)]
+    pub include: String,
+    /// Comma-separated globs never uploaded (wins over INCLUDE); the default leaves out hidden and partial files; set it empty to re-include them.
+    #[arg(long, env = "EXCLUDE", default_value = crate::rules::DEFAULT_EXCLUDE, global = true)]
+    pub exclude: String,
+    /// Upload bandwidth cap in bytes per second shared by all workers (e.g. 20MiB); empty or off means unlimited.
+    #[arg(long, env = "BANDWIDTH_LIMIT", default_value = "", global = true)]
+    pub bandwidth_limit: String,
+    /// Time windows with their own cap, first match wins, e.g. "Mon-Fri 08:00-18:00=5MiB, *=off"; outside them BANDWIDTH_LIMIT applies.
+    #[arg(long, env = "BANDWIDTH_SCHEDULE", default_value = "", global = true)]
+    pub bandwidth_schedule: String,
+    /// Time zone of BANDWIDTH_SCHEDULE: an IANA name (Europe/Berlin) or POSIX TZ string.
+    #[arg(long, env = "TZ", default_value = "UTC", global = true)]
+    pub tz: String,
     /// How often the directory is scanned (e.g. 500ms, 5s).
     #[arg(long, env = "POLL_INTERVAL", default_value = "1s", global = true)]
     pub poll_interval: String,
@@ -247,6 +262,9 @@ pub struct Config {
     pub watch_dir: PathBuf,
     /// Lower-case extensions without the dot.
     pub file_extensions: Vec<String>,
+    /// INCLUDE/EXCLUDE (with FILE_EXTENSIONS as the include shorthand).
+    pub rules: crate::rules::Rules,
+    pub bandwidth: crate::bandwidth::BandwidthPolicy,
     pub poll_interval: Duration,
     pub stream_timeout: Duration,
     pub chunk_size: u64,
@@ -467,6 +485,16 @@ impl Config {
         let sentinel = SentinelConfig::from_settings(settings)?;
         Ok(Self {
             watch_dir,
+            rules: crate::rules::Rules::parse(
+                &settings.include,
+                &settings.exclude,
+                &file_extensions,
+            )?,
+            bandwidth: crate::bandwidth::BandwidthPolicy::parse(
+                &settings.bandwidth_limit,
+                &settings.bandwidth_schedule,
+                &settings.tz,
+            )?,
             file_extensions,
             poll_interval: parse_duration("POLL_INTERVAL", &settings.poll_interval)?,
             stream_timeout: parse_duration("STREAM_TIMEOUT", &settings.stream_timeout)?,

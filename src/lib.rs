@@ -5,6 +5,7 @@
 //! docs/architecture.md for how the pieces fit.
 
 pub mod app;
+pub mod bandwidth;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod media;
 pub mod metadata;
 pub mod metrics;
 pub mod restore;
+pub mod rules;
 pub mod scan;
 pub mod store;
 pub mod stream;
