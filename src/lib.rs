@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod restore;
 pub mod rules;
 pub mod scan;
+pub mod status_page;
 pub mod store;
 pub mod stream;
 pub mod upload;
