@@ -66,6 +66,8 @@ pub enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Dry run: walk WATCH_DIR with INCLUDE/EXCLUDE and print what would be uploaded, skipped (and why), or is done according to Redis.
+    Scan,
     /// Download a stream's chunks, verify every checksum, and write the file.
     Restore {
         /// The stream id (the folder name under S3_PREFIX in the bucket).

@@ -8,6 +8,7 @@ pub mod app;
 pub mod bandwidth;
 pub mod client;
 pub mod config;
+pub mod dry_run;
 pub mod error;
 pub mod events;
 pub mod health;
