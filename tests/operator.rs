@@ -86,7 +86,7 @@ fn bad_patterns_and_bandwidth_settings_exit_2_naming_the_variable() {
     let watch = tempfile::tempdir().unwrap();
     for (variable, value) in [
         ("INCLUDE", "cam/[a.mp4"),
-        ("EXCLUDE", "{a,{b}}"),
+        ("EXCLUDE", "*.{mp4,mov"),
         ("BANDWIDTH_LIMIT", "fast"),
         ("BANDWIDTH_SCHEDULE", "Mon-Fri 08:00-18:00"),
         ("TZ", "Mars/Olympus_Mons"),
