@@ -470,7 +470,9 @@ impl Bench {
         let _ = daemon.terminate();
         let error = rate / limit as f64 - 1.0;
         self.figures.push(Figure {
-            name: format!("bandwidth: achieved rate over {seconds:.0} s with BANDWIDTH_LIMIT=20MiB, 4 workers"),
+            name: format!(
+                "bandwidth: achieved rate over {seconds:.0} s with BANDWIDTH_LIMIT=20MiB, 4 workers"
+            ),
             value: format!("{:.2} MiB/s ({:+.1} %)", rate / MIB as f64, error * 100.0),
             target: "20 MiB/s ± 10 %".into(),
             met: Some(error.abs() <= 0.10),
@@ -481,7 +483,10 @@ impl Bench {
         let daemon = self.daemon(
             dir.path(),
             "schedule",
-            &[("BANDWIDTH_LIMIT", "20MiB"), ("BANDWIDTH_SCHEDULE", &schedule)],
+            &[
+                ("BANDWIDTH_LIMIT", "20MiB"),
+                ("BANDWIDTH_SCHEDULE", &schedule),
+            ],
         );
         let mut gauge_switch = None;
         while Instant::now() < boundary_at + Duration::from_secs(3) {
@@ -493,7 +498,9 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = daemon.terminate();
-        let delay = |at: Option<Instant>| at.map(|at| at.saturating_duration_since(boundary_at).as_secs_f64());
+        let delay = |at: Option<Instant>| {
+            at.map(|at| at.saturating_duration_since(boundary_at).as_secs_f64())
+        };
         let gauge_delay = delay(gauge_switch);
         let (schedule, boundary_at) = schedule_from_soon();
         let policy = chunkstream::bandwidth::BandwidthPolicy::parse("20MiB", &schedule, "UTC")

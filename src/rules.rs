@@ -40,33 +40,16 @@ pub struct Rules {
 impl Rules {
     /// Compiles the settings; a pattern that does not parse names its variable.
     pub fn parse(include: &str, exclude: &str, extensions: &[String]) -> Result<Self, ConfigError> {
-        let include_patterns = split(include);
-        let include = if include_patterns.is_empty() {
-            let globs = extensions
-                .iter()
-                .map(|ext| compile(&format!("*.{ext}"), true))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|why| ConfigError::bad_value("FILE_EXTENSIONS", include, why))?;
-            build(globs)
-        } else {
-            build(
-                include_patterns
-                    .iter()
-                    .map(|pattern| compile(pattern, false))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|why| ConfigError::bad_value("INCLUDE", include, why))?,
-            )
-        }
-        .map_err(|why| ConfigError::bad_value("INCLUDE", include, why))?;
+        let include = match split(include) {
+            patterns if patterns.is_empty() => {
+                let shorthand: Vec<String> =
+                    extensions.iter().map(|ext| format!("*.{ext}")).collect();
+                set("FILE_EXTENSIONS", include, &shorthand, true)?
+            }
+            patterns => set("INCLUDE", include, &patterns, false)?,
+        };
         let exclude_patterns = split(exclude);
-        let exclude = build(
-            exclude_patterns
-                .iter()
-                .map(|pattern| compile(pattern, false))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|why| ConfigError::bad_value("EXCLUDE", exclude, why))?,
-        )
-        .map_err(|why| ConfigError::bad_value("EXCLUDE", exclude, why))?;
+        let exclude = set("EXCLUDE", exclude, &exclude_patterns, false)?;
         Ok(Self {
             include,
             exclude,
@@ -132,6 +115,24 @@ fn split(value: &str) -> Vec<String> {
         .collect()
 }
 
+/// One variable's patterns as a set; errors name `variable`.
+fn set(
+    variable: &'static str,
+    value: &str,
+    patterns: &[String],
+    case_insensitive: bool,
+) -> Result<GlobSet, ConfigError> {
+    let mut set = GlobSetBuilder::new();
+    for pattern in patterns {
+        set.add(
+            compile(pattern, case_insensitive)
+                .map_err(|why| ConfigError::bad_value(variable, value, why))?,
+        );
+    }
+    set.build()
+        .map_err(|err| ConfigError::bad_value(variable, value, err.to_string()))
+}
+
 fn compile(pattern: &str, case_insensitive: bool) -> Result<Glob, String> {
     let anchored = pattern.trim_start_matches('/');
     let full = if pattern.contains('/') {
@@ -144,14 +145,6 @@ fn compile(pattern: &str, case_insensitive: bool) -> Result<Glob, String> {
         .case_insensitive(case_insensitive)
         .build()
         .map_err(|err| format!("pattern {pattern:?}: {}", err.kind()))
-}
-
-fn build(globs: Vec<Glob>) -> Result<GlobSet, String> {
-    let mut set = GlobSetBuilder::new();
-    for glob in globs {
-        set.add(glob);
-    }
-    set.build().map_err(|err| err.to_string())
 }
 
 #[cfg(test)]
