@@ -498,10 +498,10 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = daemon.terminate();
-        let delay = |at: Option<Instant>| {
-            at.map(|at| at.saturating_duration_since(boundary_at).as_secs_f64())
+        let delay = |at: Option<Instant>, boundary: Instant| {
+            at.map(|at| at.saturating_duration_since(boundary).as_secs_f64())
         };
-        let gauge_delay = delay(gauge_switch);
+        let gauge_delay = delay(gauge_switch, boundary_at);
         let (schedule, boundary_at) = schedule_from_soon();
         let policy = chunkstream::bandwidth::BandwidthPolicy::parse("20MiB", &schedule, "UTC")
             .expect("schedule parses");
@@ -552,7 +552,7 @@ impl Bench {
         let switched = (0..rates.len())
             .find(|&i| rates[i..].iter().all(|(_, rate)| *rate <= slow))
             .map(|i| rates[i].0);
-        let bucket_delay = delay(switched);
+        let bucket_delay = delay(switched, boundary_at);
         let before: Vec<f64> = rates
             .iter()
             .filter(|(at, _)| *at + Duration::from_secs(1) < boundary_at)
