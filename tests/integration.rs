@@ -263,14 +263,7 @@ fn g_a_complete_file_that_grows_again_is_reopened_with_a_new_revision() {
     let first = env.wait_complete("reopen.mp4");
     assert_eq!(first.revision, 1);
     append(&path, &pseudo_random(6 * MIB, 4));
-    let mut second = None;
-    wait_for("revision 2", || {
-        second = env
-            .metadata_for("reopen.mp4")
-            .filter(|meta| meta.revision == 2 && meta.status == StreamStatus::Complete);
-        second.is_some()
-    });
-    let second = second.unwrap();
+    let second = env.wait_revision("reopen.mp4", 2);
     assert_eq!(second.stream_id, first.stream_id);
     env.assert_byte_exact(&second, &path);
     // Chunks 0 and 1 (old tail, now full) and 2 (new tail): 2 + 2 in total.

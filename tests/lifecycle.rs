@@ -111,14 +111,7 @@ fn l1_a_complete_stream_keeps_a_compact_record_and_gone_files_expire() {
     // It grows: the earlier chunk records come back from metadata.json, so
     // only the changed tail and the new bytes are uploaded.
     append(&kept, &pseudo_random(MIB, 3));
-    let mut second = None;
-    wait_for("revision 2", || {
-        second = env
-            .metadata_for("kept.mp4")
-            .filter(|meta| meta.revision == 2 && meta.status == StreamStatus::Complete);
-        second.is_some()
-    });
-    let second = second.unwrap();
+    let second = env.wait_revision("kept.mp4", 2);
     assert_eq!(second.stream_id, kept_meta.stream_id);
     env.assert_byte_exact(&second, &kept);
     assert_eq!(

@@ -51,19 +51,7 @@ fn the_delay_holds_the_disposal_back_and_a_growth_meanwhile_reopens_instead() {
     let id = complete_one(&mut world, "cam.mp4");
     world.poll_for(Duration::from_secs(300));
     assert!(world.jobs().is_empty(), "within ON_COMPLETE_DELAY");
-    world.write("cam.mp4", 35 * MIB);
-    world.advance(SECOND);
-    world.poll();
-    assert_eq!(chunk_indices(&world.work_off()), vec![2], "the new bytes");
-    world.poll_for(QUIET);
-    let finalize = world.one_job();
-    let Job::Finalize(job) = &finalize else {
-        panic!("{finalize:?}")
-    };
-    assert_eq!(
-        (job.stream.stream_id.as_str(), job.facts.revision),
-        (id.as_str(), 2)
-    );
+    let (finalize, _) = grown_to_revision_2(&mut world, &id);
     world.finish(&finalize);
     world.poll_for(Duration::from_secs(599));
     assert!(

@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::scan::{FileIdentity, Observation, Scan, WATCH_DIR_DEVICE};
 use crate::store::ports::{Completion, StoredStatus};
 use crate::testing::{FakeCheckpoints, FakeClock, config};
-use crate::upload::job::{Job, JobResult, Outcome};
+use crate::upload::job::{FinalizeJob, Job, JobResult, Outcome};
 use crate::watchfs::RealFs;
 
 mod disposal;
@@ -442,4 +442,22 @@ fn complete_one(world: &mut World, rel: &str) -> String {
     assert_eq!(kind(&finalize), "finalize");
     world.finish(&finalize);
     world.stream_id(rel)
+}
+
+/// `cam.mp4`, complete at 25 MiB as stream `id`, grows to 35 MiB: its new
+/// full chunk (2) is uploaded, then revision 2's finalize job goes out, which
+/// is returned (as the job and its contents).
+fn grown_to_revision_2(world: &mut World, id: &str) -> (Job, FinalizeJob) {
+    world.write("cam.mp4", 35 * MIB);
+    world.advance(SECOND);
+    world.poll();
+    assert_eq!(chunk_indices(&world.work_off()), vec![2], "the new bytes");
+    world.poll_for(QUIET);
+    let finalize = world.one_job();
+    let Job::Finalize(job) = &finalize else {
+        panic!("{finalize:?}")
+    };
+    assert_eq!((job.stream.stream_id.as_str(), job.facts.revision), (id, 2));
+    let job = job.clone();
+    (finalize, job)
 }

@@ -29,19 +29,7 @@ fn a_complete_stream_resumed_from_its_compact_record_is_not_uploaded_again() {
     // It grows: only the new full chunk goes out, then a finalize job for
     // revision 2 without the old records (the worker reads them back from
     // metadata.json).
-    world.write("cam.mp4", 35 * MIB);
-    world.advance(SECOND);
-    world.poll();
-    assert_eq!(chunk_indices(&world.work_off()), vec![2]);
-    world.poll_for(QUIET);
-    let finalize = world.one_job();
-    let Job::Finalize(job) = &finalize else {
-        panic!("{finalize:?}")
-    };
-    assert_eq!(
-        (job.stream.stream_id.as_str(), job.facts.revision),
-        (id.as_str(), 2)
-    );
+    let (_, job) = grown_to_revision_2(&mut world, &id);
     assert_eq!(job.chunks.keys().copied().collect::<Vec<_>>(), vec![2]);
 }
 
