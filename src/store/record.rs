@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::MAX_CHUNK_SIZE;
-use crate::metadata::{ChunkRecord, MAX_CHUNKS, unix_millis};
+use crate::metadata::{ChunkRecord, MAX_CHUNKS, file_name, unix_millis};
 use crate::scan::FileIdentity;
 use crate::store::ports::{
     CorruptRecord, HEAD_PRINT_HEX, HeadPrint, Loaded, StoredStatus, StoredStream,
@@ -29,7 +29,6 @@ pub(crate) fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)
         ("id", stream.id.clone()),
         ("identity", stream.identity.key()),
         ("path", stream.rel_path.clone()),
-        ("file_name", stream.file_name.clone()),
         ("chunk_size", stream.chunk_size.to_string()),
         ("started_at_ms", unix_millis(stream.started_at).to_string()),
         (
@@ -146,7 +145,10 @@ fn decode_fields(
         identity: FileIdentity::parse_key(identity)
             .ok_or_else(|| format!("identity {identity:?} is not device:inode"))?,
         rel_path: text("path")?.to_string(),
-        file_name: text("file_name")?.to_string(),
+        // The file name is the path's last component (a rename changes
+        // both); records written before it was derived still hold a
+        // `file_name` field, which is ignored.
+        file_name: file_name(text("path")?),
         chunk_size,
         started_at: from_unix_millis(parsed("started_at_ms")?),
         last_change_at: from_unix_millis(parsed("last_change_at_ms")?),

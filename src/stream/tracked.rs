@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::metadata::file_name;
 use crate::metadata::{ChunkRecord, contiguous_prefix};
 use crate::scan::{FileIdentity, Observation};
 use crate::store::ports::HeadPrint;
@@ -344,9 +345,4 @@ fn contiguous_bytes(chunks: &BTreeMap<u64, ChunkRecord>) -> u64 {
     contiguous_prefix(chunks)
         .map(|chunk| chunk.size_bytes)
         .sum()
-}
-
-/// The last component of a `/`-separated relative path.
-pub fn file_name(rel_path: &str) -> String {
-    rel_path.rsplit('/').next().unwrap_or(rel_path).to_string()
 }

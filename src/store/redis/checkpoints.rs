@@ -143,10 +143,11 @@ impl CheckpointStore for RedisStore {
         }
         // The chunk records go with the completion: metadata.json holds them.
         let chunks = self.keys.chunks(stream_id);
+        // `file_name` is derived from the path now; older records drop it.
         self.update_record_fenced(
             stream_id,
             token,
-            &[],
+            &["file_name"],
             &set,
             Some(chunks),
             completion.release_lease,
