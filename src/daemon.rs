@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, bounded, never, select};
 use log::{error, info, warn};
@@ -30,6 +30,7 @@ use crate::store::redis::LeaseHolder;
 use crate::store::{
     BucketAdmin, BucketError, CheckpointStore, Integrity, ObjectStore, RedisStore, S3Store,
 };
+use crate::stream::Now;
 use crate::upload::job::{Job, JobResult};
 use crate::upload::{Worker, sweep};
 use crate::watchfs::RealFs;
@@ -300,7 +301,7 @@ fn drive(
 ) {
     let mut observations = Observations::default();
     loop {
-        coordinator.turn(Instant::now(), std::mem::take(&mut observations));
+        coordinator.turn(read_clocks(), std::mem::take(&mut observations));
         heartbeat.beat();
         let wait = coordinator
             .next_deadline()
@@ -336,6 +337,14 @@ fn drive(
     }
 }
 
+/// Both clocks, now: the coordinator and the streams read none themselves.
+fn read_clocks() -> Now {
+    Now {
+        instant: Instant::now(),
+        wall: SystemTime::now(),
+    }
+}
+
 /// Lets in-flight jobs finish (each is at most one chunk's work), within
 /// `timeout`. Dropping `shutdown` tells workers to stop retrying and to
 /// cancel queued jobs; every job, even one that panicked, reports back.
@@ -357,7 +366,7 @@ fn drain(
             scan: None,
             results: vec![result],
         };
-        coordinator.turn(Instant::now(), observations);
+        coordinator.turn(read_clocks(), observations);
     }
     coordinator.finish_drain()
 }
