@@ -500,4 +500,4 @@ impl StreamState {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,7 +4,9 @@ use super::*;
 
 const CHUNK: u64 = 10;
 
-fn rules() -> Rules {
+/// 30 s timeout and grace, 1 to 8 s backoff, no assembly (the table's
+/// tests share them).
+pub(crate) fn rules() -> Rules {
     Rules {
         stream_timeout: Duration::from_secs(30),
         vanish_grace: Duration::from_secs(30),

@@ -4,25 +4,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::config::RetryPolicy;
 use crate::metadata::ChunkRecord;
 use crate::scan::WATCH_DIR_DEVICE;
 use crate::store::{StoredStatus, StoredStream};
+use crate::stream::state::tests::rules;
 use std::time::{Duration, SystemTime};
 
 const CHUNK: u64 = 10;
-
-fn rules() -> Rules {
-    Rules {
-        stream_timeout: Duration::from_secs(30),
-        vanish_grace: Duration::from_secs(30),
-        retry: RetryPolicy {
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(8),
-        },
-        assemble: false,
-    }
-}
 
 fn file(path: &str, inode: u64, size: u64) -> Observation {
     Observation {
