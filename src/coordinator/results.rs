@@ -70,7 +70,7 @@ impl Coordinator {
                 // The 1st, 10th, 100th, … failure in a row: a permanent
                 // problem (permissions) is warned about once, and stays
                 // visible in the logs without a line per retry.
-                let failures_in_a_row = stream.state.failures + 1;
+                let failures_in_a_row = stream.state.failures() + 1;
                 if failures_in_a_row == 1 || is_power_of_ten(failures_in_a_row) {
                     warn!(
                         stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
@@ -119,13 +119,13 @@ impl Coordinator {
         };
         let identity = result.stream.identity;
         let finalized = matches!(event, Event::Finalized { .. });
-        let mut changes = self.table.apply(identity, event, now, &self.rules);
+        let mut changes = self.table.apply(identity, event, self.at(now), &self.rules);
         if let Some((size, mtime_ns)) = refused_at {
             // The file changed after its completion: reopen at once.
             changes.extend(self.table.apply(
                 identity,
                 Event::Observed { size, mtime_ns },
-                now,
+                self.at(now),
                 &self.rules,
             ));
         }
