@@ -132,10 +132,10 @@ fn l2_on_complete_delete_and_move_dispose_only_of_verified_files() {
     let meta = wait_complete_sized(&env, "cams/deleted.mp4", bytes.len() as u64);
     wait_for("the deleted file gone from the input", || !source.exists());
     env.assert_byte_exact(&meta, &expected);
-    assert_eq!(
-        deleting.metric("chunkstream_files_disposed_total{action=\"deleted\"}"),
-        1.0
-    );
+    // Counted as the coordinator applies the result, just after the unlink.
+    wait_for("the disposal counted once", || {
+        deleting.metric("chunkstream_files_disposed_total{action=\"deleted\"}") == 1.0
+    });
     assert!(
         deleting
             .log()
@@ -160,10 +160,10 @@ fn l2_on_complete_delete_and_move_dispose_only_of_verified_files() {
         !source.exists() && moved.exists()
     });
     env.assert_byte_exact(&meta, &moved);
-    assert_eq!(
-        moving.metric("chunkstream_files_disposed_total{action=\"moved\"}"),
-        1.0
-    );
+    // Counted as the coordinator applies the result, just after the unlink.
+    wait_for("the disposal counted once", || {
+        moving.metric("chunkstream_files_disposed_total{action=\"moved\"}") == 1.0
+    });
 }
 
 #[test]
@@ -200,10 +200,10 @@ fn l3_a_file_appended_during_the_delay_is_kept_and_its_new_bytes_uploaded() {
     wait_for("deleted after the new revision's delay", || {
         !source.exists()
     });
-    assert_eq!(
-        daemon.metric("chunkstream_files_disposed_total{action=\"deleted\"}"),
-        1.0
-    );
+    // Counted as the coordinator applies the result, just after the unlink.
+    wait_for("the disposal counted once", || {
+        daemon.metric("chunkstream_files_disposed_total{action=\"deleted\"}") == 1.0
+    });
 }
 
 #[test]
