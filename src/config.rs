@@ -21,7 +21,9 @@ mod aws;
 mod cli;
 mod stores;
 
-pub use aws::{ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, Sse, WebIdentity};
+pub use aws::{
+    ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, S3Tls, Sse, WebIdentity,
+};
 pub use cli::{Cli, Command, Settings};
 pub use stores::{
     ContentMd5, DEFAULT_REDIS_URL, RedisConfig, S3Config, S3Credentials, SentinelConfig,

@@ -20,9 +20,10 @@ use crate::store::Integrity;
 use crate::store::credentials::RefreshHealth;
 
 /// The error kinds reported by `chunkstream_upload_errors_total`.
-pub const UPLOAD_ERROR_KINDS: [&str; 6] = [
+pub const UPLOAD_ERROR_KINDS: [&str; 7] = [
     "timeout",
     "connect",
+    "tls",
     "http_4xx",
     "http_5xx",
     "integrity",

@@ -9,81 +9,17 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use support::stub::{Stub, credentials_json, header};
 use support::{
-    ACCESS_KEY, BUCKET, MIB, S3Kind, SECRET_KEY, TestEnv, append, chunkstream_binary,
-    pseudo_random, wait_for,
+    ACCESS_KEY, BUCKET, MIB, S3Kind, SECRET_KEY, TestEnv, append, pseudo_random, wait_for,
 };
 
-/// A local HTTP server: every request gets `answer(request, n)`, a status
-/// and a body, `n` counting the requests from 0. Stops when dropped.
-struct Stub {
-    base: String,
-    answered: Arc<AtomicUsize>,
-    server: Arc<tiny_http::Server>,
-}
-
-impl Stub {
-    fn start(
-        answer: impl Fn(&tiny_http::Request, usize) -> (u16, String) + Send + 'static,
-    ) -> Self {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
-        let port = server.server_addr().to_ip().expect("ip").port();
-        let answered = Arc::new(AtomicUsize::new(0));
-        let (serving, count) = (server.clone(), answered.clone());
-        std::thread::spawn(move || {
-            for request in serving.incoming_requests() {
-                let (status, body) = answer(&request, count.fetch_add(1, Ordering::SeqCst));
-                let _ = request
-                    .respond(tiny_http::Response::from_string(body).with_status_code(status));
-            }
-        });
-        Self {
-            base: format!("http://127.0.0.1:{port}"),
-            answered,
-            server,
-        }
-    }
-}
-
-impl Drop for Stub {
-    fn drop(&mut self) {
-        self.server.unblock();
-    }
-}
-
-/// The JSON of the container endpoint and IMDS: the test's keys, expiring
-/// `lifetime` from now.
-fn credentials_json(token: &str, lifetime: Duration) -> String {
-    let expires = humantime::format_rfc3339_seconds(SystemTime::now() + lifetime);
-    format!(
-        r#"{{"AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{SECRET_KEY}","Token":"{token}","Expiration":"{expires}"}}"#
-    )
-}
-
-/// The value of header `name`, if the request has it.
-fn header(request: &tiny_http::Request, name: &str) -> Option<String> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.to_string())
-}
-
-/// The test environment's daemon settings without the static keys.
-fn keyless_env(env: &TestEnv) -> std::collections::BTreeMap<String, String> {
-    let mut vars = env.daemon_env();
-    vars.remove("AWS_ACCESS_KEY_ID");
-    vars.remove("AWS_SECRET_ACCESS_KEY");
-    vars
-}
-
-/// The daemon with [`keyless_env`] plus `extra`.
+/// The daemon with [`TestEnv::keyless_env`] plus `extra`.
 fn start_without_keys(env: &TestEnv, extra: &[(&str, &str)]) -> support::Daemon {
-    let mut vars = keyless_env(env);
+    let mut vars = env.keyless_env();
     for (key, value) in extra {
         vars.insert(key.to_string(), value.to_string());
     }
@@ -203,15 +139,9 @@ fn a_profile_in_a_shared_credentials_file_signs_for_s3s_fs() {
 #[test]
 fn no_credentials_anywhere_exits_2_naming_every_source_tried() {
     let Some(env) = TestEnv::start() else { return };
-    let mut vars = keyless_env(&env);
+    let mut vars = env.keyless_env();
     vars.insert("HOME".into(), env.staging.path().display().to_string());
-    vars.insert("METRICS_ADDR".into(), "127.0.0.1:0".into());
-    let output = std::process::Command::new(chunkstream_binary())
-        .arg("run")
-        .env_clear()
-        .envs(&vars)
-        .output()
-        .expect("chunkstream runs");
+    let output = support::run_to_exit(vars);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     for source in [

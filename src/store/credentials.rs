@@ -4,7 +4,9 @@
 //! `AssumeRoleWithWebIdentity` as a GET that STS implementations other than
 //! AWS ignore, and it refreshes only when a request finds the credentials
 //! already expired. So the chain is walked here, in the AWS SDKs' order, with
-//! ureq; aws-creds supplies only the `Credentials` value rust-s3 signs with.
+//! ureq (with the S3 client's TLS trust, so a private CA in `AWS_CA_BUNDLE`
+//! covers STS and the container endpoint too); aws-creds supplies only the
+//! `Credentials` value rust-s3 signs with.
 //!
 //! [`Provider::current`] is read for every request, so a refresh swaps the
 //! credentials under a lock without pausing anything: requests signed before
@@ -20,6 +22,7 @@ use log::{info, warn};
 use s3::creds::Credentials;
 use serde::Deserialize;
 
+use super::https::HttpsTrust;
 use super::s3::{percent_encode, xml_value};
 use crate::config::{ContainerEndpoint, CredentialChain, S3Config, WebIdentity};
 use crate::error::{AppError, ConfigError};
@@ -98,17 +101,13 @@ impl Provider {
     /// Walks the chain. `Ok(None)` means anonymous (`S3_ANONYMOUS=true`).
     /// No credentials at all is a configuration error (exit 2) listing the
     /// sources tried; a source that is configured but fails stops the start.
-    pub fn resolve(config: &S3Config) -> Result<Option<Arc<Self>>, AppError> {
+    pub fn resolve(config: &S3Config, trust: &HttpsTrust) -> Result<Option<Arc<Self>>, AppError> {
         if config.anonymous {
             info!("credentials: none, S3_ANONYMOUS=true (requests are unsigned)");
             return Ok(None);
         }
         let chain = config.chain.clone();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(REQUEST_TIMEOUT))
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = trust.agent(REQUEST_TIMEOUT);
         let mut tried = Vec::new();
         let mut found = None;
         if let Some(pair) = &config.credentials {

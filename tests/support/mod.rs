@@ -8,6 +8,8 @@
 #![allow(dead_code)] // each test uses a different subset of the helpers
 
 pub mod proxy;
+pub mod stub;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -494,6 +496,14 @@ impl TestEnv {
         pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
 
+    /// [`TestEnv::daemon_env`] without the static keys.
+    pub fn keyless_env(&self) -> BTreeMap<String, String> {
+        let mut vars = self.daemon_env();
+        vars.remove("AWS_ACCESS_KEY_ID");
+        vars.remove("AWS_SECRET_ACCESS_KEY");
+        vars
+    }
+
     /// Starts the daemon with `daemon_env` plus `overrides`.
     pub fn start_daemon(&self, overrides: &[(&str, &str)]) -> Daemon {
         let mut env = self.daemon_env();
@@ -678,6 +688,18 @@ impl TestEnv {
     }
 }
 
+/// `chunkstream run` in the foreground with `vars` (and a free metrics
+/// port), for starts that are expected to end by themselves.
+pub fn run_to_exit(mut vars: BTreeMap<String, String>) -> std::process::Output {
+    vars.insert("METRICS_ADDR".into(), "127.0.0.1:0".into());
+    Command::new(chunkstream_binary())
+        .arg("run")
+        .env_clear()
+        .envs(vars)
+        .output()
+        .expect("chunkstream runs")
+}
+
 pub fn s3_config(endpoint: &str, prefix: &str, access_key: &str, secret_key: &str) -> S3Config {
     S3Config {
         endpoint: Some(endpoint.to_string()),
@@ -696,6 +718,7 @@ pub fn s3_config(endpoint: &str, prefix: &str, access_key: &str, secret_key: &st
         anonymous: false,
         chain: Default::default(),
         policy: Default::default(),
+        tls: Default::default(),
     }
 }
 
