@@ -222,6 +222,80 @@ fn every_object_carries_sse_storage_class_tags_and_object_lock_on_moto() {
     daemon.terminate();
 }
 
+/// The keys under `prefix` with the number of versions (and delete markers)
+/// each has in moto's versioned bucket (ListObjectVersions, placeholder
+/// signature as in [`head`]).
+fn versions_per_key(env: &TestEnv, prefix: &str) -> std::collections::BTreeMap<String, usize> {
+    let url = format!("{}/{BUCKET}?versions&prefix={prefix}", env.s3.endpoint());
+    let body = ureq::get(&url)
+        .header(
+            "authorization",
+            format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"),
+        )
+        .call()
+        .unwrap_or_else(|err| panic!("GET {url}: {err}"))
+        .body_mut()
+        .read_to_string()
+        .expect("versions listing");
+    assert!(!body.contains("<IsTruncated>true"), "one page: {body}");
+    let mut versions = std::collections::BTreeMap::new();
+    for entry in body.split("<Key>").skip(1) {
+        let key = entry.split("</Key>").next().expect("a key").to_string();
+        *versions.entry(key).or_insert(0) += 1;
+    }
+    versions
+}
+
+#[test]
+fn with_object_lock_a_rewritten_header_goes_to_a_new_key_and_no_object_is_overwritten() {
+    let Some(env) = TestEnv::start_on(S3Kind::Moto, ACCESS_KEY, SECRET_KEY) else {
+        return;
+    };
+    let daemon = env.start_daemon(&[
+        ("S3_OBJECT_LOCK_MODE", "GOVERNANCE"),
+        ("S3_OBJECT_LOCK_RETAIN", "1d"),
+        ("STREAM_TIMEOUT", "8s"),
+    ]);
+    // A recording in progress: two full chunks go up while it grows.
+    let path = env.drop_file("cam-locked.mp4", &pseudo_random(11 * MIB, 31));
+    let mut stream_id = String::new();
+    wait_for("the first two chunks checkpointed", || {
+        stream_id = env.registered_stream_ids().pop().unwrap_or_default();
+        !stream_id.is_empty() && env.checkpointed_chunks(&stream_id) >= 2
+    });
+    // The end of the recording: the header near byte 40 is patched (as
+    // ffmpeg patches the mdat size), and the tail is written.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.seek(SeekFrom::Start(40)).unwrap();
+        file.write_all(b"patched mdat size").unwrap();
+    }
+    append(&path, &pseudo_random(MIB, 32));
+    let meta = env.wait_complete("cam-locked.mp4");
+    env.assert_byte_exact_via_metadata(&meta, &path);
+
+    let versions = versions_per_key(&env, &format!("{}{stream_id}/", env.prefix));
+    let first_chunks: Vec<&String> = versions
+        .keys()
+        .filter(|key| key.contains("/chunk-000000-"))
+        .collect();
+    assert_eq!(
+        first_chunks.len(),
+        2,
+        "the chunk as uploaded while recording and as rewritten: {versions:?}"
+    );
+    assert!(
+        first_chunks.contains(&&meta.chunks[0].key),
+        "metadata names the rewritten chunk: {:?}",
+        meta.chunks[0]
+    );
+    for (key, count) in &versions {
+        assert_eq!(*count, 1, "{key} was written more than once: {versions:?}");
+    }
+    daemon.terminate();
+}
+
 #[test]
 fn a_failing_refresh_shows_in_readyz_and_the_metric_while_uploads_go_on() {
     let Some(env) = TestEnv::start() else { return };

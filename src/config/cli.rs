@@ -223,7 +223,7 @@ pub struct Settings {
     /// Storage class of every object written, e.g. STANDARD_IA, GLACIER_IR (empty: the bucket's default).
     #[arg(long, env = "S3_STORAGE_CLASS", default_value = "", global = true)]
     pub s3_storage_class: String,
-    /// Object Lock mode of every object written: GOVERNANCE or COMPLIANCE (empty: none); needs S3_OBJECT_LOCK_RETAIN.
+    /// Object Lock mode of every object written: GOVERNANCE or COMPLIANCE (empty: none); needs S3_OBJECT_LOCK_RETAIN. Changed chunks then go to new keys, never over a locked object.
     #[arg(long, env = "S3_OBJECT_LOCK_MODE", default_value = "", global = true)]
     pub s3_object_lock_mode: String,
     /// How long each object stays locked from its upload, e.g. 30d.
