@@ -156,15 +156,21 @@ fn no_credentials_anywhere_exits_2_naming_every_source_tried() {
     }
 }
 
-/// HEAD with a placeholder signature (moto reads the access key but checks
-/// no signature; unsigned requests are anonymous): the response headers.
+/// `request` with a placeholder signature: moto reads the access key but
+/// checks no signature (unsigned requests are anonymous).
+fn placeholder_signed(
+    request: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+    request.header(
+        "authorization",
+        format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"),
+    )
+}
+
+/// The headers of HEAD `key` on moto.
 fn head(env: &TestEnv, key: &str) -> http::HeaderMap {
     let url = format!("{}/{BUCKET}/{key}", env.s3.endpoint());
-    let response = ureq::head(&url)
-        .header(
-            "authorization",
-            format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"),
-        )
+    let response = placeholder_signed(ureq::head(&url))
         .call()
         .unwrap_or_else(|err| panic!("HEAD {url}: {err}"));
     response.headers().clone()
@@ -223,15 +229,10 @@ fn every_object_carries_sse_storage_class_tags_and_object_lock_on_moto() {
 }
 
 /// The keys under `prefix` with the number of versions (and delete markers)
-/// each has in moto's versioned bucket (ListObjectVersions, placeholder
-/// signature as in [`head`]).
+/// each has in moto's versioned bucket (ListObjectVersions).
 fn versions_per_key(env: &TestEnv, prefix: &str) -> std::collections::BTreeMap<String, usize> {
     let url = format!("{}/{BUCKET}?versions&prefix={prefix}", env.s3.endpoint());
-    let body = ureq::get(&url)
-        .header(
-            "authorization",
-            format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"),
-        )
+    let body = placeholder_signed(ureq::get(&url))
         .call()
         .unwrap_or_else(|err| panic!("GET {url}: {err}"))
         .body_mut()

@@ -38,7 +38,7 @@ use crate::store::ports::{
 mod admin;
 mod transport;
 
-use transport::{map_signing_error, summarize_body};
+use transport::map_signing_error;
 
 /// Lifetime of a presigned URL: used at once, so only clock skew matters.
 const PRESIGNED_URL_SECONDS: u32 = 3600;
@@ -328,16 +328,7 @@ impl ObjectStore for S3Store {
         };
         let body = self
             .exchange(Method::PUT, &url, &headers, &[], key)?
-            .success(key)?
-            .text();
-        // S3 may answer 200 with an error document for a copy.
-        if body.contains("<Error>") {
-            return Err(StorageError::Http {
-                status: 500,
-                key: key.to_string(),
-                body: summarize_body(&body),
-            });
-        }
+            .document(key)?;
         xml_value(&body, "ETag")
             .map(|etag| quoted(&etag))
             .ok_or_else(|| StorageError::Other {
@@ -363,16 +354,7 @@ impl ObjectStore for S3Store {
         };
         let body = self
             .send(key, Command::CompleteMultipartUpload { upload_id, data })?
-            .success(key)?
-            .text();
-        // S3 may answer 200 with an error document: retry it as a 5xx.
-        if body.contains("<Error>") {
-            return Err(StorageError::Http {
-                status: 500,
-                key: key.to_string(),
-                body: summarize_body(&body),
-            });
-        }
+            .document(key)?;
         // Ceph RGW answers with an empty ETag; callers HEAD the object then.
         Ok(xml_value(&body, "ETag").unwrap_or_default())
     }

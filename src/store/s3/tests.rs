@@ -2,6 +2,7 @@
 
 use super::*;
 use admin::create_bucket_body;
+use transport::summarize_body;
 
 #[test]
 fn copy_sources_are_percent_encoded_but_keep_slashes() {

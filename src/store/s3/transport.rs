@@ -58,6 +58,20 @@ impl Answer {
         })
     }
 
+    /// The body of a 2xx answer that is not an error document: S3 may
+    /// answer a copy or a completion with 200 and an error, retried as a 5xx.
+    pub fn document(self, key: &str) -> Result<String, StorageError> {
+        let body = self.success(key)?.text();
+        if body.contains("<Error>") {
+            return Err(StorageError::Http {
+                status: 500,
+                key: key.to_string(),
+                body: summarize_body(&body),
+            });
+        }
+        Ok(body)
+    }
+
     /// A header's value, if it is text.
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers
