@@ -78,6 +78,15 @@ fn answers_and_transport_errors_are_classified() {
     assert_eq!(kind(answer(403, "no")), Some("http_4xx"));
     let bad_digest = "<Error><Code>BadDigest</Code><Message>m</Message></Error>";
     assert_eq!(kind(answer(400, bad_digest)), Some("integrity"));
+    let error_document = "<Error><Code>InternalError</Code><Message>m</Message></Error>";
+    let err = answer(200, error_document)
+        .document("k")
+        .expect_err("an error");
+    assert_eq!(err.kind(), "http_5xx");
+    assert_eq!(
+        answer(200, "<R/>").document("k").ok().as_deref(),
+        Some("<R/>")
+    );
     let refused = ureq::Error::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
     assert_eq!(
         transport::map_ureq_error(refused, &config, "k").kind(),
