@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 
 use super::credentials::{Provider, RefreshHealth};
 use super::https::HttpsTrust;
+use crate::bandwidth::Bandwidth;
 use crate::config::{ObjectPolicy, S3Config, Sse};
 use crate::error::{AppError, StorageError};
 use crate::store::ports::{
@@ -85,6 +86,8 @@ pub struct S3Store {
     /// Until [`S3Store::probe_integrity`] runs: nothing proven, so
     /// `Content-MD5` goes out unless `S3_CONTENT_MD5=never`.
     integrity: Integrity,
+    /// The shared upload cap every request body draws from, if any.
+    bandwidth: Option<Arc<Bandwidth>>,
 }
 
 impl S3Store {
@@ -115,7 +118,14 @@ impl S3Store {
                 checksum_verified: false,
                 content_md5: config.content_md5.wanted(false),
             },
+            bandwidth: None,
         })
+    }
+
+    /// Sends every request body through `bandwidth`.
+    pub fn with_bandwidth(mut self, bandwidth: Arc<Bandwidth>) -> Self {
+        self.bandwidth = Some(bandwidth);
+        self
     }
 
     /// The bucket, signing with the current credentials.

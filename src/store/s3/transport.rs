@@ -11,7 +11,8 @@
 
 use std::io;
 
-use http::{HeaderMap, Method};
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, HeaderValue, Method};
 use s3::Bucket;
 use s3::command::{Command, HttpMethod};
 use s3::error::S3Error;
@@ -119,7 +120,9 @@ impl S3Store {
         self.exchange(method, url.as_str(), &headers, &body, path)
     }
 
-    /// Sends one request through the agent and reads the whole answer.
+    /// Sends one request through the agent and reads the whole answer. A
+    /// body draws from the bandwidth cap, if there is one, with a timeout
+    /// that allows for the cap.
     pub(super) fn exchange(
         &self,
         method: Method,
@@ -128,18 +131,36 @@ impl S3Store {
         body: &[u8],
         key: &str,
     ) -> Result<Answer, StorageError> {
-        let mut request = http::Request::builder().method(method).uri(url);
+        let mut builder = http::Request::builder().method(method).uri(url);
         for (name, value) in headers {
-            request = request.header(name, value);
+            builder = builder.header(name, value);
         }
-        let request = request.body(body).map_err(|err| StorageError::Other {
+        let building = |err: http::Error| StorageError::Other {
             key: key.to_string(),
             detail: format!("building the request: {err}"),
-        })?;
-        let mut response = self
-            .agent
-            .run(request)
-            .map_err(|err| map_ureq_error(err, &self.config, key))?;
+        };
+        let sent = match self.bandwidth.as_ref().filter(|_| !body.is_empty()) {
+            None => self.agent.run(builder.body(body).map_err(building)?),
+            Some(bandwidth) => {
+                let mut throttled = bandwidth.reader(body);
+                let mut request = builder
+                    .body(ureq::SendBody::from_reader(&mut throttled))
+                    .map_err(building)?;
+                // A reader's length is unknown to ureq; S3 wants no chunking.
+                request
+                    .headers_mut()
+                    .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+                let timeout =
+                    bandwidth.request_timeout(self.config.request_timeout, body.len() as u64);
+                let request = self
+                    .agent
+                    .configure_request(request)
+                    .timeout_global(Some(timeout))
+                    .build();
+                self.agent.run(request)
+            }
+        };
+        let mut response = sent.map_err(|err| map_ureq_error(err, &self.config, key))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response
