@@ -23,6 +23,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod readback;
 pub mod restore;
+pub mod retry;
 pub mod rules;
 pub mod scan;
 pub mod scanner;
