@@ -416,7 +416,7 @@ impl Events for Metrics {
         let counted = self.credentials_refresh_failures.get();
         self.credentials_refresh_failures
             .inc_by(health.failures.saturating_sub(counted));
-        self.readiness.set_credentials(health.last_error.clone());
+        self.readiness.set_credentials(health.clone());
     }
 
     fn storage_integrity(&self, integrity: Integrity) {
