@@ -22,7 +22,9 @@ mod cli;
 mod lifecycle;
 mod stores;
 
-pub use aws::{ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, Sse, WebIdentity};
+pub use aws::{
+    ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, S3Tls, Sse, WebIdentity,
+};
 pub use cli::{Cli, Command, Settings};
 pub use lifecycle::OnComplete;
 pub use stores::{

@@ -215,7 +215,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         let worker = Worker::new(
             store.clone(),
             Box::new(redis_store()?),
-            KeyLayout::new(&config.s3.prefix),
+            KeyLayout::new(&config.s3.prefix)
+                .with_immutable_objects(config.s3.policy.object_lock.is_some()),
             config.retry,
             shutdown_rx.clone(),
             events.clone(),

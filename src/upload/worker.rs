@@ -385,7 +385,7 @@ impl Worker {
         reupload: bool,
     ) -> Result<ChunkRecord, Stop> {
         let started = Instant::now();
-        let key = self.layout.chunk(stream_id, index);
+        let key = self.layout.chunk_holding(stream_id, index, &digest);
         self.put_with_retry(
             (stream_id, token),
             &key,
