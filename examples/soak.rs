@@ -1,4 +1,4 @@
-//! The soak benchmark behind `scripts/soak.sh`: many short streams through
+//! The soak benchmark (see docs/benchmarks.md, "Soak: bounded Redis"):
 //! the real binary, a real `redis-server` and `s3s-fs`, to show that Redis
 //! and the daemon stay bounded.
 //!
