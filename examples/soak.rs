@@ -1,4 +1,4 @@
-//! The soak benchmark (see docs/benchmarks.md, "Soak: bounded Redis"):
+//! The soak benchmark (docs/benchmarks.md): many short streams through
 //! the real binary, a real `redis-server` and `s3s-fs`, to show that Redis
 //! and the daemon stay bounded.
 //!
