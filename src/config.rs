@@ -56,6 +56,8 @@ pub struct Config {
     pub workers: usize,
     /// Assemble `{prefix}{stream_id}/{file_name}` from the chunks at completion.
     pub assemble: bool,
+    /// Delete the chunk objects once the assembled object is verified.
+    pub delete_chunks_after_assembly: bool,
     /// Most parts per multipart upload when assembling (S3 allows 10,000).
     pub assembly_max_parts: usize,
     /// Abandoned multipart uploads older than this are aborted.
@@ -158,6 +160,10 @@ impl Config {
         })?;
         let sentinel = SentinelConfig::from_settings(settings)?;
         let on_complete = OnComplete::from_settings(settings, &watch_dir)?;
+        let assemble = parse_bool("ASSEMBLE", &settings.assemble)?;
+        let s3 = S3Config::from_settings(settings)?;
+        let delete_chunks_after_assembly =
+            parse_delete_chunks(settings, assemble, s3.policy.object_lock.is_some())?;
         Ok(Self {
             watch_dir,
             rules: crate::rules::Rules::parse(
@@ -175,7 +181,8 @@ impl Config {
             stream_timeout: parse_duration("STREAM_TIMEOUT", &settings.stream_timeout)?,
             chunk_size,
             workers,
-            assemble: parse_bool("ASSEMBLE", &settings.assemble)?,
+            assemble,
+            delete_chunks_after_assembly,
             assembly_max_parts: parse_count(
                 "ASSEMBLY_MAX_PARTS",
                 &settings.assembly_max_parts,
@@ -193,7 +200,7 @@ impl Config {
                 }
             })?,
             multipart_max_age: parse_duration("MULTIPART_MAX_AGE", &settings.multipart_max_age)?,
-            s3: S3Config::from_settings(settings)?,
+            s3,
             redis: RedisConfig::from_settings(settings, sentinel.as_ref())?,
             retry,
             metrics_addr,
@@ -354,6 +361,35 @@ fn parse_count(variable: &'static str, value: &str, max: usize) -> Result<usize,
             value,
             format!("expected a whole number from 1 to {max}"),
         )),
+    }
+}
+
+/// `DELETE_CHUNKS_AFTER_ASSEMBLY`: only with `ASSEMBLE=true` (nothing else
+/// would hold the bytes) and never with Object Lock (locked chunks cannot be
+/// deleted).
+fn parse_delete_chunks(
+    settings: &Settings,
+    assemble: bool,
+    object_lock: bool,
+) -> Result<bool, ConfigError> {
+    let value = &settings.delete_chunks_after_assembly;
+    let delete = parse_bool("DELETE_CHUNKS_AFTER_ASSEMBLY", value)?;
+    let refusal = if !delete {
+        None
+    } else if !assemble {
+        Some("needs ASSEMBLE=true: without an assembled object the chunks are the only copy")
+    } else if object_lock {
+        Some("cannot be used with S3_OBJECT_LOCK_MODE: locked chunks cannot be deleted")
+    } else {
+        None
+    };
+    match refusal {
+        Some(why) => Err(ConfigError::bad_value(
+            "DELETE_CHUNKS_AFTER_ASSEMBLY",
+            value,
+            why,
+        )),
+        None => Ok(delete),
     }
 }
 

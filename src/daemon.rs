@@ -222,7 +222,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             events.clone(),
             leases.clone(),
         )
-        .with_assembly_max_parts(config.assembly_max_parts);
+        .with_assembly_max_parts(config.assembly_max_parts)
+        .with_delete_chunks_after_assembly(config.delete_chunks_after_assembly);
         let (jobs, results) = (job_rx.clone(), result_tx.clone());
         let handle = std::thread::Builder::new()
             .name(format!("worker-{number}"))

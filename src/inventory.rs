@@ -5,14 +5,16 @@
 //! answer for any instance, running or not. `verify` checks that every chunk
 //! exists with its recorded size; `--deep` also downloads the chunks (one at a
 //! time, so memory stays at one chunk) and checks every sha256, the whole
-//! stream's sha256, and the assembled object if there is one.
+//! stream's sha256, and the assembled object if there is one. Once the chunk
+//! objects were deleted after assembly, the assembled object stands in for
+//! them: its size is checked, and `--deep` checks each chunk's range of it.
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::AppError;
 use crate::metadata::{KeyLayout, StreamMetadata, StreamStatus};
-use crate::readback::{fetch_metadata, sha256_of_object};
+use crate::readback::{fetch_chunk, fetch_metadata, sha256_of_object};
 use crate::store::{BucketAdmin, ObjectStore};
 
 /// One line of `list`.
@@ -113,7 +115,7 @@ pub fn verify_stream(
     let mut whole_readable = true;
     for chunk in &metadata.chunks {
         if deep {
-            match store.get(&chunk.key) {
+            match fetch_chunk(store, &metadata, chunk) {
                 Ok(body) => {
                     if let Err(mismatch) = chunk.check(&body) {
                         problem(mismatch);
@@ -129,7 +131,7 @@ pub fn verify_stream(
                     problem(format!("chunk {} ({}): {err}", chunk.index, chunk.key));
                 }
             }
-        } else {
+        } else if !metadata.chunks_deleted {
             match store.head(&chunk.key) {
                 Ok(Some(object)) if object.size == chunk.size_bytes => {}
                 Ok(Some(object)) => problem(format!(
@@ -155,7 +157,8 @@ pub fn verify_stream(
     if let Some(assembled) = &metadata.assembled {
         match store.head(&assembled.key) {
             Ok(Some(object)) if object.size == assembled.size_bytes => {
-                if deep {
+                // With the chunks deleted, their ranges were its deep check.
+                if deep && !metadata.chunks_deleted {
                     match sha256_of_object(
                         store,
                         &assembled.key,

@@ -254,6 +254,12 @@ pub struct StreamMetadata {
     /// The playable single object, once assembled (`ASSEMBLE=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assembled: Option<Assembled>,
+    /// The chunk objects were deleted once the assembled object was verified
+    /// (`DELETE_CHUNKS_AFTER_ASSEMBLY=true`). `chunks` still records every
+    /// chunk's offset, size and sha256: readers check those ranges of the
+    /// assembled object instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chunks_deleted: bool,
 }
 
 /// The most chunks a stream may list: 10 million chunks of the smallest
@@ -306,6 +312,11 @@ impl StreamMetadata {
                 "assembled {} has {} bytes, the stream {}",
                 assembled.key, assembled.size_bytes, self.total_size_bytes
             )));
+        }
+        if self.chunks_deleted && self.assembled.is_none() {
+            return Err(MetadataError::Layout(
+                "chunks_deleted without an assembled object".into(),
+            ));
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
-//! Reading a stream back from the bucket: its validated `metadata.json`, and
-//! large objects in bounded ranges.
+//! Reading a stream back from the bucket: its validated `metadata.json`, its
+//! chunks (from their own objects, or from the assembled object once they
+//! were deleted), and large objects in bounded ranges.
 //!
 //! `restore`, `verify` and the worker's assembly all read what an earlier run
 //! wrote, and the bucket is outside this process: anything can be there. This
@@ -10,7 +11,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::error::{AppError, StorageError};
-use crate::metadata::{KeyLayout, StreamMetadata};
+use crate::metadata::{ChunkRecord, KeyLayout, StreamMetadata};
 use crate::store::ObjectStore;
 
 /// Reads and validates the stream's metadata. A missing object, an
@@ -30,6 +31,45 @@ pub fn fetch_metadata(
         }
     })?;
     StreamMetadata::decode(&body).map_err(|err| AppError::Integrity(format!("{key}: {err}")))
+}
+
+/// A chunk's bytes, for its caller to check against the record: its own
+/// object, or, once the chunk objects were deleted after assembly
+/// (`chunks_deleted`), the same byte range of the assembled object. Memory
+/// stays at one chunk either way.
+pub fn fetch_chunk(
+    store: &dyn ObjectStore,
+    metadata: &StreamMetadata,
+    chunk: &ChunkRecord,
+) -> Result<Vec<u8>, StorageError> {
+    match &metadata.assembled {
+        Some(assembled) if metadata.chunks_deleted => fetch_range(store, &assembled.key, chunk),
+        _ => store.get(&chunk.key),
+    }
+}
+
+/// The byte range `chunk` covers in the whole-file object `key`. A short
+/// object is an error.
+pub fn fetch_range(
+    store: &dyn ObjectStore,
+    key: &str,
+    chunk: &ChunkRecord,
+) -> Result<Vec<u8>, StorageError> {
+    let Some(last) = (chunk.offset + chunk.size_bytes).checked_sub(1) else {
+        return Ok(Vec::new());
+    };
+    let bytes = store.get_range(key, chunk.offset, last)?;
+    if bytes.len() as u64 != chunk.size_bytes {
+        return Err(StorageError::Other {
+            key: key.to_string(),
+            detail: format!(
+                "object ends before byte {} (chunk {})",
+                last + 1,
+                chunk.index
+            ),
+        });
+    }
+    Ok(bytes)
 }
 
 /// The sha256 of a large object, read in `piece`-sized ranges.

@@ -1,7 +1,8 @@
 //! `chunkstream restore`: rebuild a stream's file from its chunks, verified.
 //!
 //! Chunks are fetched one at a time in index order (memory stays at one
-//! chunk), each checked against its recorded size and sha256, and the whole
+//! chunk; once the chunk objects were deleted after assembly, each chunk's
+//! range of the assembled object), each checked against its recorded size and sha256, and the whole
 //! file against the stream's sha256. The output appears under its final name
 //! only once everything matched; on any mismatch nothing is left behind.
 
@@ -15,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::config::S3Config;
 use crate::error::AppError;
 use crate::metadata::{KeyLayout, StreamMetadata, StreamStatus};
-use crate::readback::{fetch_metadata, read_in_ranges};
+use crate::readback::{fetch_chunk, fetch_metadata, read_in_ranges};
 use crate::store::{ObjectStore, S3Store};
 
 /// What was restored.
@@ -184,7 +185,7 @@ fn write_verified(
     let mut file = create_partial(partial)?;
     let mut whole = Sha256::new();
     for chunk in &metadata.chunks {
-        let body = store.get(&chunk.key)?;
+        let body = fetch_chunk(store, metadata, chunk)?;
         chunk.check(&body).map_err(AppError::Integrity)?;
         whole.update(&body);
         file.write_all(&body)

@@ -1,7 +1,7 @@
 //! Life after upload, end to end against a real redis-server and s3s-fs:
 //! the compact Redis record of a complete stream, records of gone files
 //! expiring after `RECORD_RETENTION`, and `ON_COMPLETE=delete|move` with
-//! its safety rules. Every scenario ends with the byte-exact check against
+//! its safety rules, and `DELETE_CHUNKS_AFTER_ASSEMBLY`. Every scenario ends with the byte-exact check against
 //! a reference copy of what was written (the source itself may be gone).
 
 mod support;
@@ -119,6 +119,89 @@ fn l1_a_complete_stream_keeps_a_compact_record_and_gone_files_expire() {
         1.0,
         "only the tail chunk (index 2)"
     );
+}
+
+/// Waits for metadata of `rel` at `revision` whose chunk objects were
+/// deleted after assembly.
+fn wait_chunks_deleted(env: &TestEnv, rel: &str, revision: u32) -> StreamMetadata {
+    let mut found = None;
+    wait_for(
+        &format!("{rel} revision {revision} with its chunks deleted"),
+        || {
+            found = env
+                .all_metadata()
+                .into_iter()
+                .find(|m| m.source.path == rel && m.revision == revision && m.chunks_deleted);
+            found.is_some()
+        },
+    );
+    found.unwrap()
+}
+
+/// `chunkstream restore` of `meta`'s stream, byte-exact with `source`, and
+/// `chunkstream verify --deep` clean.
+fn assert_restores_and_verifies(env: &TestEnv, meta: &StreamMetadata, source: &Path) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let restored = out_dir.path().join("restored.mp4");
+    let output = env.command(&["restore", &meta.stream_id, restored.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        support::sha256_file(&restored),
+        support::sha256_file(source)
+    );
+    let output = env.command(&["verify", &meta.stream_id, "--deep"]);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn l5_chunks_deleted_after_assembly_restore_verify_grow_and_dispose() {
+    let Some(env) = TestEnv::start() else { return };
+    let settings = [
+        ("ASSEMBLE", "true"),
+        ("DELETE_CHUNKS_AFTER_ASSEMBLY", "true"),
+    ];
+    let daemon = env.start_daemon(&settings);
+    let source = env.drop_file("assembled.mp4", &pseudo_random(12 * MIB + 5, 20));
+    let first = wait_chunks_deleted(&env, "assembled.mp4", 1);
+    let assembled = first.assembled.as_ref().expect("assembled");
+    assert!(env.exists(&assembled.key));
+    assert!(first.chunks.iter().all(|chunk| !env.exists(&chunk.key)));
+    env.assert_byte_exact_from_assembled(&first, &source);
+    assert_restores_and_verifies(&env, &first, &source);
+
+    // A late append: the earlier chunk objects are gone, so the new
+    // revision uploads every chunk again, assembles, and deletes them.
+    append(&source, &pseudo_random(MIB, 21));
+    let second = wait_chunks_deleted(&env, "assembled.mp4", 2);
+    assert_eq!(second.stream_id, first.stream_id);
+    env.assert_byte_exact_from_assembled(&second, &source);
+    assert_restores_and_verifies(&env, &second, &source);
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+
+    // ON_COMPLETE=delete verifies the assembled object in place of the
+    // deleted chunks before it deletes the file.
+    let references = tempfile::tempdir().unwrap();
+    let deleting = env.start_daemon(&[settings[0], settings[1], ("ON_COMPLETE", "delete")]);
+    let bytes = pseudo_random(6 * MIB + 3, 22);
+    let expected = reference(references.path(), "disposed.mp4", &bytes);
+    let disposed = env.drop_file("disposed.mp4", &bytes);
+    let meta = wait_chunks_deleted(&env, "disposed.mp4", 1);
+    wait_for("the file deleted after verification", || !disposed.exists());
+    wait_for("the disposal counted", || {
+        deleting.metric("chunkstream_files_disposed_total{action=\"deleted\"}") >= 1.0
+    });
+    env.assert_byte_exact_from_assembled(&meta, &expected);
+    assert_restores_and_verifies(&env, &meta, &expected);
 }
 
 #[test]

@@ -156,6 +156,14 @@ pub struct Settings {
     /// Assemble a playable single object per stream server-side (UploadPartCopy) at completion.
     #[arg(long, env = "ASSEMBLE", default_value = "false", global = true)]
     pub assemble: String,
+    /// With ASSEMBLE=true: delete a stream's chunk objects once its assembled object is verified (read back against every chunk's sha256); metadata.json records chunks_deleted, and restore and verify read the assembled object. Not with S3_OBJECT_LOCK_MODE.
+    #[arg(
+        long,
+        env = "DELETE_CHUNKS_AFTER_ASSEMBLY",
+        default_value = "false",
+        global = true
+    )]
+    pub delete_chunks_after_assembly: String,
     /// Timeout for each whole S3 request; a timeout is retried.
     #[arg(long, env = "S3_REQUEST_TIMEOUT", default_value = "60s", global = true)]
     pub s3_request_timeout: String,

@@ -66,6 +66,14 @@ fn every_bad_value_names_its_variable() {
         ("--s3-bucket=Bad_Bucket", "S3_BUCKET"),
         ("--s3-path-style=maybe", "S3_PATH_STYLE"),
         ("--assemble=sometimes", "ASSEMBLE"),
+        (
+            "--delete-chunks-after-assembly=maybe",
+            "DELETE_CHUNKS_AFTER_ASSEMBLY",
+        ),
+        (
+            "--delete-chunks-after-assembly=true",
+            "DELETE_CHUNKS_AFTER_ASSEMBLY",
+        ),
         ("--redis-url=http://localhost", "REDIS_URL"),
         ("--metrics-addr=localhost", "METRICS_ADDR"),
         ("--log-level=loud", "LOG_LEVEL"),
@@ -252,4 +260,24 @@ fn tls_trust_is_a_ca_bundle_or_no_verification_never_both() {
             .variable,
         "S3_INSECURE_TLS"
     );
+}
+
+#[test]
+fn chunks_are_deleted_after_assembly_only_when_asked_and_possible() {
+    assert!(
+        !config(&["--assemble=true"])
+            .unwrap()
+            .delete_chunks_after_assembly
+    );
+    let both = ["--assemble=true", "--delete-chunks-after-assembly=true"];
+    assert!(config(&both).unwrap().delete_chunks_after_assembly);
+    let locked = [
+        "--assemble=true",
+        "--delete-chunks-after-assembly=true",
+        "--s3-object-lock-mode=GOVERNANCE",
+        "--s3-object-lock-retain=1d",
+    ];
+    let err = config(&locked).expect_err("object lock");
+    assert_eq!(err.variable, "DELETE_CHUNKS_AFTER_ASSEMBLY");
+    assert!(err.to_string().contains("S3_OBJECT_LOCK_MODE"), "{err}");
 }

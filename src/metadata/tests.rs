@@ -42,6 +42,7 @@ fn sample() -> StreamMetadata {
             duration_seconds: None,
         },
         assembled: None,
+        chunks_deleted: false,
     }
 }
 

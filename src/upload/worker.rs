@@ -108,6 +108,9 @@ pub struct Worker {
     pub leases: Arc<HeldLeases>,
     /// Most parts in one multipart upload (`ASSEMBLY_MAX_PARTS`).
     assembly_max_parts: usize,
+    /// Delete the chunk objects once the assembled object is verified
+    /// (`DELETE_CHUNKS_AFTER_ASSEMBLY`).
+    delete_chunks_after_assembly: bool,
     /// Reused for every chunk; grows to the chunk size once.
     buffer: Vec<u8>,
     /// Failed attempts and the last failure during the current job.
@@ -163,6 +166,7 @@ impl Worker {
             events,
             leases,
             assembly_max_parts: crate::config::MAX_MULTIPART_PARTS,
+            delete_chunks_after_assembly: false,
             buffer: Vec::new(),
             job_attempts: JobAttempts::default(),
         }
@@ -171,6 +175,13 @@ impl Worker {
     /// Sets the part ceiling for assemblies (`ASSEMBLY_MAX_PARTS`).
     pub fn with_assembly_max_parts(mut self, max_parts: usize) -> Self {
         self.assembly_max_parts = max_parts;
+        self
+    }
+
+    /// Deletes the chunk objects after a verified assembly
+    /// (`DELETE_CHUNKS_AFTER_ASSEMBLY`).
+    pub fn with_delete_chunks_after_assembly(mut self, delete: bool) -> Self {
+        self.delete_chunks_after_assembly = delete;
         self
     }
 

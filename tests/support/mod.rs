@@ -649,6 +649,35 @@ impl TestEnv {
         assert_eq!(meta.check_chunk_layout(), Ok(()));
     }
 
+    /// The end of a scenario whose chunk objects were deleted after
+    /// assembly: no chunk object of the stream is left, and each chunk's
+    /// range of the assembled object, concatenated in index order, equals
+    /// `source` byte for byte (sha256) and matches its recorded sha256.
+    pub fn assert_byte_exact_from_assembled(&self, meta: &StreamMetadata, source: &Path) {
+        assert!(meta.chunks_deleted, "{meta:?}");
+        let chunk_prefix = format!("{}{}/chunk-", self.prefix, meta.stream_id);
+        let left: Vec<String> = self
+            .keys()
+            .into_iter()
+            .filter(|key| key.starts_with(&chunk_prefix))
+            .collect();
+        assert!(left.is_empty(), "chunk objects left: {left:?}");
+        let mut whole = Sha256::new();
+        for chunk in &meta.chunks {
+            let body = chunkstream::readback::fetch_chunk(&self.store, meta, chunk).expect("range");
+            assert_eq!(chunk.check(&body), Ok(()));
+            whole.update(&body);
+        }
+        let expected = sha256_file(source);
+        assert_eq!(
+            hex::encode(whole.finalize()),
+            expected,
+            "reassembled ranges"
+        );
+        assert_eq!(meta.sha256.as_deref(), Some(expected.as_str()));
+        assert_eq!(meta.check_chunk_layout(), Ok(()));
+    }
+
     /// The sha256 of an object, read in ranges.
     pub fn object_sha256(&self, key: &str, size: u64) -> String {
         chunkstream::readback::sha256_of_object(&self.store, key, size, 5 * MIB).unwrap()

@@ -11,6 +11,13 @@
 //! once the final object is verified. Every copied part is checkpointed in
 //! Redis, so a crash resumes where it stopped; an intermediate finished
 //! before the crash is recognised by its size.
+//!
+//! With `DELETE_CHUNKS_AFTER_ASSEMBLY=true`, the final object is read back
+//! chunk range by chunk range against the recorded sha256s, `metadata.json`
+//! records `chunks_deleted` (written first, so a crash never leaves metadata
+//! naming deleted objects as present), and then the chunk objects are
+//! deleted; a job that finds `chunks_deleted` already recorded only finishes
+//! the deletion, which is idempotent.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +25,10 @@ use log::{info, warn};
 
 use super::{Stop, Worker};
 use crate::error::StorageError;
-use crate::metadata::{Assembled, KeyLayout, StreamMetadata, StreamStatus, content_type_for};
+use crate::metadata::{
+    Assembled, ChunkRecord, KeyLayout, StreamMetadata, StreamStatus, content_type_for,
+};
+use crate::readback::fetch_range;
 use crate::store::ObjectInfo;
 use crate::store::ports::AssemblyProgress;
 use crate::upload::job::{AssembleJob, Outcome};
@@ -121,6 +131,10 @@ impl Worker {
             // Superseded by a newer revision, which gets its own assembly.
             return Ok(Outcome::Assembled { revision: 0 });
         }
+        if metadata.chunks_deleted {
+            // A crash came after the deletion was recorded: finish it.
+            return self.finish_assembly(job, &metadata);
+        }
         let steps = match plan(&self.layout, &metadata, self.assembly_max_parts) {
             Ok(steps) => steps,
             Err(why) => {
@@ -148,16 +162,20 @@ impl Worker {
         for step in intermediates {
             self.storage_retry((stream_id, token), None, || self.store.delete(&step.key))?;
         }
+        if self.delete_chunks_after_assembly {
+            for chunk in &metadata.chunks {
+                if let Err(problem) = self.check_range(job, &last.key, chunk)? {
+                    return self.restart_assembly((stream_id, token), &problem);
+                }
+            }
+        }
         metadata.assembled = Some(Assembled {
             key: last.key.clone(),
             size_bytes: object.size,
             etag: etag.filter(|e| !e.is_empty()).unwrap_or(object.etag),
         });
+        metadata.chunks_deleted = self.delete_chunks_after_assembly;
         self.write_metadata(&metadata, token)?;
-        let revision = metadata.revision;
-        self.checkpoint_with_retry("assembly", |store| {
-            store.finish_assembly(stream_id, token, revision)
-        })?;
         info!(
             stream_id = stream_id;
             "stream {stream_id}: assembled {} ({} bytes from {} chunks, server-side{})",
@@ -170,7 +188,61 @@ impl Worker {
                 format!(", in two levels via {} intermediate objects", intermediates.len())
             }
         );
+        self.finish_assembly(job, &metadata)
+    }
+
+    /// Deletes the chunk objects when `metadata` records `chunks_deleted`
+    /// (a chunk already gone is fine), then records the assembly as done.
+    fn finish_assembly(
+        &mut self,
+        job: &AssembleJob,
+        metadata: &StreamMetadata,
+    ) -> Result<Outcome, Stop> {
+        let stream_id = job.stream.stream_id.as_str();
+        let token = job.stream.token;
+        if metadata.chunks_deleted {
+            for chunk in &metadata.chunks {
+                if self.shutting_down() {
+                    return Err(Stop::Cancelled);
+                }
+                self.storage_retry((stream_id, token), None, || self.store.delete(&chunk.key))?;
+            }
+            info!(
+                stream_id = stream_id;
+                "stream {stream_id}: deleted its {} chunk objects; the assembled object holds the stream",
+                metadata.chunks.len()
+            );
+        }
+        let revision = metadata.revision;
+        self.checkpoint_with_retry("assembly", |store| {
+            store.finish_assembly(stream_id, token, revision)
+        })?;
         Ok(Outcome::Assembled { revision })
+    }
+
+    /// Reads `chunk`'s range of the assembled object `key` and checks it
+    /// against the chunk's recorded size and sha256. `Ok(Err(_))` when it
+    /// does not match or cannot be read: the chunks are then kept.
+    fn check_range(
+        &mut self,
+        job: &AssembleJob,
+        key: &str,
+        chunk: &ChunkRecord,
+    ) -> Result<Result<(), StorageError>, Stop> {
+        let read = self.storage_retry(
+            (job.stream.stream_id.as_str(), job.stream.token),
+            None,
+            || client_error_is_final(fetch_range(self.store.as_ref(), key, chunk)),
+        )?;
+        Ok(read.and_then(|body| {
+            chunk.check(&body).map_err(|mismatch| StorageError::Other {
+                key: key.to_string(),
+                detail: format!(
+                    "assembled object does not match chunk {}: {mismatch}",
+                    chunk.index
+                ),
+            })
+        }))
     }
 
     /// Composes `step.key` from its sources with one multipart upload,

@@ -178,7 +178,9 @@ impl Worker {
     /// Fills in, from the stream's `metadata.json`, the chunk records of the
     /// revision before `facts.revision` that `chunks` lacks: Redis and the
     /// coordinator drop them at completion. Chunks whose record cannot be
-    /// read back are simply uploaded again (their keys are deterministic).
+    /// read back are simply uploaded again (their keys are deterministic),
+    /// and so are the chunks of a revision whose chunk objects were deleted
+    /// after assembly: the new revision never refers to a missing object.
     fn recall_earlier_revision(
         &self,
         stream_id: &str,
@@ -189,6 +191,12 @@ impl Worker {
             return;
         }
         match fetch_metadata(self.store.as_ref(), &self.layout, stream_id) {
+            Ok(earlier) if earlier.revision + 1 == facts.revision && earlier.chunks_deleted => {
+                info!(
+                    "stream {stream_id}: the chunk objects of revision {} were deleted after assembly; its chunks are uploaded again",
+                    earlier.revision
+                )
+            }
             Ok(earlier)
                 if earlier.revision + 1 == facts.revision
                     && earlier.chunk_size_bytes == facts.chunk_size =>
@@ -275,5 +283,6 @@ fn metadata_of(
             duration_seconds: None,
         },
         assembled: None,
+        chunks_deleted: false,
     }
 }

@@ -1,7 +1,8 @@
 //! The disposal job (`ON_COMPLETE=delete|move`): a complete stream's file
 //! leaves the watch directory only once the stream is verified in S3
 //! (`metadata.json` of this revision, every chunk's size by HEAD, and with
-//! `ASSEMBLE=true` the assembled object), only while this process holds the
+//! `ASSEMBLE=true` the assembled object; once the chunk objects were deleted
+//! after assembly, the assembled object alone), only while this process holds the
 //! stream's lease, and only if the file is still exactly what was verified
 //! (size, mtime and inode, checked right before the unlink or rename). A
 //! file that changed is left alone and its stream reopens.
@@ -71,8 +72,9 @@ impl Worker {
 
     /// The stream's objects as this revision's `metadata.json` lists them:
     /// complete, the file's size, every chunk in order and present at its
-    /// recorded size (each was checked against its sha256 by S3 on upload),
-    /// and the assembled object when one is wanted.
+    /// recorded size (each was checked against its sha256 by S3 on upload;
+    /// skipped when the chunks were deleted after a verified assembly), and
+    /// the assembled object when one is wanted or stands in for the chunks.
     fn verify_in_s3(&self, job: &DisposeJob) -> Result<StreamMetadata, String> {
         let stream_id = job.stream.stream_id.as_str();
         let metadata = fetch_metadata(self.store.as_ref(), &self.layout, stream_id)
@@ -94,13 +96,15 @@ impl Worker {
             if chunk.offset != offset {
                 return Err(format!("chunk {} is not at byte {offset}", chunk.index));
             }
-            self.expect_object(&chunk.key, chunk.size_bytes)?;
+            if !metadata.chunks_deleted {
+                self.expect_object(&chunk.key, chunk.size_bytes)?;
+            }
             offset += chunk.size_bytes;
         }
         if offset != job.size {
             return Err(format!("the chunks hold {offset} of {} bytes", job.size));
         }
-        if job.assembled {
+        if job.assembled || metadata.chunks_deleted {
             let assembled = metadata
                 .assembled
                 .as_ref()

@@ -481,3 +481,115 @@ fn a_move_renames_into_the_completed_directory() {
     assert_eq!(std::fs::read(moved).unwrap(), b"AAAAAAAABB");
     assert!(!fixture.path.exists());
 }
+
+#[test]
+fn chunks_deleted_after_a_verified_assembly_leave_a_readable_stream() {
+    let mut fixture = Fixture::new(b"AAAAAAAABBBBBBBBCC");
+    fixture.worker = std::mem::replace(
+        &mut fixture.worker,
+        worker(fixture.store.clone(), fixture.checkpoints.clone()).0,
+    )
+    .with_delete_chunks_after_assembly(true);
+    let finalize = finalize_job(fixture.stream.clone(), &fixture.path, 18, BTreeMap::new());
+    assert!(matches!(
+        fixture.worker.execute(finalize).outcome,
+        Outcome::Finalized { .. }
+    ));
+    let assemble = || {
+        Job::Assemble(AssembleJob {
+            stream: fixture.stream.clone(),
+            revision: 1,
+        })
+    };
+    let result = fixture.worker.execute(assemble());
+    assert_eq!(result.outcome, Outcome::Assembled { revision: 1 });
+    let store = fixture.store.as_ref();
+    let layout = KeyLayout::new("p/");
+    let metadata = crate::readback::fetch_metadata(store, &layout, "cam-1").unwrap();
+    assert!(metadata.chunks_deleted);
+    assert_eq!(metadata.chunks.len(), 3, "chunk records kept");
+    for chunk in &metadata.chunks {
+        assert_eq!(
+            store.head(&chunk.key).unwrap(),
+            None,
+            "{} deleted",
+            chunk.key
+        );
+    }
+    assert!(crate::inventory::verify_stream(store, &layout, "cam-1", true).is_empty());
+    assert!(crate::inventory::verify_stream(store, &layout, "cam-1", false).is_empty());
+    let out = tempfile::tempdir().unwrap();
+    let restored = out.path().join("restored.mp4");
+    crate::restore::restore_from(store, &layout, "cam-1", &restored, false).unwrap();
+    assert_eq!(std::fs::read(&restored).unwrap(), b"AAAAAAAABBBBBBBBCC");
+
+    // A crash between recording the deletion and finishing it: the job
+    // runs again and only finishes the deletion.
+    store
+        .put(
+            "p/cam-1/chunk-000001",
+            b"BBBBBBBB",
+            "application/octet-stream",
+            &sha256(b"BBBBBBBB"),
+        )
+        .unwrap();
+    assert_eq!(
+        fixture.worker.execute(assemble()).outcome,
+        Outcome::Assembled { revision: 1 }
+    );
+    assert_eq!(store.head("p/cam-1/chunk-000001").unwrap(), None);
+
+    // A corrupted assembled object: verify names the chunk whose range differs.
+    store
+        .put(
+            "p/cam-1/cam.mp4",
+            b"AAAAAAAABBBBBBBXCC",
+            "video/mp4",
+            &sha256(b"AAAAAAAABBBBBBBXCC"),
+        )
+        .unwrap();
+    let problems = crate::inventory::verify_stream(store, &layout, "cam-1", true);
+    assert!(
+        problems.iter().any(|p| p.contains("chunk 1")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn disposal_verifies_the_assembled_object_when_the_chunks_are_deleted() {
+    let mut fixture = completed_fixture();
+    let layout = KeyLayout::new("p/");
+    let mut metadata =
+        crate::readback::fetch_metadata(fixture.store.as_ref(), &layout, "cam-1").unwrap();
+    for chunk in &metadata.chunks {
+        fixture.store.delete(&chunk.key).unwrap();
+    }
+    metadata.assembled = Some(crate::metadata::Assembled {
+        key: "p/cam-1/cam.mp4".into(),
+        size_bytes: 10,
+        etag: String::new(),
+    });
+    metadata.chunks_deleted = true;
+    let body = serde_json::to_vec(&metadata).unwrap();
+    let put = |key: &str, bytes: &[u8]| {
+        fixture
+            .store
+            .put(key, bytes, "application/json", &sha256(bytes))
+            .unwrap();
+    };
+    put("p/cam-1/metadata.json", &body);
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    let Outcome::Failed(reason) = fixture.worker.execute(job).outcome else {
+        panic!("disposed of a stream whose assembled object is missing")
+    };
+    assert!(reason.contains("p/cam-1/cam.mp4 is missing"), "{reason}");
+    assert!(fixture.path.exists());
+
+    put("p/cam-1/cam.mp4", b"AAAAAAAABB");
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    assert_eq!(
+        fixture.worker.execute(job).outcome,
+        Outcome::Disposed(crate::events::Disposal::Deleted)
+    );
+    assert!(!fixture.path.exists());
+}
