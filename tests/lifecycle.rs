@@ -70,7 +70,7 @@ fn l1_a_complete_stream_keeps_a_compact_record_and_gone_files_expire() {
     wait_for("the chunk records dropped at completion", || {
         !redis_keys(&env).contains(&format!("{record}:chunks"))
     });
-    let head: String = redis_query(&env, &["HGET", &record, "head_sha256"]);
+    let head: String = redis_query(&env, &["HGET", &record, "head"]);
     assert_eq!(
         head,
         kept_meta.chunks[0].sha256[..32],

@@ -19,6 +19,46 @@ use crate::store::ports::{
     CorruptRecord, HEAD_PRINT_HEX, HeadPrint, Loaded, StoredStatus, StoredStream,
 };
 
+/// A record field: its name, and the longer name that records written
+/// before the compact layout hold. Every complete stream keeps its record
+/// for as long as its file is present, so each byte of a name counts once
+/// per stream; decoding accepts either name, and a completion drops the
+/// long ones it replaces.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Field {
+    pub name: &'static str,
+    pub legacy: &'static str,
+}
+
+pub(crate) const CHUNK_SIZE: Field = Field {
+    name: "cs",
+    legacy: "chunk_size",
+};
+pub(crate) const STARTED_AT_MS: Field = Field {
+    name: "t0",
+    legacy: "started_at_ms",
+};
+pub(crate) const LAST_CHANGE_AT_MS: Field = Field {
+    name: "tc",
+    legacy: "last_change_at_ms",
+};
+pub(crate) const REVISION: Field = Field {
+    name: "rev",
+    legacy: "revision",
+};
+pub(crate) const COMPLETED_SIZE: Field = Field {
+    name: "sz",
+    legacy: "completed_size",
+};
+pub(crate) const COMPLETED_MTIME_NS: Field = Field {
+    name: "mt",
+    legacy: "completed_mtime_ns",
+};
+pub(crate) const HEAD: Field = Field {
+    name: "head",
+    legacy: "head_sha256",
+};
+
 pub(crate) fn from_unix_millis(millis: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(millis)
 }
@@ -29,16 +69,22 @@ pub(crate) fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)
         ("id", stream.id.clone()),
         ("identity", stream.identity.key()),
         ("path", stream.rel_path.clone()),
-        ("chunk_size", stream.chunk_size.to_string()),
-        ("started_at_ms", unix_millis(stream.started_at).to_string()),
+        (CHUNK_SIZE.name, stream.chunk_size.to_string()),
         (
-            "last_change_at_ms",
+            STARTED_AT_MS.name,
+            unix_millis(stream.started_at).to_string(),
+        ),
+        (
+            LAST_CHANGE_AT_MS.name,
             unix_millis(stream.last_change_at).to_string(),
         ),
         ("status", stream.status.as_str().to_string()),
-        ("revision", stream.revision.to_string()),
-        ("completed_size", stream.completed_size.to_string()),
-        ("completed_mtime_ns", stream.completed_mtime_ns.to_string()),
+        (REVISION.name, stream.revision.to_string()),
+        (COMPLETED_SIZE.name, stream.completed_size.to_string()),
+        (
+            COMPLETED_MTIME_NS.name,
+            stream.completed_mtime_ns.to_string(),
+        ),
     ];
     // Absent means 0: every complete stream's record is a little smaller.
     if stream.assembled_revision > 0 {
@@ -56,7 +102,7 @@ pub(crate) fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)
 /// stored, as the first chunk of a complete stream holds
 /// `min(chunk_size, completed_size)` bytes.
 pub(crate) fn head_field(head: &HeadPrint) -> (&'static str, String) {
-    ("head_sha256", head.sha256.clone())
+    (HEAD.name, head.sha256.clone())
 }
 
 /// Rebuilds stream `id` from its record and chunk hash. `None` if there is
@@ -88,23 +134,24 @@ fn decode_fields(
             .map(String::as_str)
             .ok_or_else(|| format!("field {name} is missing"))
     };
-    let parsed = |name: &str| -> Result<u64, String> {
-        let value = text(name)?;
+    // A renamed field, under its name or, in an older record, its legacy one.
+    let renamed = |field: Field| fields.get(field.name).or_else(|| fields.get(field.legacy));
+    let number = |field: Field, value: &str| -> Result<u64, String> {
         value
             .parse()
-            .map_err(|_| format!("field {name} is {value:?}, not a number"))
+            .map_err(|_| format!("field {} is {value:?}, not a number", field.name))
     };
-    let small = |name: &str| -> Result<u32, String> {
-        u32::try_from(parsed(name)?).map_err(|_| format!("field {name} is out of range"))
+    let parsed = |field: Field| -> Result<u64, String> {
+        let value = renamed(field).ok_or_else(|| format!("field {} is missing", field.name))?;
+        number(field, value)
     };
-    let optional = |name: &str| -> Result<u64, String> {
-        if fields.contains_key(name) {
-            parsed(name)
-        } else {
-            Ok(0)
-        }
+    let small = |field: Field| -> Result<u32, String> {
+        u32::try_from(parsed(field)?).map_err(|_| format!("field {} is out of range", field.name))
     };
-    let chunk_size = parsed("chunk_size")?;
+    let optional = |field: Field| -> Result<u64, String> {
+        renamed(field).map_or(Ok(0), |value| number(field, value))
+    };
+    let chunk_size = parsed(CHUNK_SIZE)?;
     if !(1..=MAX_CHUNK_SIZE).contains(&chunk_size) {
         return Err(format!(
             "chunk size {chunk_size} is outside 1..={MAX_CHUNK_SIZE}"
@@ -112,30 +159,35 @@ fn decode_fields(
     }
     let identity = text("identity")?;
     let status = text("status")?;
-    let completed_mtime_ns = match fields.get("completed_mtime_ns") {
+    let completed_mtime_ns = match renamed(COMPLETED_MTIME_NS) {
+        None => 0,
+        Some(value) => value.parse().map_err(|_| {
+            format!(
+                "field {} is {value:?}, not a number",
+                COMPLETED_MTIME_NS.name
+            )
+        })?,
+    };
+    let assembled_revision = match fields.get("assembled_revision") {
         None => 0,
         Some(value) => value
             .parse()
-            .map_err(|_| format!("field completed_mtime_ns is {value:?}, not a number"))?,
+            .map_err(|_| format!("field assembled_revision is {value:?}, not a revision"))?,
     };
-    let assembled_revision = if fields.contains_key("assembled_revision") {
-        small("assembled_revision")?
-    } else {
-        0
-    };
-    let head = match fields.get("head_sha256") {
+    let head = match renamed(HEAD) {
         None => None,
         Some(sha256)
             if sha256.len() == HEAD_PRINT_HEX && sha256.bytes().all(|b| b.is_ascii_hexdigit()) =>
         {
             Some(HeadPrint {
-                size_bytes: chunk_size.min(optional("completed_size")?),
+                size_bytes: chunk_size.min(optional(COMPLETED_SIZE)?),
                 sha256: sha256.to_ascii_lowercase(),
             })
         }
         Some(other) => {
             return Err(format!(
-                "field head_sha256 is {other:?}, not {HEAD_PRINT_HEX} hex digits"
+                "field {} is {other:?}, not {HEAD_PRINT_HEX} hex digits",
+                HEAD.name
             ));
         }
     }
@@ -150,12 +202,12 @@ fn decode_fields(
         // `file_name` field, which is ignored.
         file_name: file_name(text("path")?),
         chunk_size,
-        started_at: from_unix_millis(parsed("started_at_ms")?),
-        last_change_at: from_unix_millis(parsed("last_change_at_ms")?),
+        started_at: from_unix_millis(parsed(STARTED_AT_MS)?),
+        last_change_at: from_unix_millis(parsed(LAST_CHANGE_AT_MS)?),
         status: StoredStatus::parse(status)
             .ok_or_else(|| format!("status {status:?} is not active, complete or incomplete"))?,
-        revision: small("revision")?,
-        completed_size: optional("completed_size")?,
+        revision: small(REVISION)?,
+        completed_size: optional(COMPLETED_SIZE)?,
         completed_mtime_ns,
         assembled_revision,
         chunks: decode_chunks(chunk_fields, chunk_size)?,
@@ -272,6 +324,32 @@ mod tests {
     }
 
     #[test]
+    fn records_of_the_earlier_layout_still_decode() {
+        let (fields, chunks) = encode(&stream());
+        let renamed = [
+            CHUNK_SIZE,
+            STARTED_AT_MS,
+            LAST_CHANGE_AT_MS,
+            REVISION,
+            COMPLETED_SIZE,
+            COMPLETED_MTIME_NS,
+            HEAD,
+        ];
+        let legacy: BTreeMap<String, String> = fields
+            .iter()
+            .map(|(name, value)| {
+                let old = renamed.iter().find(|field| field.name == name);
+                (
+                    old.map_or(name.as_str(), |field| field.legacy).to_string(),
+                    value.clone(),
+                )
+            })
+            .collect();
+        assert!(legacy.contains_key("completed_mtime_ns") && !legacy.contains_key("mt"));
+        assert_eq!(decode_stream("cam-1", &legacy, &chunks), Some(Ok(stream())));
+    }
+
+    #[test]
     fn corrupt_records_say_why() {
         let (fields, chunks) = encode(&stream());
         let with = |name: &str, value: &str| {
@@ -279,11 +357,11 @@ mod tests {
             fields.insert(name.into(), value.into());
             fields
         };
-        assert!(reason(&with("chunk_size", "0"), &chunks).contains("chunk size 0"));
-        assert!(reason(&with("chunk_size", "ten"), &chunks).contains("not a number"));
+        assert!(reason(&with("cs", "0"), &chunks).contains("chunk size 0"));
+        assert!(reason(&with("cs", "ten"), &chunks).contains("not a number"));
         assert!(reason(&with("status", "paused"), &chunks).contains("status"));
-        assert!(reason(&with("revision", "99999999999"), &chunks).contains("out of range"));
-        assert!(reason(&with("head_sha256", "abc"), &chunks).contains("hex digits"));
+        assert!(reason(&with("rev", "99999999999"), &chunks).contains("out of range"));
+        assert!(reason(&with("head", "abc"), &chunks).contains("hex digits"));
         let mut missing = fields.clone();
         missing.remove("identity");
         let corrupt = decode_stream("cam-1", &missing, &chunks)

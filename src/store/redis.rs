@@ -43,7 +43,10 @@ use crate::store::ports::{
     AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Renewal, StoredStatus,
     StoredStream,
 };
-use crate::store::record::{decode_stream, head_field, stream_fields};
+use crate::store::record::{
+    COMPLETED_MTIME_NS, COMPLETED_SIZE, HEAD, LAST_CHANGE_AT_MS, REVISION, decode_stream,
+    head_field, stream_fields,
+};
 
 mod checkpoints;
 mod instance;

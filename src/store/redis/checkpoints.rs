@@ -130,11 +130,11 @@ impl CheckpointStore for RedisStore {
     ) -> Result<(), FencedWriteError> {
         let mut set = vec![
             ("status", StoredStatus::Complete.as_str().to_string()),
-            ("revision", completion.revision.to_string()),
-            ("completed_size", completion.size.to_string()),
-            ("completed_mtime_ns", completion.mtime_ns.to_string()),
+            (REVISION.name, completion.revision.to_string()),
+            (COMPLETED_SIZE.name, completion.size.to_string()),
+            (COMPLETED_MTIME_NS.name, completion.mtime_ns.to_string()),
             (
-                "last_change_at_ms",
+                LAST_CHANGE_AT_MS.name,
                 unix_millis(completion.last_change_at).to_string(),
             ),
         ];
@@ -143,11 +143,20 @@ impl CheckpointStore for RedisStore {
         }
         // The chunk records go with the completion: metadata.json holds them.
         let chunks = self.keys.chunks(stream_id);
-        // `file_name` is derived from the path now; older records drop it.
+        // `file_name` is derived from the path now, and the fields set here
+        // have short names: older records drop the long ones.
+        let legacy = [
+            "file_name",
+            REVISION.legacy,
+            COMPLETED_SIZE.legacy,
+            COMPLETED_MTIME_NS.legacy,
+            LAST_CHANGE_AT_MS.legacy,
+            HEAD.legacy,
+        ];
         self.update_record_fenced(
             stream_id,
             token,
-            &["file_name"],
+            &legacy,
             &set,
             Some(chunks),
             completion.release_lease,
