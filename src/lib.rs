@@ -4,6 +4,7 @@
 //! The binary (`main.rs`) is glue; everything testable lives here. See
 //! docs/architecture.md for how the pieces fit.
 
+pub mod chunk_hash;
 pub mod client;
 pub mod config;
 pub mod coordinator;

@@ -25,6 +25,8 @@ fn sample() -> StreamMetadata {
                 size_bytes: 10,
                 sha256: sha256_hex(b"a"),
                 uploaded_at: rfc3339(SystemTime::UNIX_EPOCH),
+                xxh3: None,
+                whole_sha256: None,
             },
             ChunkRecord {
                 index: 1,
@@ -33,6 +35,8 @@ fn sample() -> StreamMetadata {
                 size_bytes: 5,
                 sha256: sha256_hex(b"b"),
                 uploaded_at: rfc3339(SystemTime::UNIX_EPOCH),
+                xxh3: None,
+                whole_sha256: None,
             },
         ],
         started_at: "2026-01-01T00:00:00.000Z".into(),
