@@ -7,7 +7,7 @@
 #   scripts/bench.sh --write-doc     # ... and updates docs/benchmarks.md
 #   scripts/bench.sh --quick         # small data sets, to try the harness
 #   scripts/bench.sh throughput      # one part: throughput, instructions, burst,
-#                                    # growing, memory, polling
+#                                    # growing, memory, polling, bandwidth
 #   BENCH_BINARY=/path/to/chunkstream scripts/bench.sh ...   # measure another build
 #
 # Needs what scripts/test.sh installs, plus rclone, curl and valgrind

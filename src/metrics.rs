@@ -14,15 +14,17 @@ use std::sync::Arc;
 
 use log::{info, warn};
 
+use crate::bandwidth::Bandwidth;
 use crate::events::{Events, Gauges};
 use crate::health::{Dependency, Readiness};
 use crate::store::Integrity;
 use crate::store::credentials::RefreshHealth;
 
 /// The error kinds reported by `chunkstream_upload_errors_total`.
-pub const UPLOAD_ERROR_KINDS: [&str; 6] = [
+pub const UPLOAD_ERROR_KINDS: [&str; 7] = [
     "timeout",
     "connect",
+    "tls",
     "http_4xx",
     "http_5xx",
     "integrity",
@@ -59,6 +61,9 @@ pub struct Metrics {
     content_md5: IntGauge,
     multipart_aborted: IntCounter,
     poll_interval: prometheus::Gauge,
+    bandwidth_limit: IntGauge,
+    /// Read at every render, so the gauge follows BANDWIDTH_SCHEDULE.
+    bandwidth: std::sync::OnceLock<Arc<Bandwidth>>,
     readiness: Arc<Readiness>,
     chunk_upload_duration: Histogram,
     scan_duration: Histogram,
@@ -260,6 +265,12 @@ impl Metrics {
                 "chunkstream_multipart_uploads_aborted_total",
                 "Abandoned multipart uploads under S3_PREFIX that the sweep aborted.",
             ),
+            bandwidth_limit: gauge(
+                &registry,
+                "chunkstream_bandwidth_limit_bytes",
+                "The upload bandwidth cap in force now (BANDWIDTH_LIMIT, BANDWIDTH_SCHEDULE), bytes per second; 0 means unlimited.",
+            ),
+            bandwidth: std::sync::OnceLock::new(),
             poll_interval: {
                 let gauge = prometheus::Gauge::new(
                     "chunkstream_poll_interval_seconds",
@@ -301,6 +312,11 @@ impl Metrics {
         self.poll_interval.set(interval.as_secs_f64());
     }
 
+    /// Follows `bandwidth` in `chunkstream_bandwidth_limit_bytes`.
+    pub fn watch_bandwidth(&self, bandwidth: Arc<Bandwidth>) {
+        let _ = self.bandwidth.set(bandwidth);
+    }
+
     /// What `/readyz` reports, shared with the coordinator's breaker.
     pub fn readiness(&self) -> Arc<Readiness> {
         self.readiness.clone()
@@ -308,6 +324,11 @@ impl Metrics {
 
     /// The Prometheus text exposition and its content type.
     pub fn render(&self) -> (String, String) {
+        if let Some(bandwidth) = self.bandwidth.get() {
+            let limit = bandwidth.limit_now().unwrap_or(0);
+            self.bandwidth_limit
+                .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        }
         let encoder = TextEncoder::new();
         let mut buffer = Vec::new();
         encoder

@@ -43,6 +43,8 @@ pub enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Dry run: walk WATCH_DIR with INCLUDE/EXCLUDE and print what would be uploaded, skipped (and why), or is done according to Redis.
+    Scan,
     /// Download a stream's chunks, verify every checksum, and write the file.
     Restore {
         /// The stream id (the folder name under S3_PREFIX in the bucket).
@@ -84,9 +86,24 @@ pub struct Settings {
         global = true
     )]
     pub watch_dir: String,
-    /// Comma-separated file extensions to upload, case-insensitive.
+    /// Comma-separated file extensions to upload, case-insensitive: the shorthand for INCLUDE=*.mp4,... used while INCLUDE is empty.
     #[arg(long, env = "FILE_EXTENSIONS", default_value = "mp4", global = true)]
     pub file_extensions: String,
+    /// Comma-separated globs on the path relative to WATCH_DIR (** any depth; no / means any depth); empty means FILE_EXTENSIONS.
+    #[arg(long, env = "INCLUDE", default_value = "", global = true)]
+    pub include: String,
+    /// Comma-separated globs never uploaded (wins over INCLUDE); the default leaves out hidden and partial files; set it empty to re-include them.
+    #[arg(long, env = "EXCLUDE", default_value = crate::rules::DEFAULT_EXCLUDE, global = true)]
+    pub exclude: String,
+    /// Upload bandwidth cap in bytes per second shared by all workers (e.g. 20MiB); empty or off means unlimited.
+    #[arg(long, env = "BANDWIDTH_LIMIT", default_value = "", global = true)]
+    pub bandwidth_limit: String,
+    /// Time windows with their own cap, first match wins, e.g. "Mon-Fri 08:00-18:00=5MiB, *=off"; outside them BANDWIDTH_LIMIT applies.
+    #[arg(long, env = "BANDWIDTH_SCHEDULE", default_value = "", global = true)]
+    pub bandwidth_schedule: String,
+    /// Time zone of BANDWIDTH_SCHEDULE: an IANA name (Europe/Berlin) or POSIX TZ string.
+    #[arg(long, env = "TZ", default_value = "UTC", global = true)]
+    pub tz: String,
     /// How often the directory is scanned (e.g. 500ms, 5s).
     #[arg(long, env = "POLL_INTERVAL", default_value = "1s", global = true)]
     pub poll_interval: String,
@@ -208,6 +225,12 @@ pub struct Settings {
     /// Send unsigned requests on purpose; without it, finding no credentials stops the start.
     #[arg(long, env = "S3_ANONYMOUS", default_value = "false", global = true)]
     pub s3_anonymous: String,
+    /// PEM bundle of CAs (a private or self-signed CA) trusted for HTTPS to S3, STS and the credential endpoints, in addition to the system's roots.
+    #[arg(long, env = "AWS_CA_BUNDLE", global = true)]
+    pub aws_ca_bundle: Option<String>,
+    /// Skip certificate verification for HTTPS to S3, STS and the credential endpoints (testing only; warned about at every start).
+    #[arg(long, env = "S3_INSECURE_TLS", default_value = "false", global = true)]
+    pub s3_insecure_tls: String,
     /// Server-side encryption of every object written: AES256 or aws:kms (empty: the bucket's default).
     #[arg(long, env = "S3_SSE", default_value = "", global = true)]
     pub s3_sse: String,
@@ -217,7 +240,7 @@ pub struct Settings {
     /// Storage class of every object written, e.g. STANDARD_IA, GLACIER_IR (empty: the bucket's default).
     #[arg(long, env = "S3_STORAGE_CLASS", default_value = "", global = true)]
     pub s3_storage_class: String,
-    /// Object Lock mode of every object written: GOVERNANCE or COMPLIANCE (empty: none); needs S3_OBJECT_LOCK_RETAIN.
+    /// Object Lock mode of every object written: GOVERNANCE or COMPLIANCE (empty: none); needs S3_OBJECT_LOCK_RETAIN. Changed chunks then go to new keys, never over a locked object.
     #[arg(long, env = "S3_OBJECT_LOCK_MODE", default_value = "", global = true)]
     pub s3_object_lock_mode: String,
     /// How long each object stays locked from its upload, e.g. 30d.
