@@ -19,12 +19,14 @@ use crate::logging::LogFormat;
 
 mod aws;
 mod cli;
+mod lifecycle;
 mod stores;
 
 pub use aws::{
     ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, S3Tls, Sse, WebIdentity,
 };
 pub use cli::{Cli, Command, Settings};
+pub use lifecycle::OnComplete;
 pub use stores::{
     ContentMd5, DEFAULT_REDIS_URL, RedisConfig, S3Config, S3Credentials, SentinelConfig,
 };
@@ -70,6 +72,12 @@ pub struct Config {
     pub sentinel: Option<SentinelConfig>,
     /// `INSTANCE_ID`, if set: this replica's stable name.
     pub instance_id: Option<String>,
+    /// How long Redis keeps the record of a stream whose file is gone.
+    pub record_retention: Duration,
+    /// What happens to a file once its stream is complete and verified.
+    pub on_complete: OnComplete,
+    /// How long after completion the file is deleted or moved.
+    pub on_complete_delay: Duration,
 }
 
 /// How replicas share streams (see docs/scaling.md).
@@ -149,6 +157,7 @@ impl Config {
             )
         })?;
         let sentinel = SentinelConfig::from_settings(settings)?;
+        let on_complete = OnComplete::from_settings(settings, &watch_dir)?;
         Ok(Self {
             watch_dir,
             rules: crate::rules::Rules::parse(
@@ -194,6 +203,12 @@ impl Config {
             lease: LeasePolicy::from_settings(settings)?,
             sentinel,
             instance_id: parse_instance_id(&settings.instance_id)?,
+            record_retention: parse_duration("RECORD_RETENTION", &settings.record_retention)?,
+            on_complete,
+            on_complete_delay: lifecycle::parse_delay(
+                "ON_COMPLETE_DELAY",
+                &settings.on_complete_delay,
+            )?,
         })
     }
 }

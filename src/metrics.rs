@@ -15,7 +15,7 @@ use std::sync::Arc;
 use log::{info, warn};
 
 use crate::bandwidth::Bandwidth;
-use crate::events::{Events, Gauges};
+use crate::events::{Disposal, Events, Gauges};
 use crate::health::{Dependency, Readiness};
 use crate::store::Integrity;
 use crate::store::credentials::RefreshHealth;
@@ -60,6 +60,8 @@ pub struct Metrics {
     checksum_verified: IntGauge,
     content_md5: IntGauge,
     multipart_aborted: IntCounter,
+    files_disposed: IntCounterVec,
+    on_complete_failures: IntCounterVec,
     poll_interval: prometheus::Gauge,
     bandwidth_limit: IntGauge,
     /// Read at every render, so the gauge follows BANDWIDTH_SCHEDULE.
@@ -124,6 +126,24 @@ impl Metrics {
             "Failed S3 request attempts, by kind.",
             "kind",
         );
+        let files_disposed = labelled(
+            &registry,
+            "chunkstream_files_disposed_total",
+            "Complete streams' files deleted or moved after verification (ON_COMPLETE), by action.",
+            "action",
+        );
+        let on_complete_failures = labelled(
+            &registry,
+            "chunkstream_on_complete_failures_total",
+            "Failed attempts to delete or move a complete stream's file, or to verify it in S3 first; retried with backoff.",
+            "action",
+        );
+        for action in ["deleted", "moved"] {
+            files_disposed.with_label_values(&[action]);
+        }
+        for action in ["delete", "move"] {
+            on_complete_failures.with_label_values(&[action]);
+        }
         // Pre-create every series so rates work from the first scrape.
         for status in ["complete", "incomplete"] {
             streams_completed.with_label_values(&[status]);
@@ -132,6 +152,8 @@ impl Metrics {
             upload_errors.with_label_values(&[kind]);
         }
         Self {
+            files_disposed,
+            on_complete_failures,
             chunks_uploaded: counter(
                 &registry,
                 "chunkstream_chunks_uploaded_total",
@@ -416,7 +438,7 @@ impl Events for Metrics {
         let counted = self.credentials_refresh_failures.get();
         self.credentials_refresh_failures
             .inc_by(health.failures.saturating_sub(counted));
-        self.readiness.set_credentials(health.last_error.clone());
+        self.readiness.set_credentials(health.clone());
     }
 
     fn storage_integrity(&self, integrity: Integrity) {
@@ -428,6 +450,16 @@ impl Events for Metrics {
 
     fn multipart_uploads_aborted(&self, count: u64) {
         self.multipart_aborted.inc_by(count);
+    }
+
+    fn file_disposed(&self, _stream_id: &str, _rel_path: &str, disposal: &Disposal) {
+        self.files_disposed
+            .with_label_values(&[disposal.as_str()])
+            .inc();
+    }
+
+    fn on_complete_failed(&self, action: &'static str) {
+        self.on_complete_failures.with_label_values(&[action]).inc();
     }
 
     fn gauges(&self, gauges: &Gauges) {

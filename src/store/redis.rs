@@ -16,7 +16,12 @@
 //! - `P:identities` hash: `device:inode` → stream id, for live streams.
 //! - `P:stream:{id}` hash: the stream's record (path, status, revision, …,
 //!   and `fence`, the fencing token of the stream's latest claim).
-//! - `P:stream:{id}:chunks` hash: chunk index → chunk record (JSON).
+//! - `P:stream:{id}:chunks` hash: chunk index → chunk record (JSON), for the
+//!   revision in progress only: completion drops it (`metadata.json` holds
+//!   the records), so a complete stream costs one small hash.
+//!
+//! Once a stream's file is gone, its record and chunk records expire after
+//! `RECORD_RETENTION` (docs/storage-layout.md has the bytes per stream).
 //! - `P:lease:{id}` string: the owner id of the replica that holds the
 //!   stream, expiring after `LEASE_TTL` unless renewed.
 //! - `P:replicas` sorted set: live owner ids, scored by when they expire.
@@ -38,7 +43,7 @@ use crate::store::ports::{
     AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Renewal, StoredStatus,
     StoredStream,
 };
-use crate::store::record::{decode_stream, stream_fields};
+use crate::store::record::{decode_stream, head_field, stream_fields};
 
 mod checkpoints;
 mod instance;
@@ -131,7 +136,7 @@ pub struct RedisStore {
     holder: LeaseHolder,
     register: Script,
     restore: Script,
-    forget: Script,
+    retire: Script,
     rekey: Script,
     fenced_write: Script,
     claim: Script,
@@ -142,11 +147,13 @@ pub struct RedisStore {
 }
 
 /// A fenced write: which hash, which fields to delete, which pairs to set,
-/// and whether the lease is given up in the same step.
+/// which key to drop, and whether the lease is given up in the same step.
 struct FencedWrite<'a> {
     target: String,
     delete: &'a [&'a str],
     set: Vec<(String, String)>,
+    /// A key deleted in the same step (the chunk records at completion).
+    drop: Option<String>,
     release: bool,
 }
 
@@ -178,7 +185,7 @@ impl RedisStore {
             holder,
             register: Script::new(REGISTER_LUA),
             restore: Script::new(RESTORE_LUA),
-            forget: Script::new(FORGET_LUA),
+            retire: Script::new(RETIRE_LUA),
             rekey: Script::new(REKEY_LUA),
             fenced_write: Script::new(&format!("{HOLDS_LUA}{FENCED_WRITE_LUA}")),
             claim: Script::new(CLAIM_LUA),
@@ -204,9 +211,11 @@ impl RedisStore {
         let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
         let written: i64 = self.with_write(|con, keys| {
             let mut invocation = script.key(keys.lease(stream_id));
+            invocation.key(keys.stream(stream_id)).key(&write.target);
+            if let Some(dropped) = &write.drop {
+                invocation.key(dropped);
+            }
             invocation
-                .key(keys.stream(stream_id))
-                .key(&write.target)
                 .arg(&owner)
                 .arg(token.to_string())
                 .arg(ttl)
@@ -238,16 +247,18 @@ impl RedisStore {
         delete: &[&str],
         set: &[(&str, String)],
     ) -> Result<(), FencedWriteError> {
-        self.update_record_fenced(stream_id, token, delete, set, false)
+        self.update_record_fenced(stream_id, token, delete, set, None, false)
     }
 
-    /// A fenced write of record fields that may also give the lease up.
+    /// A fenced write of record fields that may also drop a key and give
+    /// the lease up.
     fn update_record_fenced(
         &mut self,
         stream_id: &str,
         token: u64,
         delete: &[&str],
         set: &[(&str, String)],
+        drop: Option<String>,
         release: bool,
     ) -> Result<(), FencedWriteError> {
         let target = self.keys.stream(stream_id);
@@ -258,6 +269,7 @@ impl RedisStore {
                 target,
                 delete,
                 set: owned_pairs(set),
+                drop,
                 release,
             },
         )

@@ -127,10 +127,16 @@ impl Provider {
     }
 
     pub fn health(&self) -> RefreshHealth {
-        self.health
+        let refreshes = self
+            .health
             .lock()
             .map(|guard| guard.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        RefreshHealth {
+            source: self.source.name(),
+            expires: self.expires(),
+            ..refreshes
+        }
     }
 
     fn expires(&self) -> Option<SystemTime> {

@@ -72,6 +72,10 @@ struct JsonCredentials {
 /// The outcome of the last refresh, for `/readyz` and the metrics.
 #[derive(Debug, Clone, Default)]
 pub struct RefreshHealth {
+    /// The source the chain settled on, as the logs name it.
+    pub source: &'static str,
+    /// When the current credentials expire (`None`: they do not).
+    pub expires: Option<SystemTime>,
     /// Failed refresh attempts since the process started.
     pub failures: u64,
     /// The last attempt's error, `None` once a refresh succeeds.

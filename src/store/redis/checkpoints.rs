@@ -87,6 +87,7 @@ impl CheckpointStore for RedisStore {
                 target,
                 delete: &[],
                 set: vec![(chunk.index.to_string(), json)],
+                drop: None,
                 release: false,
             },
         )
@@ -127,7 +128,7 @@ impl CheckpointStore for RedisStore {
         token: u64,
         completion: &Completion,
     ) -> Result<(), FencedWriteError> {
-        let set = [
+        let mut set = vec![
             ("status", StoredStatus::Complete.as_str().to_string()),
             ("revision", completion.revision.to_string()),
             ("completed_size", completion.size.to_string()),
@@ -136,12 +137,21 @@ impl CheckpointStore for RedisStore {
                 "last_change_at_ms",
                 unix_millis(completion.last_change_at).to_string(),
             ),
-            (
-                "completed_at_ms",
-                unix_millis(completion.completed_at).to_string(),
-            ),
         ];
-        self.update_record_fenced(stream_id, token, &[], &set, completion.release_lease)
+        if let Some(head) = &completion.head {
+            set.push(head_field(head));
+        }
+        // The chunk records go with the completion: metadata.json holds them.
+        let chunks = self.keys.chunks(stream_id);
+        // `file_name` is derived from the path now; older records drop it.
+        self.update_record_fenced(
+            stream_id,
+            token,
+            &["file_name"],
+            &set,
+            Some(chunks),
+            completion.release_lease,
+        )
     }
 
     fn mark_incomplete(
@@ -319,17 +329,22 @@ impl CheckpointStore for RedisStore {
         })
     }
 
-    fn forget_identity(
+    fn retire_stream(
         &mut self,
         identity: FileIdentity,
         stream_id: &str,
+        keep_for: Duration,
     ) -> Result<(), CheckpointError> {
-        let forget = self.forget.clone();
+        let retire = self.retire.clone();
+        let millis = u64::try_from(keep_for.as_millis()).unwrap_or(u64::MAX);
         self.with_write(|con, keys| {
-            forget
+            retire
                 .key(keys.identities())
+                .key(keys.stream(stream_id))
+                .key(keys.chunks(stream_id))
                 .arg(identity.key())
                 .arg(stream_id)
+                .arg(millis)
                 .invoke::<i64>(con)
                 .map(|_| ())
         })

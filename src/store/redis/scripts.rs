@@ -27,7 +27,8 @@ end
 
 /// A fenced write to one hash (the record or the chunks): delete the named
 /// fields, then set the given pairs, only if the caller holds the stream;
-/// then, if asked, give the lease up. KEYS: lease, record, target hash.
+/// then, if asked, give the lease up. KEYS: lease, record, target hash, and
+/// optionally a key to delete in the same step.
 /// ARGV: owner, token, ttl, release (1 or 0), the number of fields to
 /// delete, their names, then field/value pairs. Returns 1 when written, 0
 /// when the caller does not hold the stream, -1 when the record is gone
@@ -45,6 +46,9 @@ for i = 6, 5 + deleted do
 end
 if #ARGV > 5 + deleted then
   redis.call('HSET', KEYS[3], unpack(ARGV, 6 + deleted))
+end
+if KEYS[4] then
+  redis.call('DEL', KEYS[4])
 end
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[1])
@@ -191,10 +195,19 @@ end
 return 1
 ";
 
-/// Delete the identity mapping only if it still points at this stream.
-pub(super) const FORGET_LUA: &str = r"
+/// Retire a stream whose file is gone: delete the identity mapping if it
+/// still points at this stream, and let the record and the chunk records
+/// expire after ARGV[3] ms (an earlier expiry is kept, so replicas retiring
+/// the same stream cannot postpone it). KEYS: identities, record, chunks.
+pub(super) const RETIRE_LUA: &str = r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
+end
+for i = 2, 3 do
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl == -1 or ttl > tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  end
 end
 return 1
 ";

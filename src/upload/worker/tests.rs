@@ -1,6 +1,7 @@
 //! The worker's jobs against an in-memory bucket and checkpoint store.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 use super::*;
 use crate::config::RetryPolicy;
@@ -399,7 +400,7 @@ fn upload_full_chunks(fixture: &mut Fixture, size: u64) -> BTreeMap<u64, ChunkRe
         let Outcome::ChunkUploaded(record) = result.outcome else {
             panic!("{:?}", result.outcome)
         };
-        chunks.insert(index, record);
+        chunks.insert(index, *record);
     }
     chunks
 }
@@ -501,4 +502,170 @@ fn a_record_from_before_the_fast_hash_is_verified_with_sha256() {
     assert_eq!(*store.puts.lock().unwrap(), 2);
     let metadata = completed_metadata(&store);
     assert_eq!(metadata.sha256, Some(hex::encode(sha256(content))));
+}
+
+#[test]
+fn a_grown_revision_checks_the_records_read_back_from_metadata_with_sha256() {
+    let mut fixture = Fixture::new(b"AAAAAAAABBBBBBBBCC");
+    let chunks = upload_full_chunks(&mut fixture, 18);
+    let first = fixture.worker.execute(finalize_job(
+        fixture.stream.clone(),
+        &fixture.path,
+        18,
+        chunks,
+    ));
+    assert!(matches!(first.outcome, Outcome::Finalized { size: 18, .. }));
+    // The file grows, and its writer rewrites chunk 1 on the way. Redis and
+    // the coordinator dropped revision 1's records (with their xxh3 and
+    // states) at its completion; metadata.json lists them without either.
+    let content = b"AAAAAAAABxBBBBBBCCCCCCCCDD";
+    std::fs::write(&fixture.path, content).unwrap();
+    let dropped = BTreeMap::new();
+    let grown = fixture.worker.execute(Job::Chunk(ChunkJob {
+        stream: fixture.stream.clone(),
+        path: fixture.path.clone(),
+        index: 2,
+        offset: 16,
+        len: 8,
+        whole_sha256_before: crate::metadata::whole_sha256_before(&dropped, 2),
+    }));
+    let Outcome::ChunkUploaded(chunk_2) = grown.outcome else {
+        panic!("{:?}", grown.outcome)
+    };
+    assert!(chunk_2.whole_sha256.is_none());
+    let puts_before = *fixture.store.puts.lock().unwrap();
+    let Job::Finalize(mut second) = finalize_job(
+        fixture.stream.clone(),
+        &fixture.path,
+        26,
+        BTreeMap::from([(2, *chunk_2)]),
+    ) else {
+        unreachable!()
+    };
+    second.facts.revision = 2;
+    let result = fixture.worker.execute(Job::Finalize(second));
+    assert!(
+        matches!(result.outcome, Outcome::Finalized { size: 26, .. }),
+        "{:?}",
+        result.outcome
+    );
+    // Chunk 1 (changed), the tail and the metadata; chunk 0 matched its
+    // sha256 from metadata.json.
+    assert_eq!(*fixture.store.puts.lock().unwrap(), puts_before + 3);
+    assert_eq!(
+        fixture.store.get("p/cam-1/chunk-000001").unwrap(),
+        b"BxBBBBBB"
+    );
+    let metadata = completed_metadata(&fixture.store);
+    assert_eq!(metadata.revision, 2);
+    assert_eq!(metadata.sha256, Some(hex::encode(sha256(content))));
+    let listed: Vec<_> = metadata.chunks.iter().map(|c| c.sha256.clone()).collect();
+    let expected: Vec<_> = content
+        .chunks(8)
+        .map(|bytes| hex::encode(sha256(bytes)))
+        .collect();
+    assert_eq!(listed, expected);
+}
+
+/// The disposal of `cam.mp4` as completed at its current size and mtime.
+fn dispose_job(fixture: &Fixture, action: crate::config::OnComplete) -> Job {
+    let meta = std::fs::metadata(&fixture.path).unwrap();
+    Job::Dispose(crate::upload::job::DisposeJob {
+        stream: fixture.stream.clone(),
+        path: fixture.path.clone(),
+        rel_path: "cam.mp4".into(),
+        revision: 1,
+        size: meta.len(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        assembled: false,
+        action,
+    })
+}
+
+/// `cam.mp4` completed (its chunks and metadata.json in the bucket).
+fn completed_fixture() -> Fixture {
+    let mut fixture = Fixture::new(b"AAAAAAAABB");
+    let finalize = finalize_job(fixture.stream.clone(), &fixture.path, 10, BTreeMap::new());
+    let result = fixture.worker.execute(finalize);
+    assert!(
+        matches!(result.outcome, Outcome::Finalized { .. }),
+        "{:?}",
+        result.outcome
+    );
+    fixture
+}
+
+#[test]
+fn a_verified_unchanged_file_is_deleted() {
+    let mut fixture = completed_fixture();
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    let result = fixture.worker.execute(job);
+    assert_eq!(
+        result.outcome,
+        Outcome::Disposed(crate::events::Disposal::Deleted)
+    );
+    assert!(!fixture.path.exists());
+}
+
+#[test]
+fn a_file_that_changed_since_verification_is_kept() {
+    let mut fixture = completed_fixture();
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    // An append after the completion the job was made for.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&fixture.path)
+        .unwrap()
+        .write_all(b"C")
+        .unwrap();
+    let result = fixture.worker.execute(job);
+    let Outcome::DisposalRefused { seen, .. } = result.outcome else {
+        panic!("{:?}", result.outcome)
+    };
+    assert_eq!(seen.map(|(size, _)| size), Some(11));
+    assert_eq!(std::fs::read(&fixture.path).unwrap(), b"AAAAAAAABBC");
+}
+
+#[test]
+fn a_stream_missing_from_s3_is_not_disposed_of() {
+    let mut fixture = completed_fixture();
+    fixture.store.delete("p/cam-1/chunk-000001").unwrap();
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    let result = fixture.worker.execute(job);
+    let Outcome::Failed(reason) = &result.outcome else {
+        panic!("{:?}", result.outcome)
+    };
+    assert!(reason.contains("chunk-000001 is missing"), "{reason}");
+    assert!(fixture.path.exists());
+}
+
+#[test]
+fn a_replica_that_lost_the_stream_disposes_of_nothing() {
+    let mut fixture = completed_fixture();
+    fixture
+        .checkpoints
+        .taken_over
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    let result = fixture.worker.execute(job);
+    assert_eq!(result.outcome, Outcome::LeaseLost);
+    assert!(fixture.path.exists());
+}
+
+#[test]
+fn a_move_renames_into_the_completed_directory() {
+    let mut fixture = completed_fixture();
+    let completed = tempfile::tempdir().unwrap();
+    let job = dispose_job(
+        &fixture,
+        crate::config::OnComplete::Move(completed.path().to_path_buf()),
+    );
+    let result = fixture.worker.execute(job);
+    let moved = completed.path().join("cam.mp4");
+    assert_eq!(
+        result.outcome,
+        Outcome::Disposed(crate::events::Disposal::Moved(moved.clone()))
+    );
+    assert_eq!(std::fs::read(moved).unwrap(), b"AAAAAAAABB");
+    assert!(!fixture.path.exists());
 }
