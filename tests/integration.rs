@@ -416,7 +416,8 @@ fn i_metrics_health_readiness_streams_status_and_json_logs() {
             "redis": "ok",
             "s3": "ok",
             "watch_dir": "ok",
-            "s3_integrity": {"checksum_verified": true, "content_md5": false}
+            "s3_integrity": {"checksum_verified": true, "content_md5": false},
+            "s3_credentials_source": "environment"
         })
     );
 

@@ -285,6 +285,8 @@ mod tests {
                     size_bytes: 12,
                     sha256: "ab".into(),
                     uploaded_at: "t".into(),
+                    xxh3: None,
+                    whole_sha256: None,
                 },
             )]),
             head: Some(HeadPrint {
