@@ -19,10 +19,12 @@ use crate::logging::LogFormat;
 
 mod aws;
 mod cli;
+mod events;
 mod stores;
 
 pub use aws::{ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, Sse, WebIdentity};
 pub use cli::{Cli, Command, Settings};
+pub use events::{EventsConfig, WebhookConfig};
 pub use stores::{
     ContentMd5, DEFAULT_REDIS_URL, RedisConfig, S3Config, S3Credentials, SentinelConfig,
 };
@@ -65,6 +67,8 @@ pub struct Config {
     pub sentinel: Option<SentinelConfig>,
     /// `INSTANCE_ID`, if set: this replica's stable name.
     pub instance_id: Option<String>,
+    /// Where completion events go (docs/events.md).
+    pub events: EventsConfig,
 }
 
 /// How replicas share streams (see docs/scaling.md).
@@ -179,6 +183,7 @@ impl Config {
             lease: LeasePolicy::from_settings(settings)?,
             sentinel,
             instance_id: parse_instance_id(&settings.instance_id)?,
+            events: EventsConfig::from_settings(settings)?,
         })
     }
 }

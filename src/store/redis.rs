@@ -22,6 +22,10 @@
 //! - `P:replicas` sorted set: live owner ids, scored by when they expire.
 //! - `P:instance:{ID}` string: with `INSTANCE_ID`, the owner id of its live
 //!   incarnation, expiring unless refreshed (see `instance`).
+//! - `P:outbox` hash (event id → event JSON), `P:outbox:due` sorted set (event
+//!   id by when it is due), `P:outbox:attempts` and `P:outbox:published`
+//!   hashes, and `P:announced:{event id}` strings that expire after a day:
+//!   the durable outbox of completion events (see `outbox`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -32,16 +36,18 @@ use super::connection::Link;
 use crate::config::{RedisConfig, SentinelConfig};
 use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::{ChunkRecord, unix_millis};
+use crate::notify::Announcement;
 use crate::scan::FileIdentity;
 use crate::store::ports::Loaded;
 use crate::store::ports::{
-    AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Renewal, StoredStatus,
-    StoredStream,
+    AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Outbox, PendingEvent,
+    Renewal, StoredStatus, StoredStream,
 };
 use crate::store::record::{decode_stream, stream_fields};
 
 mod checkpoints;
 mod instance;
+mod outbox;
 mod scripts;
 
 use scripts::*;
@@ -122,6 +128,22 @@ impl Keys {
     fn instance(&self, id: &str) -> String {
         format!("{}:instance:{id}", self.prefix)
     }
+    fn outbox(&self) -> String {
+        format!("{}:outbox", self.prefix)
+    }
+    fn outbox_due(&self) -> String {
+        format!("{}:outbox:due", self.prefix)
+    }
+    fn outbox_attempts(&self) -> String {
+        format!("{}:outbox:attempts", self.prefix)
+    }
+    fn outbox_published(&self) -> String {
+        format!("{}:outbox:published", self.prefix)
+    }
+    /// Says that event `id` was queued (recently); expires.
+    fn announced(&self, id: &str) -> String {
+        format!("{}:announced:{id}", self.prefix)
+    }
 }
 
 /// A Redis connection that is replaced after any connection-level failure.
@@ -139,15 +161,21 @@ pub struct RedisStore {
     release: Script,
     instance_claim: Script,
     instance_refresh: Script,
+    announce: Script,
+    claim_due: Script,
+    publish: Script,
+    postpone: Script,
 }
 
 /// A fenced write: which hash, which fields to delete, which pairs to set,
-/// and whether the lease is given up in the same step.
+/// whether the lease is given up, and which event is queued in the same
+/// step.
 struct FencedWrite<'a> {
     target: String,
     delete: &'a [&'a str],
     set: Vec<(String, String)>,
     release: bool,
+    announcement: Option<&'a Announcement>,
 }
 
 impl RedisStore {
@@ -180,12 +208,16 @@ impl RedisStore {
             restore: Script::new(RESTORE_LUA),
             forget: Script::new(FORGET_LUA),
             rekey: Script::new(REKEY_LUA),
-            fenced_write: Script::new(&format!("{HOLDS_LUA}{FENCED_WRITE_LUA}")),
+            fenced_write: Script::new(&format!("{HOLDS_LUA}{ENQUEUE_LUA}{FENCED_WRITE_LUA}")),
             claim: Script::new(CLAIM_LUA),
             renew: Script::new(&format!("{HOLDS_LUA}{RENEW_LUA}")),
             release: Script::new(RELEASE_LUA),
             instance_claim: Script::new(INSTANCE_CLAIM_LUA),
             instance_refresh: Script::new(INSTANCE_REFRESH_LUA),
+            announce: Script::new(&format!("{ENQUEUE_LUA}{ANNOUNCE_LUA}")),
+            claim_due: Script::new(CLAIM_DUE_LUA),
+            publish: Script::new(PUBLISH_LUA),
+            postpone: Script::new(POSTPONE_LUA),
         }
     }
 
@@ -204,9 +236,14 @@ impl RedisStore {
         let (owner, ttl) = (self.holder.owner.clone(), self.ttl_millis());
         let written: i64 = self.with_write(|con, keys| {
             let mut invocation = script.key(keys.lease(stream_id));
+            invocation.key(keys.stream(stream_id)).key(&write.target);
+            if let Some(event) = write.announcement {
+                invocation
+                    .key(keys.announced(&event.id))
+                    .key(keys.outbox())
+                    .key(keys.outbox_due());
+            }
             invocation
-                .key(keys.stream(stream_id))
-                .key(&write.target)
                 .arg(&owner)
                 .arg(token.to_string())
                 .arg(ttl)
@@ -217,6 +254,12 @@ impl RedisStore {
             }
             for (name, value) in &write.set {
                 invocation.arg(name).arg(value);
+            }
+            if let Some(event) = write.announcement {
+                invocation
+                    .arg(&event.id)
+                    .arg(&event.json)
+                    .arg(outbox::ANNOUNCED_MEMORY_MS);
             }
             invocation.invoke(con)
         })?;
@@ -238,17 +281,18 @@ impl RedisStore {
         delete: &[&str],
         set: &[(&str, String)],
     ) -> Result<(), FencedWriteError> {
-        self.update_record_fenced(stream_id, token, delete, set, false)
+        self.update_record_fenced(stream_id, token, (delete, set), false, None)
     }
 
-    /// A fenced write of record fields that may also give the lease up.
+    /// A fenced write of record fields that may also give the lease up and
+    /// queue an event.
     fn update_record_fenced(
         &mut self,
         stream_id: &str,
         token: u64,
-        delete: &[&str],
-        set: &[(&str, String)],
+        (delete, set): (&[&str], &[(&str, String)]),
         release: bool,
+        announcement: Option<&Announcement>,
     ) -> Result<(), FencedWriteError> {
         let target = self.keys.stream(stream_id);
         self.write_fenced(
@@ -259,6 +303,7 @@ impl RedisStore {
                 delete,
                 set: owned_pairs(set),
                 release,
+                announcement,
             },
         )
     }

@@ -104,6 +104,9 @@ pub struct Worker {
     pub leases: Arc<HeldLeases>,
     /// Most parts in one multipart upload (`ASSEMBLY_MAX_PARTS`).
     assembly_max_parts: usize,
+    /// Whether completions and closes queue their event (a destination is
+    /// configured).
+    announce: bool,
     /// Reused for every chunk; grows to the chunk size once.
     buffer: Vec<u8>,
     /// Failed attempts and the last failure during the current job.
@@ -130,6 +133,7 @@ impl Worker {
             events,
             leases,
             assembly_max_parts: crate::config::MAX_MULTIPART_PARTS,
+            announce: false,
             buffer: Vec::new(),
             job_failures: Cell::new(0),
             job_last_error: RefCell::new(None),
@@ -139,6 +143,12 @@ impl Worker {
     /// Sets the part ceiling for assemblies (`ASSEMBLY_MAX_PARTS`).
     pub fn with_assembly_max_parts(mut self, max_parts: usize) -> Self {
         self.assembly_max_parts = max_parts;
+        self
+    }
+
+    /// Makes completions and closes queue their event in the outbox.
+    pub fn with_announcements(mut self, announce: bool) -> Self {
+        self.announce = announce;
         self
     }
 

@@ -21,6 +21,7 @@ use crate::testing::{FakeCheckpoints, FakeClock, config};
 use crate::upload::job::{Job, JobResult, Outcome};
 use crate::watchfs::RealFs;
 
+mod announcements;
 mod lifecycle;
 mod ownership;
 mod recovery;
@@ -58,10 +59,17 @@ struct World {
     next_inode: u64,
     next_mtime: i128,
     replicas: Vec<Replica>,
+    /// Flags every replica's configuration gets, beyond `--workers`.
+    flags: Vec<String>,
 }
 
 /// A world with one replica and `WORKERS` job slots.
 fn world_with_workers(workers: usize) -> World {
+    world_configured(workers, &[])
+}
+
+/// A world with one replica, `WORKERS` job slots, and extra `flags`.
+fn world_configured(workers: usize, flags: &[&str]) -> World {
     let clock = FakeClock::default();
     let store = FakeCheckpoints::new("replica-0", TTL, clock.clone());
     let mut world = World {
@@ -72,6 +80,7 @@ fn world_with_workers(workers: usize) -> World {
         next_inode: 100,
         next_mtime: 1,
         replicas: Vec::new(),
+        flags: flags.iter().map(|flag| flag.to_string()).collect(),
     };
     world.add_replica(store, workers);
     world
@@ -83,7 +92,11 @@ fn world() -> World {
 
 impl World {
     fn add_replica(&mut self, store: FakeCheckpoints, workers: usize) {
-        let config = config(&self.root, &[&format!("--workers={workers}")]);
+        let workers_flag = format!("--workers={workers}");
+        let flags: Vec<&str> = std::iter::once(workers_flag.as_str())
+            .chain(self.flags.iter().map(String::as_str))
+            .collect();
+        let config = config(&self.root, &flags);
         let (jobs_tx, jobs) = bounded(workers);
         let metrics = Arc::new(Metrics::new());
         let coordinator = Coordinator::new(
@@ -244,6 +257,7 @@ impl World {
                     last_change_at: finalize.facts.last_change_at,
                     completed_at: SystemTime::now(),
                     release_lease: finalize.release_lease,
+                    announcement: None,
                 };
                 store
                     .mark_complete(&stream.stream_id, stream.token, &completion)
@@ -258,7 +272,7 @@ impl World {
             }
             Job::Close(close) => {
                 store
-                    .mark_incomplete(&stream.stream_id, stream.token, close.reason.as_str())
+                    .mark_incomplete(&stream.stream_id, stream.token, close.reason.as_str(), None)
                     .expect("the close is recorded under the lease");
                 Outcome::Closed
             }

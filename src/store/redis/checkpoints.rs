@@ -88,6 +88,7 @@ impl CheckpointStore for RedisStore {
                 delete: &[],
                 set: vec![(chunk.index.to_string(), json)],
                 release: false,
+                announcement: None,
             },
         )
     }
@@ -141,7 +142,13 @@ impl CheckpointStore for RedisStore {
                 unix_millis(completion.completed_at).to_string(),
             ),
         ];
-        self.update_record_fenced(stream_id, token, &[], &set, completion.release_lease)
+        self.update_record_fenced(
+            stream_id,
+            token,
+            (&[], &set),
+            completion.release_lease,
+            completion.announcement.as_ref(),
+        )
     }
 
     fn mark_incomplete(
@@ -149,12 +156,13 @@ impl CheckpointStore for RedisStore {
         stream_id: &str,
         token: u64,
         reason: &str,
+        announcement: Option<&Announcement>,
     ) -> Result<(), FencedWriteError> {
         let set = [
             ("status", StoredStatus::Incomplete.as_str().to_string()),
             ("reason", reason.to_string()),
         ];
-        self.write_record_fenced(stream_id, token, &[], &set)
+        self.update_record_fenced(stream_id, token, (&[], &set), false, announcement)
     }
 
     fn confirm_lease(&mut self, stream_id: &str, token: u64) -> Result<(), FencedWriteError> {
@@ -316,6 +324,21 @@ impl CheckpointStore for RedisStore {
                 .arg(&owner)
                 .query::<i64>(con)
                 .map(|_| ())
+        })
+    }
+
+    fn announce(&mut self, announcement: &Announcement) -> Result<bool, CheckpointError> {
+        let script = self.announce.clone();
+        self.with_write(|con, keys| {
+            script
+                .key(keys.announced(&announcement.id))
+                .key(keys.outbox())
+                .key(keys.outbox_due())
+                .arg(&announcement.id)
+                .arg(&announcement.json)
+                .arg(outbox::ANNOUNCED_MEMORY_MS)
+                .invoke::<i64>(con)
+                .map(|queued| queued == 1)
         })
     }
 
