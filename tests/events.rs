@@ -1,0 +1,460 @@
+//! Completion events against real servers: redis-server, s3s-fs, the real
+//! binary, and a webhook receiver written here on a std `TcpListener` that
+//! checks every signature and records every delivery id. Each stream that
+//! completes must show up exactly once in the Redis stream and (by id) at
+//! the webhook, through a webhook outage and a kill -9 mid-delivery; every
+//! scenario ends byte-exact.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chunkstream::metadata::StreamMetadata;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+use support::{MIB, TestEnv, append, free_port, pseudo_random, wait_for};
+
+const SECRET: &str = "webhook-test-secret";
+const EVENTS_STREAM: &str = "cstest:events";
+
+/// How the receiver answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ok,
+    /// HTTP 500, as a receiver that is up but broken.
+    ServerError,
+    /// 200, but only after this long (a request still in flight).
+    Slowly(Duration),
+}
+
+/// One delivery as the receiver saw it.
+#[derive(Debug, Clone)]
+struct Delivery {
+    id: String,
+    kind: String,
+    body: Value,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Accepted (answered 200) deliveries, in order.
+    accepted: Vec<Delivery>,
+    /// Requests that came in at all, whatever the answer.
+    requests: usize,
+    /// Requests whose signature or headers were wrong.
+    rejected: Vec<String>,
+}
+
+/// A webhook receiver on a loopback port; it can be stopped (connections
+/// refused) and started again on the same port.
+struct Receiver {
+    port: u16,
+    answer: Arc<Mutex<Answer>>,
+    seen: Arc<Mutex<Seen>>,
+    running: Option<Arc<AtomicBool>>,
+}
+
+impl Receiver {
+    /// A receiver whose port nobody listens on yet.
+    fn unstarted() -> Self {
+        Self {
+            port: free_port(),
+            answer: Arc::new(Mutex::new(Answer::Ok)),
+            seen: Arc::default(),
+            running: None,
+        }
+    }
+
+    fn started() -> Self {
+        let mut receiver = Self::unstarted();
+        receiver.start();
+        receiver
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hooks/chunkstream", self.port)
+    }
+
+    fn start(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("receiver port");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let running = Arc::new(AtomicBool::new(true));
+        let (answer, seen, flag) = (self.answer.clone(), self.seen.clone(), running.clone());
+        std::thread::spawn(move || {
+            while flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (answer, seen) = (answer.clone(), seen.clone());
+                        std::thread::spawn(move || serve(stream, &answer, &seen));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        self.running = Some(running);
+    }
+
+    fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.store(false, Ordering::SeqCst);
+            // The accept loop notices within 20 ms and drops the listener.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn answer(&self, answer: Answer) {
+        *self.answer.lock().unwrap() = answer;
+    }
+
+    fn requests(&self) -> usize {
+        self.seen.lock().unwrap().requests
+    }
+
+    fn accepted(&self) -> Vec<Delivery> {
+        self.seen.lock().unwrap().accepted.clone()
+    }
+
+    /// Distinct accepted delivery ids of one event type.
+    fn ids_of(&self, kind: &str) -> BTreeSet<String> {
+        self.accepted()
+            .into_iter()
+            .filter(|delivery| delivery.kind == kind)
+            .map(|delivery| delivery.id)
+            .collect()
+    }
+
+    fn assert_all_signed(&self) {
+        let rejected = self.seen.lock().unwrap().rejected.clone();
+        assert!(rejected.is_empty(), "rejected deliveries: {rejected:?}");
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads one request, checks it, answers it.
+fn serve(stream: TcpStream, answer: &Mutex<Answer>, seen: &Mutex<Seen>) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+        }
+    }
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    seen.lock().unwrap().requests += 1;
+    let answer = *answer.lock().unwrap();
+    let status = match answer {
+        Answer::ServerError => "500 Internal Server Error",
+        Answer::Ok => "200 OK",
+        Answer::Slowly(delay) => {
+            std::thread::sleep(delay);
+            "200 OK"
+        }
+    };
+    let verdict = check(&request_line, &headers, &body);
+    let mut writer = stream;
+    let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    if writer.write_all(reply.as_bytes()).is_err() {
+        // The sender is gone (killed): it never learnt of the answer.
+        return;
+    }
+    let mut seen = seen.lock().unwrap();
+    match verdict {
+        Err(why) => seen.rejected.push(why),
+        Ok(delivery) if status.starts_with("200") => seen.accepted.push(delivery),
+        Ok(_) => {}
+    }
+}
+
+/// What a receiver must check: method, content type, the signature over the
+/// raw body, and that the headers agree with the body.
+fn check(
+    request_line: &str,
+    headers: &BTreeMap<String, String>,
+    body: &[u8],
+) -> Result<Delivery, String> {
+    if !request_line.starts_with("POST /hooks/chunkstream ") {
+        return Err(format!("request line {request_line:?}"));
+    }
+    if headers.get("content-type").map(String::as_str) != Some("application/json") {
+        return Err(format!("content type {:?}", headers.get("content-type")));
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
+    mac.update(body);
+    let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let signature = headers.get("x-chunkstream-signature").cloned();
+    if signature.as_deref() != Some(expected.as_str()) {
+        return Err(format!("signature {signature:?}, expected {expected}"));
+    }
+    let body: Value = serde_json::from_slice(body).map_err(|err| err.to_string())?;
+    let id = headers
+        .get("x-chunkstream-delivery")
+        .cloned()
+        .unwrap_or_default();
+    let kind = headers
+        .get("x-chunkstream-event")
+        .cloned()
+        .unwrap_or_default();
+    if body["id"] != id.as_str() || body["type"] != kind.as_str() {
+        return Err(format!("headers {id}/{kind} disagree with the body {body}"));
+    }
+    Ok(Delivery { id, kind, body })
+}
+
+/// Every entry of the events stream: (event id, type, JSON).
+fn stream_entries(env: &TestEnv) -> Vec<(String, String, Value)> {
+    let mut con = env.redis.connection();
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(EVENTS_STREAM)
+        .arg("-")
+        .arg("+")
+        .query(&mut con)
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            let field = |name: &str| {
+                fields
+                    .chunks(2)
+                    .find(|pair| pair[0] == name)
+                    .map(|pair| pair[1].clone())
+                    .unwrap_or_default()
+            };
+            let event = serde_json::from_str(&field("event")).expect("event JSON");
+            (field("id"), field("type"), event)
+        })
+        .collect()
+}
+
+fn stream_ids_of(env: &TestEnv, kind: &str) -> Vec<String> {
+    stream_entries(env)
+        .into_iter()
+        .filter(|(_, entry_kind, _)| entry_kind == kind)
+        .map(|(id, _, _)| id)
+        .collect()
+}
+
+/// Events left in the outbox.
+fn outbox_len(env: &TestEnv) -> u64 {
+    let mut con = env.redis.connection();
+    redis::cmd("ZCARD")
+        .arg("cstest:outbox:due")
+        .query(&mut con)
+        .expect("ZCARD")
+}
+
+fn event_settings(receiver: &Receiver) -> Vec<(&'static str, String)> {
+    vec![
+        ("EVENTS_STREAM", EVENTS_STREAM.to_string()),
+        ("WEBHOOK_URL", receiver.url()),
+        ("WEBHOOK_SECRET", SECRET.to_string()),
+        ("WEBHOOK_TIMEOUT", "3s".to_string()),
+    ]
+}
+
+fn as_overrides<'a>(settings: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    settings
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect()
+}
+
+fn completed_id(meta: &StreamMetadata) -> String {
+    format!("{}/{}/stream.completed", meta.stream_id, meta.revision)
+}
+
+/// Drops `count` files and waits for each to complete; returns their
+/// metadata, byte-exact.
+fn complete_files(env: &TestEnv, count: u64, seed: u64) -> Vec<StreamMetadata> {
+    let names: Vec<String> = (0..count).map(|n| format!("cam{seed}-{n}.mp4")).collect();
+    for (n, name) in names.iter().enumerate() {
+        env.drop_file(
+            name,
+            &pseudo_random(6 * MIB + 1000 * n as u64, seed + n as u64),
+        );
+    }
+    names
+        .iter()
+        .map(|name| {
+            let meta = env.wait_complete(name);
+            env.assert_byte_exact(&meta, &env.file(name));
+            meta
+        })
+        .collect()
+}
+
+#[test]
+fn every_completed_stream_is_announced_once_in_the_stream_and_at_the_webhook() {
+    let Some(env) = TestEnv::start() else { return };
+    let receiver = Receiver::started();
+    let settings = event_settings(&receiver);
+    let daemon = env.start_daemon(&as_overrides(&settings));
+    let metas = complete_files(&env, 3, 10);
+    let expected: BTreeSet<String> = metas.iter().map(completed_id).collect();
+    wait_for("three stream.completed at the webhook", || {
+        receiver.ids_of("stream.completed") == expected
+    });
+    wait_for("the outbox to empty", || outbox_len(&env) == 0);
+    receiver.assert_all_signed();
+
+    let mut in_stream = stream_ids_of(&env, "stream.completed");
+    in_stream.sort();
+    assert_eq!(in_stream, expected.iter().cloned().collect::<Vec<_>>());
+    // The event carries what a downstream system needs.
+    let meta = &metas[0];
+    let delivery = receiver
+        .accepted()
+        .into_iter()
+        .find(|delivery| delivery.id == completed_id(meta))
+        .expect("delivered");
+    let event = &delivery.body;
+    assert_eq!(event["stream_id"], meta.stream_id.as_str());
+    assert_eq!(event["revision"], 1);
+    assert_eq!(event["source"]["path"], meta.source.path.as_str());
+    assert_eq!(event["size_bytes"], meta.total_size_bytes);
+    assert_eq!(event["sha256"], meta.sha256.as_deref().unwrap());
+    assert_eq!(
+        event["objects"]["metadata"],
+        format!("{}{}/metadata.json", env.prefix, meta.stream_id)
+    );
+    assert_eq!(event["objects"]["chunk_count"], meta.chunks.len());
+    assert_eq!(
+        format!(
+            "{}000000",
+            event["objects"]["chunk_prefix"].as_str().unwrap()
+        ),
+        meta.chunks[0].key
+    );
+
+    // A completed file that grows again: reopened, then revision 2.
+    let path = env.file(&meta.source.path);
+    append(&path, &pseudo_random(2 * MIB, 99));
+    let reopened = format!("{}/1/stream.reopened", meta.stream_id);
+    let second = format!("{}/2/stream.completed", meta.stream_id);
+    wait_for("reopened and revision 2 at the webhook", || {
+        receiver.ids_of("stream.reopened") == BTreeSet::from([reopened.clone()])
+            && receiver.ids_of("stream.completed").contains(&second)
+    });
+    let revision_two = env.wait_complete(&meta.source.path);
+    env.assert_byte_exact(&revision_two, &path);
+    wait_for("the outbox to empty", || outbox_len(&env) == 0);
+    assert_eq!(stream_ids_of(&env, "stream.reopened"), vec![reopened]);
+    assert_eq!(stream_ids_of(&env, "stream.completed").len(), 4);
+    receiver.assert_all_signed();
+    assert_eq!(daemon.metric("chunkstream_events_delivered_total"), 5.0);
+    assert_eq!(daemon.metric("chunkstream_events_pending"), 0.0);
+}
+
+#[test]
+fn a_webhook_that_is_down_then_broken_then_back_loses_nothing() {
+    let Some(env) = TestEnv::start() else { return };
+    // Nobody listens at first: connections are refused.
+    let mut receiver = Receiver::unstarted();
+    let settings = event_settings(&receiver);
+    let daemon = env.start_daemon(&as_overrides(&settings));
+    let metas = complete_files(&env, 3, 20);
+    let expected: BTreeSet<String> = metas.iter().map(completed_id).collect();
+    wait_for("failed webhook deliveries", || {
+        daemon.metric("chunkstream_event_delivery_failures_total{destination=\"webhook\"}") >= 3.0
+    });
+    // The stream has each event already, once, while the webhook waits.
+    wait_for("the stream to have all three", || {
+        stream_ids_of(&env, "stream.completed").len() == 3
+    });
+    assert!(daemon.metric("chunkstream_events_pending") >= 1.0);
+
+    // Up, but answering 500 for a while.
+    receiver.answer(Answer::ServerError);
+    receiver.start();
+    wait_for("requests answered 500", || receiver.requests() >= 2);
+    assert!(receiver.accepted().is_empty());
+
+    receiver.answer(Answer::Ok);
+    wait_for("every stream.completed at the webhook", || {
+        receiver.ids_of("stream.completed") == expected
+    });
+    wait_for("the outbox to empty", || outbox_len(&env) == 0);
+    receiver.assert_all_signed();
+    let mut in_stream = stream_ids_of(&env, "stream.completed");
+    in_stream.sort();
+    assert_eq!(
+        in_stream,
+        expected.iter().cloned().collect::<Vec<_>>(),
+        "appended once each, however often the webhook was retried"
+    );
+    for (meta, name) in metas
+        .iter()
+        .zip(["cam20-0.mp4", "cam20-1.mp4", "cam20-2.mp4"])
+    {
+        env.assert_byte_exact(meta, &env.file(name));
+    }
+}
+
+#[test]
+fn a_kill_9_during_delivery_then_a_restart_delivers_everything_with_the_same_ids() {
+    let Some(env) = TestEnv::start() else { return };
+    let receiver = Receiver::started();
+    // Each POST is held for a while, so the kill lands mid-delivery.
+    receiver.answer(Answer::Slowly(Duration::from_secs(2)));
+    let settings = event_settings(&receiver);
+    let daemon = env.start_daemon(&as_overrides(&settings));
+    let names = ["cam30-0.mp4", "cam30-1.mp4", "cam30-2.mp4"];
+    for (n, name) in names.iter().enumerate() {
+        env.drop_file(name, &pseudo_random(6 * MIB + n as u64, 30 + n as u64));
+    }
+    wait_for("a delivery in flight", || receiver.requests() >= 1);
+    daemon.kill_hard();
+    assert!(
+        receiver.ids_of("stream.completed").len() < names.len(),
+        "the kill came before every event was delivered"
+    );
+
+    receiver.answer(Answer::Ok);
+    let daemon = env.start_daemon(&as_overrides(&settings));
+    let metas: Vec<StreamMetadata> = names.iter().map(|name| env.wait_complete(name)).collect();
+    let expected: BTreeSet<String> = metas.iter().map(completed_id).collect();
+    wait_for("every stream.completed at the webhook", || {
+        receiver.ids_of("stream.completed") == expected
+    });
+    wait_for("the outbox to empty", || outbox_len(&env) == 0);
+    receiver.assert_all_signed();
+    // Duplicates at the webhook carry the same id; nothing else arrived.
+    let delivered: BTreeSet<String> = receiver.accepted().into_iter().map(|d| d.id).collect();
+    assert_eq!(delivered, expected);
+    let mut in_stream = stream_ids_of(&env, "stream.completed");
+    in_stream.sort();
+    assert_eq!(in_stream, expected.iter().cloned().collect::<Vec<_>>());
+    for meta in &metas {
+        env.assert_byte_exact(meta, &env.file(&meta.source.path));
+    }
+    drop(daemon);
+}
