@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{info, warn};
@@ -29,6 +29,9 @@ pub const DELIVERY_HOLD_MARGIN: Duration = Duration::from_secs(5);
 
 /// How often an empty (or unreachable) outbox is looked at again.
 const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// How often `chunkstream_events_pending` is refreshed while busy.
+const PENDING_REFRESH: Duration = Duration::from_secs(1);
 
 /// The part of an event's JSON the delivery needs: its type.
 #[derive(Deserialize)]
@@ -61,6 +64,7 @@ pub fn spawn_delivery(
             + DELIVERY_HOLD_MARGIN,
         retry,
         events,
+        pending_refreshed: None,
     };
     std::thread::Builder::new()
         .name("events".into())
@@ -75,6 +79,8 @@ struct Delivery {
     hold: Duration,
     retry: RetryPolicy,
     events: Arc<dyn Events>,
+    /// When `chunkstream_events_pending` was last refreshed.
+    pending_refreshed: Option<Instant>,
 }
 
 /// Which destination refused an event, and why.
@@ -91,11 +97,12 @@ impl Delivery {
                 Ok(Some(pending)) => {
                     outbox_failures = 0;
                     self.deliver(pending);
+                    self.refresh_pending(false);
                     Duration::ZERO
                 }
                 Ok(None) => {
                     outbox_failures = 0;
-                    self.publish_pending();
+                    self.refresh_pending(true);
                     IDLE_POLL
                 }
                 Err(err) => {
@@ -113,9 +120,17 @@ impl Delivery {
         }
     }
 
-    fn publish_pending(&mut self) {
-        if let Ok(count) = self.outbox.pending() {
+    /// Publishes the outbox's size: when `idle`, or every
+    /// [`PENDING_REFRESH`] while busy.
+    fn refresh_pending(&mut self, idle: bool) {
+        let due = self
+            .pending_refreshed
+            .is_none_or(|last| last.elapsed() >= PENDING_REFRESH);
+        if (idle || due)
+            && let Ok(count) = self.outbox.pending()
+        {
             self.events.events_pending(count);
+            self.pending_refreshed = Some(Instant::now());
         }
     }
 
@@ -191,5 +206,156 @@ impl Delivery {
             })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::error::CheckpointError;
+    use crate::metrics::Metrics;
+
+    /// The outbox's calls, recorded; `publish` fails while `refuse` is set.
+    #[derive(Default)]
+    struct Recorded {
+        published: Vec<String>,
+        delivered: Vec<String>,
+        postponed: Vec<(String, u32, Duration)>,
+        refuse: bool,
+    }
+
+    struct FakeOutbox(Arc<Mutex<Recorded>>);
+
+    impl Outbox for FakeOutbox {
+        fn claim_due(&mut self, _: Duration) -> Result<Option<PendingEvent>, CheckpointError> {
+            Ok(None)
+        }
+        fn publish(
+            &mut self,
+            _: &str,
+            _: u64,
+            event: &PendingEvent,
+            _: &str,
+        ) -> Result<(), CheckpointError> {
+            let mut recorded = self.0.lock().unwrap();
+            if recorded.refuse {
+                return Err(CheckpointError {
+                    url: "redis://fake".into(),
+                    detail: "connection refused".into(),
+                });
+            }
+            recorded.published.push(event.id.clone());
+            Ok(())
+        }
+        fn delivered(&mut self, id: &str) -> Result<(), CheckpointError> {
+            self.0.lock().unwrap().delivered.push(id.to_string());
+            Ok(())
+        }
+        fn postpone(
+            &mut self,
+            id: &str,
+            attempts: u32,
+            delay: Duration,
+        ) -> Result<(), CheckpointError> {
+            let postponed = (id.to_string(), attempts, delay);
+            self.0.lock().unwrap().postponed.push(postponed);
+            Ok(())
+        }
+        fn pending(&mut self) -> Result<u64, CheckpointError> {
+            Ok(0)
+        }
+    }
+
+    const RETRY: RetryPolicy = RetryPolicy {
+        base_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(8),
+    };
+
+    fn delivery(refuse: bool) -> (Delivery, Arc<Mutex<Recorded>>, Arc<Metrics>) {
+        let recorded = Arc::new(Mutex::new(Recorded {
+            refuse,
+            ..Recorded::default()
+        }));
+        let metrics = Arc::new(Metrics::new());
+        let delivery = Delivery {
+            outbox: Box::new(FakeOutbox(recorded.clone())),
+            stream: Some("events".to_string()),
+            max_len: 10,
+            webhook: None,
+            hold: DELIVERY_HOLD_MARGIN,
+            retry: RETRY,
+            events: metrics.clone(),
+            pending_refreshed: None,
+        };
+        (delivery, recorded, metrics)
+    }
+
+    fn pending(attempts: u32, json: &str) -> PendingEvent {
+        PendingEvent {
+            id: "cam-1/1/stream.completed".to_string(),
+            json: json.to_string(),
+            attempts,
+        }
+    }
+
+    const COMPLETED: &str = r#"{"id":"cam-1/1/stream.completed","type":"stream.completed"}"#;
+
+    fn sample(metrics: &Metrics, name: &str) -> String {
+        let (text, _) = metrics.render();
+        text.lines()
+            .find(|line| line.starts_with(name))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn a_delivered_event_leaves_the_outbox() {
+        let (mut delivery, recorded, metrics) = delivery(false);
+        delivery.deliver(pending(0, COMPLETED));
+        let recorded = recorded.lock().unwrap();
+        assert_eq!(recorded.published, vec!["cam-1/1/stream.completed"]);
+        assert_eq!(recorded.delivered, vec!["cam-1/1/stream.completed"]);
+        assert!(recorded.postponed.is_empty());
+        assert!(sample(&metrics, "chunkstream_events_delivered_total").ends_with(" 1"));
+    }
+
+    #[test]
+    fn a_failed_event_stays_with_its_id_and_backs_off_more_each_time() {
+        let (mut delivery, recorded, metrics) = delivery(true);
+        for attempts in 0..6 {
+            delivery.deliver(pending(attempts, COMPLETED));
+        }
+        let recorded = recorded.lock().unwrap();
+        assert!(recorded.delivered.is_empty(), "never removed undelivered");
+        assert_eq!(recorded.postponed.len(), 6);
+        for (n, (id, attempts, delay)) in recorded.postponed.iter().enumerate() {
+            assert_eq!(id, "cam-1/1/stream.completed");
+            assert_eq!(*attempts, n as u32 + 1);
+            assert!(*delay <= RETRY.ceiling(n as u32), "{n}: {delay:?}");
+        }
+        assert_eq!(RETRY.ceiling(0), Duration::from_secs(1));
+        assert_eq!(RETRY.ceiling(5), Duration::from_secs(8), "capped");
+        let failures = sample(
+            &metrics,
+            "chunkstream_event_delivery_failures_total{destination=\"redis_stream\"}",
+        );
+        assert!(failures.ends_with(" 6"), "{failures}");
+    }
+
+    #[test]
+    fn an_event_whose_json_does_not_parse_is_kept_and_counted() {
+        let (mut delivery, recorded, metrics) = delivery(false);
+        delivery.deliver(pending(0, "{not json"));
+        let recorded = recorded.lock().unwrap();
+        assert!(recorded.published.is_empty());
+        assert!(recorded.delivered.is_empty());
+        assert_eq!(recorded.postponed.len(), 1);
+        let failures = sample(
+            &metrics,
+            "chunkstream_event_delivery_failures_total{destination=\"outbox\"}",
+        );
+        assert!(failures.ends_with(" 1"), "{failures}");
     }
 }

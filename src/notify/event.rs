@@ -216,10 +216,9 @@ pub fn event_id(stream_id: &str, revision: u32, kind: EventType) -> String {
 }
 
 fn objects(layout: &KeyLayout, stream_id: &str, chunk_count: u64) -> Objects {
-    let first = layout.chunk(stream_id, 0);
     Objects {
         metadata: layout.metadata(stream_id),
-        chunk_prefix: first.trim_end_matches("000000").to_string(),
+        chunk_prefix: layout.chunk_prefix(stream_id),
         chunk_count,
     }
 }

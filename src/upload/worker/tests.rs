@@ -377,3 +377,91 @@ fn assembly_copies_the_chunks_server_side_and_records_it_in_the_metadata() {
     assert_eq!(*checkpoints.assembled_revision.lock().unwrap(), 1);
     assert!(checkpoints.assembly.lock().unwrap().is_none());
 }
+
+#[test]
+fn a_completion_queues_its_event_with_the_revision_sizes_and_keys() {
+    let Fixture {
+        _dir,
+        path,
+        checkpoints,
+        worker,
+        _keep,
+        stream,
+        ..
+    } = Fixture::new(b"AAAAAAAABBBBBBBBCC");
+    let mut worker = worker.with_announcements(true);
+    let result = worker.execute(finalize_job(stream, &path, 18, BTreeMap::new()));
+    assert!(matches!(result.outcome, Outcome::Finalized { .. }));
+    let announced = checkpoints.announced.lock().unwrap().clone();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    assert_eq!(announced[0].id, "cam-1/1/stream.completed");
+    let event: crate::notify::StreamEvent = serde_json::from_str(&announced[0].json).unwrap();
+    assert_eq!(event.size_bytes, Some(18));
+    assert_eq!(
+        event.sha256.as_deref(),
+        Some(hex::encode(sha256(b"AAAAAAAABBBBBBBBCC")).as_str())
+    );
+    let objects = event.objects.unwrap();
+    assert_eq!(objects.metadata, "p/cam-1/metadata.json");
+    assert_eq!(objects.chunk_prefix, "p/cam-1/chunk-");
+    assert_eq!(objects.chunk_count, 3);
+    assert_eq!(event.source.path, "cam.mp4");
+}
+
+#[test]
+fn without_a_destination_a_completion_queues_no_event() {
+    let Fixture {
+        _dir,
+        path,
+        checkpoints,
+        mut worker,
+        _keep,
+        stream,
+        ..
+    } = Fixture::new(b"AAAAAAAABB");
+    let result = worker.execute(finalize_job(stream, &path, 10, BTreeMap::new()));
+    assert!(matches!(result.outcome, Outcome::Finalized { .. }));
+    assert!(checkpoints.announced.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_close_queues_stream_failed_with_the_reason_and_the_uploaded_prefix() {
+    let Fixture {
+        _dir,
+        checkpoints,
+        worker,
+        _keep,
+        stream,
+        ..
+    } = Fixture::new(b"AAAAAAAABB");
+    let mut worker = worker.with_announcements(true);
+    let chunk = ChunkRecord {
+        index: 0,
+        key: "p/cam-1/chunk-000000".into(),
+        offset: 0,
+        size_bytes: 8,
+        sha256: hex::encode(sha256(b"AAAAAAAA")),
+        uploaded_at: rfc3339(SystemTime::now()),
+    };
+    let close = Job::Close(crate::upload::job::CloseJob {
+        stream,
+        facts: StreamFacts {
+            rel_path: "cam.mp4".into(),
+            file_name: "cam.mp4".into(),
+            chunk_size: 8,
+            started_at: SystemTime::now(),
+            last_change_at: SystemTime::now(),
+            revision: 1,
+        },
+        reason: crate::stream::state::CloseReason::Vanished,
+        chunks: BTreeMap::from([(0, chunk)]),
+    });
+    assert_eq!(worker.execute(close).outcome, Outcome::Closed);
+    let announced = checkpoints.announced.lock().unwrap().clone();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    assert_eq!(announced[0].id, "cam-1/1/stream.failed");
+    let event: crate::notify::StreamEvent = serde_json::from_str(&announced[0].json).unwrap();
+    assert_eq!(event.reason.as_deref(), Some("vanished"));
+    assert_eq!(event.size_bytes, Some(8));
+    assert_eq!(event.objects.unwrap().chunk_count, 1);
+}
