@@ -3,7 +3,8 @@
 //! checks every signature and records every delivery id. Each stream that
 //! completes must show up exactly once in the Redis stream and (by id) at
 //! the webhook, through a webhook outage and a kill -9 mid-delivery; every
-//! scenario ends byte-exact.
+//! scenario with the daemon ends byte-exact. One more drives the outbox's
+//! Redis scripts directly, as two replicas would.
 
 mod support;
 
@@ -457,4 +458,90 @@ fn a_kill_9_during_delivery_then_a_restart_delivers_everything_with_the_same_ids
         env.assert_byte_exact(meta, &env.file(&meta.source.path));
     }
     drop(daemon);
+}
+
+#[test]
+fn the_outbox_takes_an_event_only_with_its_decision_once_and_hands_it_to_one_reader() {
+    use chunkstream::notify::{StreamEvent, StreamSubject};
+    use chunkstream::store::CheckpointStore;
+    use chunkstream::store::ports::{Claim, Completion, Outbox};
+
+    let Some(env) = TestEnv::start() else { return };
+    let (mut a, mut b) = (
+        support::store_for(&env, "replica-a"),
+        support::store_for(&env, "replica-b"),
+    );
+    a.register_stream(&support::stored_stream("s"), None)
+        .unwrap();
+    let Claim::Granted { token: stale } = a.claim("s").unwrap() else {
+        panic!("a claims")
+    };
+    let mut redis = env.redis.connection();
+    let _: () = redis::cmd("DEL")
+        .arg("cstest:lease:s")
+        .query(&mut redis)
+        .unwrap();
+    let Claim::Granted { token } = b.claim("s").unwrap() else {
+        panic!("b claims the lapsed stream")
+    };
+    let layout = chunkstream::metadata::KeyLayout::new("p/");
+    let event = StreamEvent::completed(
+        StreamSubject {
+            stream_id: "s",
+            revision: 1,
+            source: chunkstream::metadata::Source {
+                path: "cam.mp4".into(),
+                file_name: "cam.mp4".into(),
+            },
+            started_at: None,
+        },
+        &layout,
+        (10, "ab", 1),
+        std::time::SystemTime::now(),
+    )
+    .announcement();
+    let completion = Completion {
+        revision: 1,
+        size: 10,
+        mtime_ns: 1,
+        last_change_at: std::time::SystemTime::now(),
+        completed_at: std::time::SystemTime::now(),
+        release_lease: false,
+        announcement: Some(event.clone()),
+    };
+    // The fenced-out replica's completion is refused, and so is its event.
+    assert!(a.mark_complete("s", stale, &completion).is_err());
+    assert_eq!(outbox_len(&env), 0);
+    // The owner's completion carries it; a retried write does not add it twice.
+    b.mark_complete("s", token, &completion).unwrap();
+    b.mark_complete("s", token, &completion).unwrap();
+    assert!(!b.announce(&event).unwrap(), "already queued");
+    assert_eq!(outbox_len(&env), 1);
+
+    // One reader at a time: the other sees nothing while it is held.
+    let hold = Duration::from_secs(30);
+    let taken = a.claim_due(hold).unwrap().expect("due");
+    assert_eq!((taken.id.as_str(), taken.attempts), (event.id.as_str(), 0));
+    assert_eq!(b.claim_due(hold).unwrap(), None);
+    // Appended once per id, however often it is tried.
+    a.publish(EVENTS_STREAM, 100, &taken, "stream.completed")
+        .unwrap();
+    b.publish(EVENTS_STREAM, 100, &taken, "stream.completed")
+        .unwrap();
+    assert_eq!(
+        stream_ids_of(&env, "stream.completed"),
+        vec![event.id.clone()]
+    );
+    // A failure makes it due again, counted.
+    a.postpone(&taken.id, 1, Duration::ZERO).unwrap();
+    let again = b.claim_due(hold).unwrap().expect("due again");
+    assert_eq!(again.attempts, 1);
+    b.delivered(&again.id).unwrap();
+    assert_eq!(outbox_len(&env), 0);
+    assert_eq!(a.pending().unwrap(), 0);
+    let leftovers: Vec<String> = redis::cmd("KEYS")
+        .arg("cstest:outbox*")
+        .query(&mut redis)
+        .unwrap();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
