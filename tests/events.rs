@@ -313,6 +313,28 @@ fn complete_files(env: &TestEnv, count: u64, seed: u64) -> Vec<StreamMetadata> {
         .collect()
 }
 
+/// The promise of every scenario: each expected `stream.completed` id
+/// arrived at the webhook (signed; duplicates only with the same id), is in
+/// the Redis stream exactly once, and nothing is left in the outbox.
+fn assert_each_completion_delivered_once(
+    env: &TestEnv,
+    receiver: &Receiver,
+    expected: &BTreeSet<String>,
+) {
+    wait_for("every stream.completed at the webhook", || {
+        receiver.ids_of("stream.completed") == *expected
+    });
+    wait_for("the outbox to empty", || outbox_len(env) == 0);
+    receiver.assert_all_signed();
+    let mut in_stream = stream_ids_of(env, "stream.completed");
+    in_stream.sort();
+    assert_eq!(
+        in_stream,
+        expected.iter().cloned().collect::<Vec<_>>(),
+        "appended once each, however often the webhook was tried"
+    );
+}
+
 #[test]
 fn every_completed_stream_is_announced_once_in_the_stream_and_at_the_webhook() {
     let Some(env) = TestEnv::start() else { return };
@@ -321,15 +343,7 @@ fn every_completed_stream_is_announced_once_in_the_stream_and_at_the_webhook() {
     let daemon = env.start_daemon(&as_overrides(&settings));
     let metas = complete_files(&env, 3, 10);
     let expected: BTreeSet<String> = metas.iter().map(completed_id).collect();
-    wait_for("three stream.completed at the webhook", || {
-        receiver.ids_of("stream.completed") == expected
-    });
-    wait_for("the outbox to empty", || outbox_len(&env) == 0);
-    receiver.assert_all_signed();
-
-    let mut in_stream = stream_ids_of(&env, "stream.completed");
-    in_stream.sort();
-    assert_eq!(in_stream, expected.iter().cloned().collect::<Vec<_>>());
+    assert_each_completion_delivered_once(&env, &receiver, &expected);
     // The event carries what a downstream system needs.
     let meta = &metas[0];
     let delivery = receiver
@@ -400,18 +414,7 @@ fn a_webhook_that_is_down_then_broken_then_back_loses_nothing() {
     assert!(receiver.accepted().is_empty());
 
     receiver.answer(Answer::Ok);
-    wait_for("every stream.completed at the webhook", || {
-        receiver.ids_of("stream.completed") == expected
-    });
-    wait_for("the outbox to empty", || outbox_len(&env) == 0);
-    receiver.assert_all_signed();
-    let mut in_stream = stream_ids_of(&env, "stream.completed");
-    in_stream.sort();
-    assert_eq!(
-        in_stream,
-        expected.iter().cloned().collect::<Vec<_>>(),
-        "appended once each, however often the webhook was retried"
-    );
+    assert_each_completion_delivered_once(&env, &receiver, &expected);
     for (meta, name) in metas
         .iter()
         .zip(["cam20-0.mp4", "cam20-1.mp4", "cam20-2.mp4"])
@@ -443,17 +446,10 @@ fn a_kill_9_during_delivery_then_a_restart_delivers_everything_with_the_same_ids
     let daemon = env.start_daemon(&as_overrides(&settings));
     let metas: Vec<StreamMetadata> = names.iter().map(|name| env.wait_complete(name)).collect();
     let expected: BTreeSet<String> = metas.iter().map(completed_id).collect();
-    wait_for("every stream.completed at the webhook", || {
-        receiver.ids_of("stream.completed") == expected
-    });
-    wait_for("the outbox to empty", || outbox_len(&env) == 0);
-    receiver.assert_all_signed();
+    assert_each_completion_delivered_once(&env, &receiver, &expected);
     // Duplicates at the webhook carry the same id; nothing else arrived.
     let delivered: BTreeSet<String> = receiver.accepted().into_iter().map(|d| d.id).collect();
     assert_eq!(delivered, expected);
-    let mut in_stream = stream_ids_of(&env, "stream.completed");
-    in_stream.sort();
-    assert_eq!(in_stream, expected.iter().cloned().collect::<Vec<_>>());
     for meta in &metas {
         env.assert_byte_exact(meta, &env.file(&meta.source.path));
     }
