@@ -541,3 +541,45 @@ fn the_outbox_takes_an_event_only_with_its_decision_once_and_hands_it_to_one_rea
         .unwrap();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn a_stream_given_up_is_announced_as_failed_and_its_successor_as_completed() {
+    let Some(env) = TestEnv::start() else { return };
+    let receiver = Receiver::started();
+    let mut settings = event_settings(&receiver);
+    settings.push(("STREAM_TIMEOUT", "3s".to_string()));
+    let daemon = env.start_daemon(&as_overrides(&settings));
+    let path = env.file("truncated.mp4");
+    append(&path, &pseudo_random(6 * MIB, 40));
+    wait_for("chunk 0", || {
+        daemon.metric("chunkstream_chunks_uploaded_total") >= 1.0
+    });
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    append(&path, &pseudo_random(1000, 41));
+
+    let fresh = env.wait_complete("truncated.mp4");
+    env.assert_byte_exact(&fresh, &path);
+    wait_for("stream.failed at the webhook", || {
+        !receiver.ids_of("stream.failed").is_empty()
+    });
+    let failed = receiver
+        .accepted()
+        .into_iter()
+        .find(|delivery| delivery.kind == "stream.failed")
+        .expect("failed");
+    let event = &failed.body;
+    assert_eq!(event["reason"], "truncated");
+    assert_eq!(event["size_bytes"], 5 * MIB, "chunk 0 was uploaded");
+    assert_eq!(event["objects"]["chunk_count"], 1);
+    assert_ne!(event["stream_id"], fresh.stream_id.as_str());
+    assert_eq!(
+        failed.id,
+        format!("{}/1/stream.failed", event["stream_id"].as_str().unwrap())
+    );
+    assert_each_completion_delivered_once(&env, &receiver, &BTreeSet::from([completed_id(&fresh)]));
+    assert_eq!(stream_ids_of(&env, "stream.failed"), vec![failed.id]);
+}

@@ -8,6 +8,11 @@
 //! webhook timeout plus [`DELIVERY_HOLD_MARGIN`], so replicas do not deliver
 //! the same event twice in the normal case, and an event whose deliverer
 //! was killed is due again soon after.
+//!
+//! A failure also pauses the loop for the event's backoff: while a webhook
+//! is down, a backlog of thousands of events costs one attempt per backoff
+//! period, not one per event, and once it is back the first success drains
+//! the backlog at full speed.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -65,6 +70,7 @@ pub fn spawn_delivery(
         retry,
         events,
         pending_refreshed: None,
+        failures_in_a_row: 0,
     };
     std::thread::Builder::new()
         .name("events".into())
@@ -81,6 +87,9 @@ struct Delivery {
     events: Arc<dyn Events>,
     /// When `chunkstream_events_pending` was last refreshed.
     pending_refreshed: Option<Instant>,
+    /// Failed deliveries in a row, of any events: the backoff grows with it
+    /// as well as with the event's own attempts.
+    failures_in_a_row: u32,
 }
 
 /// Which destination refused an event, and why.
@@ -96,9 +105,9 @@ impl Delivery {
             let wait = match self.outbox.claim_due(self.hold) {
                 Ok(Some(pending)) => {
                     outbox_failures = 0;
-                    self.deliver(pending);
-                    self.refresh_pending(false);
-                    Duration::ZERO
+                    let pause = self.deliver(pending);
+                    self.refresh_pending(pause.is_some());
+                    pause.unwrap_or(Duration::ZERO)
                 }
                 Ok(None) => {
                     outbox_failures = 0;
@@ -135,8 +144,8 @@ impl Delivery {
     }
 
     /// Delivers one event to every destination, then removes it; or
-    /// postpones it after a failure.
-    fn deliver(&mut self, pending: PendingEvent) {
+    /// postpones it after a failure, and returns the backoff to pause for.
+    fn deliver(&mut self, pending: PendingEvent) -> Option<Duration> {
         let outcome = match serde_json::from_str::<Kind>(&pending.json) {
             Ok(Kind { kind }) => self.send(&pending, kind),
             Err(err) => Err(Refused {
@@ -146,6 +155,7 @@ impl Delivery {
         };
         match outcome {
             Ok(()) => {
+                self.failures_in_a_row = 0;
                 if let Err(err) = self.outbox.delivered(&pending.id) {
                     // It comes back after its hold and is delivered again,
                     // with the same id.
@@ -153,7 +163,7 @@ impl Delivery {
                         "event {}: delivered, but cannot remove it from the outbox: {err}",
                         pending.id
                     );
-                    return;
+                    return None;
                 }
                 self.events.event_delivered();
                 if pending.attempts > 0 {
@@ -162,11 +172,13 @@ impl Delivery {
                         pending.id, pending.attempts
                     );
                 }
+                None
             }
             Err(refused) => {
                 self.events.event_delivery_failed(refused.destination);
                 let attempts = pending.attempts.saturating_add(1);
-                let delay = self.retry.delay(attempts - 1);
+                self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+                let delay = self.retry.delay(self.backoff_step(pending.attempts));
                 // The 1st, 2nd, 4th, … failure: an outage is visible
                 // without a line per retry.
                 if attempts.is_power_of_two() {
@@ -181,8 +193,16 @@ impl Delivery {
                         pending.id
                     );
                 }
+                Some(delay)
             }
         }
+    }
+
+    /// Which step of the backoff a failed event waits for: its own failed
+    /// attempts before this one, or the failures in a row before this one,
+    /// whichever is more (a webhook that is down backs off once for all).
+    fn backoff_step(&self, earlier_attempts: u32) -> u32 {
+        earlier_attempts.max(self.failures_in_a_row.saturating_sub(1))
     }
 
     fn send(&mut self, pending: &PendingEvent, kind: EventType) -> Result<(), Refused> {
@@ -288,6 +308,7 @@ mod tests {
             retry: RETRY,
             events: metrics.clone(),
             pending_refreshed: None,
+            failures_in_a_row: 0,
         };
         (delivery, recorded, metrics)
     }
@@ -313,7 +334,7 @@ mod tests {
     #[test]
     fn a_delivered_event_leaves_the_outbox() {
         let (mut delivery, recorded, metrics) = delivery(false);
-        delivery.deliver(pending(0, COMPLETED));
+        assert_eq!(delivery.deliver(pending(0, COMPLETED)), None, "no pause");
         let recorded = recorded.lock().unwrap();
         assert_eq!(recorded.published, vec!["cam-1/1/stream.completed"]);
         assert_eq!(recorded.delivered, vec!["cam-1/1/stream.completed"]);
@@ -324,9 +345,9 @@ mod tests {
     #[test]
     fn a_failed_event_stays_with_its_id_and_backs_off_more_each_time() {
         let (mut delivery, recorded, metrics) = delivery(true);
-        for attempts in 0..6 {
-            delivery.deliver(pending(attempts, COMPLETED));
-        }
+        let pauses: Vec<Option<Duration>> = (0..6)
+            .map(|attempts| delivery.deliver(pending(attempts, COMPLETED)))
+            .collect();
         let recorded = recorded.lock().unwrap();
         assert!(recorded.delivered.is_empty(), "never removed undelivered");
         assert_eq!(recorded.postponed.len(), 6);
@@ -334,6 +355,7 @@ mod tests {
             assert_eq!(id, "cam-1/1/stream.completed");
             assert_eq!(*attempts, n as u32 + 1);
             assert!(*delay <= RETRY.ceiling(n as u32), "{n}: {delay:?}");
+            assert_eq!(pauses[n], Some(*delay), "the loop pauses as long");
         }
         assert_eq!(RETRY.ceiling(0), Duration::from_secs(1));
         assert_eq!(RETRY.ceiling(5), Duration::from_secs(8), "capped");
@@ -342,6 +364,22 @@ mod tests {
             "chunkstream_event_delivery_failures_total{destination=\"redis_stream\"}",
         );
         assert!(failures.ends_with(" 6"), "{failures}");
+    }
+
+    #[test]
+    fn failures_of_different_events_in_a_row_back_off_together() {
+        let (mut delivery, _, _) = delivery(true);
+        let mut steps = Vec::new();
+        for _ in 0..4 {
+            // Each a different event's first attempt.
+            delivery.deliver(pending(0, COMPLETED));
+            steps.push(delivery.backoff_step(0));
+        }
+        assert_eq!(steps, vec![0, 1, 2, 3]);
+        assert_eq!(delivery.backoff_step(7), 7, "an event's own attempts count");
+        delivery.outbox = Box::new(FakeOutbox(Arc::new(Mutex::new(Recorded::default()))));
+        assert_eq!(delivery.deliver(pending(0, COMPLETED)), None);
+        assert_eq!(delivery.backoff_step(0), 0, "a success resets it");
     }
 
     #[test]
