@@ -8,6 +8,7 @@
 #![allow(dead_code)] // each test uses a different subset of the helpers
 
 pub mod proxy;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::fs::File;
