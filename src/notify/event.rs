@@ -222,3 +222,59 @@ fn objects(layout: &KeyLayout, stream_id: &str, chunk_count: u64) -> Objects {
         chunk_count,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject() -> StreamSubject<'static> {
+        StreamSubject {
+            stream_id: "cam1-3f9a0c1b2d4e",
+            revision: 2,
+            source: Source {
+                path: "sub/cam1.mp4".into(),
+                file_name: "cam1.mp4".into(),
+            },
+            started_at: None,
+        }
+    }
+
+    #[test]
+    fn the_id_names_the_stream_the_revision_and_the_type() {
+        let event = StreamEvent::reopened(subject(), 7, SystemTime::UNIX_EPOCH);
+        assert_eq!(event.id, "cam1-3f9a0c1b2d4e/2/stream.reopened");
+        let again = StreamEvent::reopened(subject(), 9, SystemTime::now());
+        assert_eq!(again.id, event.id, "the same decision, the same id");
+    }
+
+    #[test]
+    fn file_events_say_whether_the_file_was_deleted_or_moved() {
+        let deleted = StreamEvent::file_left(subject(), (7, "ab"), None, SystemTime::now());
+        assert_eq!(deleted.kind, EventType::FileDeleted);
+        assert_eq!(deleted.id, "cam1-3f9a0c1b2d4e/2/file.deleted");
+        let moved = StreamEvent::file_left(
+            subject(),
+            (7, "ab"),
+            Some("/done/cam1.mp4"),
+            SystemTime::now(),
+        );
+        assert_eq!(moved.kind, EventType::FileMoved);
+        let json: serde_json::Value = serde_json::from_str(&moved.announcement().json).unwrap();
+        assert_eq!(json["type"], "file.moved");
+        assert_eq!(json["moved_to"], "/done/cam1.mp4");
+        assert_eq!(json["sha256"], "ab");
+        assert_eq!(json["size_bytes"], 7);
+    }
+
+    #[test]
+    fn fields_that_do_not_apply_are_null_or_absent() {
+        let event = StreamEvent::quarantined(subject(), "chunk size 0", SystemTime::UNIX_EPOCH);
+        let json: serde_json::Value = serde_json::from_str(&event.announcement().json).unwrap();
+        assert_eq!(json["type"], "stream.failed");
+        assert_eq!(json["reason"], "quarantined: chunk size 0");
+        assert!(json["objects"].is_null());
+        assert!(json["sha256"].is_null());
+        assert!(json.get("moved_to").is_none());
+        assert_eq!(json["occurred_at"], "1970-01-01T00:00:00.000Z");
+    }
+}
