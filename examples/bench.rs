@@ -538,6 +538,152 @@ impl Bench {
         });
     }
 
+    /// The bandwidth cap, end to end and in the bucket itself: the rate the
+    /// daemon achieves under `BANDWIDTH_LIMIT=20MiB` over 30 s (from the
+    /// uploaded-bytes counter, 10 MiB chunks, so ±1 chunk of resolution), and
+    /// how soon a `BANDWIDTH_SCHEDULE` boundary a few seconds ahead takes
+    /// effect: in the daemon's gauge, and in the bytes four threads get
+    /// through one shared bucket, in 100 ms windows.
+    fn bandwidth(&mut self) {
+        let limit = 20 * MIB;
+        let seconds = if self.quick { 10.0 } else { 30.0 };
+        let size = (limit as f64 * (seconds + 15.0)) as u64;
+        let dir = tempfile::tempdir().expect("dir");
+        let daemon = self.daemon(
+            dir.path(),
+            "bandwidth",
+            &[("BANDWIDTH_LIMIT", "20MiB"), ("CHUNK_SIZE", "10MiB")],
+        );
+        let staged = self.files("bw", 1, size);
+        std::fs::rename(
+            staged.path().join("bw-000.mp4"),
+            dir.path().join("bw-000.mp4"),
+        )
+        .expect("move in");
+        let uploaded = || daemon.metric("chunkstream_uploaded_bytes_total");
+        support::wait_for_long("the first chunk", Duration::from_secs(120), || {
+            uploaded() > 0.0
+        });
+        let (start_bytes, start) = (uploaded(), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        let rate = (uploaded() - start_bytes) / start.elapsed().as_secs_f64();
+        let _ = daemon.terminate();
+        let error = rate / limit as f64 - 1.0;
+        self.figures.push(Figure {
+            name: format!(
+                "bandwidth: achieved rate over {seconds:.0} s with BANDWIDTH_LIMIT=20MiB, 4 workers"
+            ),
+            value: format!("{:.2} MiB/s ({:+.1} %)", rate / MIB as f64, error * 100.0),
+            target: "20 MiB/s ± 10 %".into(),
+            met: Some(error.abs() <= 0.10),
+        });
+
+        let (schedule, boundary_at) = schedule_from_soon();
+        let dir = tempfile::tempdir().expect("dir");
+        let daemon = self.daemon(
+            dir.path(),
+            "schedule",
+            &[
+                ("BANDWIDTH_LIMIT", "20MiB"),
+                ("BANDWIDTH_SCHEDULE", &schedule),
+            ],
+        );
+        let mut gauge_switch = None;
+        while Instant::now() < boundary_at + Duration::from_secs(3) {
+            if gauge_switch.is_none()
+                && daemon.metric("chunkstream_bandwidth_limit_bytes") == (5 * MIB) as f64
+            {
+                gauge_switch = Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = daemon.terminate();
+        let delay = |at: Option<Instant>, boundary: Instant| {
+            at.map(|at| at.saturating_duration_since(boundary).as_secs_f64())
+        };
+        let gauge_delay = delay(gauge_switch, boundary_at);
+        let (schedule, boundary_at) = schedule_from_soon();
+        let policy = chunkstream::bandwidth::BandwidthPolicy::parse("20MiB", &schedule, "UTC")
+            .expect("schedule parses");
+        let bucket = Arc::new(chunkstream::bandwidth::Bandwidth::new(policy, 4));
+        let moved = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let body = pseudo_random(10 * MIB, 3);
+        let body = Arc::new(body);
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (bucket, moved, stop, body) =
+                    (bucket.clone(), moved.clone(), stop.clone(), body.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0; 256 * 1024];
+                    while !stop.load(Ordering::SeqCst) {
+                        let mut reader = bucket.reader(&body);
+                        while let Ok(n @ 1..) = std::io::Read::read(&mut reader, &mut buf) {
+                            moved.fetch_add(n as u64, Ordering::SeqCst);
+                            if stop.load(Ordering::SeqCst) {
+                                break;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Samples until 3 s past the boundary, 100 ms apart.
+        let until = boundary_at + Duration::from_secs(3);
+        let mut samples = Vec::new();
+        while Instant::now() < until {
+            samples.push((Instant::now(), moved.load(Ordering::SeqCst)));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, Ordering::SeqCst);
+        for reader in readers {
+            reader.join().expect("reader");
+        }
+        // The first 100 ms window from which every window runs at or below
+        // 5 MiB/s + 20 %.
+        let rates: Vec<(Instant, f64)> = samples
+            .windows(2)
+            .map(|pair| {
+                let dt = pair[1].0.duration_since(pair[0].0).as_secs_f64();
+                (pair[0].0, (pair[1].1 - pair[0].1) as f64 / dt)
+            })
+            .collect();
+        let slow = 5.0 * MIB as f64 * 1.2;
+        let switched = (0..rates.len())
+            .find(|&i| rates[i..].iter().all(|(_, rate)| *rate <= slow))
+            .map(|i| rates[i].0);
+        let bucket_delay = delay(switched, boundary_at);
+        let before: Vec<f64> = rates
+            .iter()
+            .filter(|(at, _)| *at + Duration::from_secs(1) < boundary_at)
+            .map(|(_, rate)| *rate / MIB as f64)
+            .collect();
+        let after: Vec<f64> = rates
+            .iter()
+            .filter(|(at, _)| *at > boundary_at + Duration::from_secs(1))
+            .map(|(_, rate)| *rate / MIB as f64)
+            .collect();
+        let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
+        let show = |d: Option<f64>| d.map_or("never".to_string(), |d| format!("{d:.2} s"));
+        self.figures.push(Figure {
+            name: "bandwidth: schedule switch 20 → 5 MiB/s, gauge in the daemon".into(),
+            value: show(gauge_delay),
+            target: "≤ 1 s after the boundary".into(),
+            met: Some(gauge_delay.is_some_and(|d| d <= 1.0)),
+        });
+        self.figures.push(Figure {
+            name: "bandwidth: schedule switch 20 → 5 MiB/s, bytes through the shared bucket (4 threads, 100 ms windows)".into(),
+            value: format!(
+                "{} ({:.1} MiB/s before, {:.1} MiB/s after)",
+                show(bucket_delay),
+                mean(&before),
+                mean(&after)
+            ),
+            target: "≤ 1 s after the boundary".into(),
+            met: Some(bucket_delay.is_some_and(|d| d <= 1.0)),
+        });
+    }
+
     fn report(&self) -> String {
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         let memory = std::fs::read_to_string("/proc/meminfo")
@@ -600,6 +746,20 @@ impl Bench {
     }
 }
 
+/// A `BANDWIDTH_SCHEDULE` of 5 MiB/s from a whole second about six seconds
+/// ahead (UTC), and the instant of that boundary.
+fn schedule_from_soon() -> (String, Instant) {
+    let now = jiff::Timestamp::now();
+    let boundary = jiff::Timestamp::from_second(now.as_second() + 6).expect("in range");
+    let end = boundary + jiff::SignedDuration::from_secs(60);
+    let hms = |t: jiff::Timestamp| t.strftime("%H:%M:%S").to_string();
+    let ahead = Duration::from_millis((boundary.as_millisecond() - now.as_millisecond()) as u64);
+    (
+        format!("{}-{}=5MiB", hms(boundary), hms(end)),
+        Instant::now() + ahead,
+    )
+}
+
 const START: &str = "<!-- bench:results:start -->";
 const END: &str = "<!-- bench:results:end -->";
 
@@ -636,6 +796,9 @@ fn main() {
     }
     if wanted("events") {
         bench.events();
+    }
+    if wanted("bandwidth") {
+        bench.bandwidth();
     }
     let report = bench.report();
     println!("{report}");

@@ -6,7 +6,7 @@
 #   scripts/bench.sh                 # everything, prints the table
 #   scripts/bench.sh --write-doc     # ... and updates docs/benchmarks.md
 #   scripts/bench.sh --quick         # small data sets, to try the harness
-#   scripts/bench.sh throughput      # one part: throughput, growing, memory, polling
+#   scripts/bench.sh throughput      # one part: throughput, growing, memory, polling, bandwidth
 #
 # Needs what scripts/test.sh installs, plus rclone (apt-get, installed here).
 set -euo pipefail

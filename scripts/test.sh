@@ -7,8 +7,9 @@
 # Installs, when missing: redis-server, redis-sentinel, ffmpeg/ffprobe, openssl,
 # promtool (Debian package prometheus), Ceph RGW (radosgw, ceph-mon, ceph-osd,
 # ceph-common) and the network file system test bed's sshd, ssh, sshfs and
-# fusermount3 (openssh-server openssh-client sshfs fuse3) with apt-get; the S3
-# test servers s3s-fs 0.14.1 (cargo install) and moto server (pip). The netfs
+# fusermount3 (openssh-server openssh-client sshfs fuse3) and chromium with
+# apt-get; the S3 test servers s3s-fs 0.14.1 (cargo install) and moto server
+# (pip), and the Python package playwright (pip; never `playwright install`). The netfs
 # test bed also needs /dev/fuse. With CI=true a tool that is still missing
 # afterwards is a failure, never a skip.
 set -euo pipefail
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 
 S3S_FS_VERSION=0.14.1
 MOTO_VERSION=5.2.1
+PLAYWRIGHT_VERSION=1.65.2
 export PATH="$HOME/.cargo/bin:$PATH"
 
 apt_packages=()
@@ -35,6 +37,9 @@ done
 { command -v ssh >/dev/null && command -v ssh-keygen >/dev/null; } || apt_packages+=(openssh-client)
 command -v sshfs >/dev/null || apt_packages+=(sshfs)
 command -v fusermount3 >/dev/null || apt_packages+=(fuse3)
+# The status page's browser test: Debian's chromium (Playwright never
+# downloads a browser here).
+command -v chromium >/dev/null || apt_packages+=(chromium)
 if ((${#apt_packages[@]})); then
   if command -v apt-get >/dev/null; then
     sudo=""
@@ -57,11 +62,17 @@ if ! python3 -m pip show moto 2>/dev/null | grep -qx "Version: $MOTO_VERSION" ||
   python3 -m pip install --quiet "moto[server]==$MOTO_VERSION"
 fi
 
+if ! python3 -c "import playwright.sync_api" 2>/dev/null; then
+  echo "==> installing playwright $PLAYWRIGHT_VERSION (the Python package only; it drives /usr/bin/chromium)"
+  python3 -m pip install --quiet "playwright==$PLAYWRIGHT_VERSION"
+fi
+
 missing=()
-for tool in redis-server redis-sentinel ffmpeg ffprobe promtool openssl s3s-fs radosgw ceph-mon ceph-osd moto_server /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3; do
+for tool in redis-server redis-sentinel ffmpeg ffprobe promtool openssl s3s-fs radosgw ceph-mon ceph-osd moto_server /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3 chromium; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 [ -e /dev/fuse ] || missing+=(/dev/fuse)
+python3 -c "import playwright.sync_api" 2>/dev/null || missing+=(python-playwright)
 if ((${#missing[@]})); then
   if [ "${CI:-}" = true ]; then
     echo "error: required test tools missing: ${missing[*]}" >&2

@@ -45,6 +45,9 @@ pub struct Config {
     pub watch_dir: PathBuf,
     /// Lower-case extensions without the dot.
     pub file_extensions: Vec<String>,
+    /// INCLUDE/EXCLUDE (with FILE_EXTENSIONS as the include shorthand).
+    pub rules: crate::rules::Rules,
+    pub bandwidth: crate::bandwidth::BandwidthPolicy,
     pub poll_interval: Duration,
     pub stream_timeout: Duration,
     pub chunk_size: u64,
@@ -150,6 +153,16 @@ impl Config {
         let sentinel = SentinelConfig::from_settings(settings)?;
         Ok(Self {
             watch_dir,
+            rules: crate::rules::Rules::parse(
+                &settings.include,
+                &settings.exclude,
+                &file_extensions,
+            )?,
+            bandwidth: crate::bandwidth::BandwidthPolicy::parse(
+                &settings.bandwidth_limit,
+                &settings.bandwidth_schedule,
+                &settings.tz,
+            )?,
             file_extensions,
             poll_interval: parse_duration("POLL_INTERVAL", &settings.poll_interval)?,
             stream_timeout: parse_duration("STREAM_TIMEOUT", &settings.stream_timeout)?,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, bounded, never, select};
 use log::{error, info, warn};
 
+use crate::bandwidth::Bandwidth;
 use crate::config::Config;
 pub use crate::coordinator::RunOutcome;
 use crate::coordinator::{Coordinator, Observations, Observers};
@@ -117,7 +118,9 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         ttl: config.lease.ttl,
     };
     let leases = Arc::new(HeldLeases::new(config.lease.ttl));
-    let mut s3 = S3Store::new(&config.s3)?;
+    let bandwidth = Arc::new(Bandwidth::new(config.bandwidth.clone(), config.workers));
+    metrics.watch_bandwidth(bandwidth.clone());
+    let mut s3 = S3Store::new(&config.s3)?.with_bandwidth(bandwidth);
     let bucket_ready = until_ready(&config, &stop, &heartbeat, "checking bucket", || {
         let outcome = s3.ensure_bucket().map_err(|err| match err {
             BucketError::Fatal(reason) => Err(reason),
@@ -233,7 +236,7 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     let (scans, _scanner) = scanner::spawn(
         Box::new(FsLister::new(
             config.watch_dir.clone(),
-            config.file_extensions.clone(),
+            config.rules.clone(),
             // Quiet for twice the completion timeout: complete, or waiting.
             config.stream_timeout * 2,
         )),

@@ -1,5 +1,5 @@
 //! The HTTP endpoint on `METRICS_ADDR`: `/metrics`, `/healthz`, `/readyz` and
-//! `/streams`.
+//! `/streams`, and the status page at `/`.
 //!
 //! tiny_http on its own thread. It has no request timeouts, so handlers stay
 //! trivial: they read shared atomics, render the registry, or ask the
@@ -112,7 +112,7 @@ fn json(status: u16, body: &impl Serialize) -> Reply {
         .with_header(header("Content-Type", "application/json"))
 }
 
-const PATHS: [&str; 4] = ["/metrics", "/healthz", "/readyz", "/streams"];
+const PATHS: [&str; 5] = ["/", "/metrics", "/healthz", "/readyz", "/streams"];
 
 fn respond(method: &Method, url: &str, state: &HttpState) -> Reply {
     let path = url.split('?').next().unwrap_or(url);
@@ -123,6 +123,8 @@ fn respond(method: &Method, url: &str, state: &HttpState) -> Reply {
         return text(405, "method not allowed\n").with_header(header("Allow", "GET, HEAD"));
     }
     match path {
+        "/" => Response::from_string(crate::status_page::PAGE)
+            .with_header(header("Content-Type", "text/html; charset=utf-8")),
         "/metrics" => {
             let (body, content_type) = state.metrics.render();
             Response::from_string(body).with_header(header("Content-Type", &content_type))

@@ -4,10 +4,12 @@
 //! The binary (`main.rs`) is glue; everything testable lives here. See
 //! docs/architecture.md for how the pieces fit.
 
+pub mod bandwidth;
 pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod daemon;
+pub mod dry_run;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -22,8 +24,10 @@ pub mod metrics;
 pub mod notify;
 pub mod readback;
 pub mod restore;
+pub mod rules;
 pub mod scan;
 pub mod scanner;
+pub mod status_page;
 pub mod store;
 pub mod stream;
 #[cfg(test)]

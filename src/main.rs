@@ -13,8 +13,9 @@ use chunkstream::config::{Cli, Command, Config, S3Config, parse_log_format, pars
 use chunkstream::daemon::{self, RunOutcome};
 use chunkstream::error::AppError;
 use chunkstream::metadata::KeyLayout;
-use chunkstream::store::S3Store;
-use chunkstream::{client, inventory, logging, restore};
+use chunkstream::store::redis::LeaseHolder;
+use chunkstream::store::{CheckpointStore, RedisStore, S3Store};
+use chunkstream::{client, dry_run, inventory, logging, restore};
 
 fn main() -> ExitCode {
     // rust-s3 and ureq both bring rustls; without an explicit provider the
@@ -50,6 +51,40 @@ fn run(cli: Cli) -> Result<ExitCode, AppError> {
                 RunOutcome::Drained => Ok(ExitCode::SUCCESS),
                 RunOutcome::DrainTimedOut(_) => Ok(ExitCode::FAILURE),
             }
+        }
+        Command::Scan => {
+            let config = Config::from_settings(&cli.settings)?;
+            logging::init(level, format);
+            let holder = LeaseHolder {
+                owner: format!("scan-{}", std::process::id()),
+                ttl: config.lease.ttl,
+            };
+            let done = match RedisStore::connect(&config.redis, config.sentinel.as_ref(), holder)
+                .and_then(|mut redis| redis.load_streams())
+            {
+                Ok(streams) => dry_run::completed(&streams),
+                Err(err) => {
+                    println!("Redis not reachable ({err}): completed files cannot be told apart");
+                    Default::default()
+                }
+            };
+            let entries = dry_run::plan(&config.watch_dir, &config.rules, &done);
+            for entry in &entries {
+                println!("{entry}");
+            }
+            let count = |wanted: fn(&dry_run::Verdict) -> bool| {
+                entries
+                    .iter()
+                    .filter(|entry| wanted(&entry.verdict))
+                    .count()
+            };
+            println!(
+                "{} to upload, {} done, {} skipped",
+                count(|v| *v == dry_run::Verdict::Upload),
+                count(|v| *v == dry_run::Verdict::Done),
+                count(|v| matches!(v, dry_run::Verdict::Skip(_)))
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Restore {
             stream_id,

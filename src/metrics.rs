@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use log::{info, warn};
 
+use crate::bandwidth::Bandwidth;
 use crate::events::{Events, Gauges};
 use crate::health::{Dependency, Readiness};
 use crate::store::Integrity;
@@ -62,6 +63,9 @@ pub struct Metrics {
     event_delivery_failures: IntCounterVec,
     events_pending: IntGauge,
     poll_interval: prometheus::Gauge,
+    bandwidth_limit: IntGauge,
+    /// Read at every render, so the gauge follows BANDWIDTH_SCHEDULE.
+    bandwidth: std::sync::OnceLock<Arc<Bandwidth>>,
     readiness: Arc<Readiness>,
     chunk_upload_duration: Histogram,
     scan_duration: Histogram,
@@ -283,6 +287,12 @@ impl Metrics {
                 "chunkstream_events_pending",
                 "Completion events waiting in the outbox (due or backing off), at the delivery thread's last look.",
             ),
+            bandwidth_limit: gauge(
+                &registry,
+                "chunkstream_bandwidth_limit_bytes",
+                "The upload bandwidth cap in force now (BANDWIDTH_LIMIT, BANDWIDTH_SCHEDULE), bytes per second; 0 means unlimited.",
+            ),
+            bandwidth: std::sync::OnceLock::new(),
             poll_interval: {
                 let gauge = prometheus::Gauge::new(
                     "chunkstream_poll_interval_seconds",
@@ -324,6 +334,11 @@ impl Metrics {
         self.poll_interval.set(interval.as_secs_f64());
     }
 
+    /// Follows `bandwidth` in `chunkstream_bandwidth_limit_bytes`.
+    pub fn watch_bandwidth(&self, bandwidth: Arc<Bandwidth>) {
+        let _ = self.bandwidth.set(bandwidth);
+    }
+
     /// What `/readyz` reports, shared with the coordinator's breaker.
     pub fn readiness(&self) -> Arc<Readiness> {
         self.readiness.clone()
@@ -331,6 +346,11 @@ impl Metrics {
 
     /// The Prometheus text exposition and its content type.
     pub fn render(&self) -> (String, String) {
+        if let Some(bandwidth) = self.bandwidth.get() {
+            let limit = bandwidth.limit_now().unwrap_or(0);
+            self.bandwidth_limit
+                .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        }
         let encoder = TextEncoder::new();
         let mut buffer = Vec::new();
         encoder

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::rules::Rules;
 use crate::watchfs::{Entry, FileSystem, Kind, RealFs, errno_name, is_absence};
 
 mod report;
@@ -238,7 +239,7 @@ impl Walk {
 pub struct FsLister<F: FileSystem = RealFs> {
     fs: F,
     root: PathBuf,
-    extensions: Vec<String>,
+    rules: Rules,
     /// What was logged about which path, for rate limiting.
     log: ProblemLog,
     cold_after: Duration,
@@ -253,17 +254,17 @@ pub struct FsLister<F: FileSystem = RealFs> {
 }
 
 impl FsLister {
-    pub fn new(root: PathBuf, extensions: Vec<String>, cold_after: Duration) -> Self {
-        Self::with_fs(RealFs, root, extensions, cold_after)
+    pub fn new(root: PathBuf, rules: Rules, cold_after: Duration) -> Self {
+        Self::with_fs(RealFs, root, rules, cold_after)
     }
 }
 
 impl<F: FileSystem> FsLister<F> {
-    pub fn with_fs(fs: F, root: PathBuf, extensions: Vec<String>, cold_after: Duration) -> Self {
+    pub fn with_fs(fs: F, root: PathBuf, rules: Rules, cold_after: Duration) -> Self {
         Self {
             fs,
             root,
-            extensions,
+            rules,
             log: ProblemLog::default(),
             cold_after,
             stats: HashMap::new(),
@@ -326,21 +327,11 @@ impl<F: FileSystem> FsLister<F> {
         }
     }
 
-    fn wanted(&self, name: &str) -> bool {
-        Path::new(name)
-            .extension()
-            .and_then(|ext| ext.to_str())
-            .is_some_and(|ext| self.extensions.iter().any(|w| w.eq_ignore_ascii_case(ext)))
-    }
-
     /// Walks one directory's `entries` (already listed), depth first.
     fn walk(&mut self, rel_dir: &str, abs_dir: &Path, mut entries: Vec<Entry>, walk: &mut Walk) {
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         for entry in entries {
             let name = entry.name.to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
             let rel_path = if rel_dir.is_empty() {
                 name.clone()
             } else {
@@ -360,6 +351,7 @@ impl<F: FileSystem> FsLister<F> {
                 },
             };
             match kind {
+                Kind::Dir if self.rules.prunes_dir(&rel_path) => {}
                 Kind::Dir => match self
                     .fs
                     .lstat(&abs_path)
@@ -374,13 +366,13 @@ impl<F: FileSystem> FsLister<F> {
                     Err(err) if is_absence(&err) => {}
                     Err(err) => walk.unreadable(&rel_path, "list", &err),
                 },
-                Kind::Symlink if self.wanted(&name) => {
+                Kind::Symlink if self.rules.wants(&rel_path) => {
                     walk.problems.notes.insert(
                         rel_path.clone(),
                         format!("skipping symbolic link {rel_path:?}: links are not followed"),
                     );
                 }
-                Kind::File if self.wanted(&name) => {
+                Kind::File if self.rules.wants(&rel_path) => {
                     let root_device = walk.root_device;
                     let stat = |fs: &F| {
                         fs.lstat(&abs_path).map(|stat| Observation {

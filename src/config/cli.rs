@@ -43,6 +43,8 @@ pub enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Dry run: walk WATCH_DIR with INCLUDE/EXCLUDE and print what would be uploaded, skipped (and why), or is done according to Redis.
+    Scan,
     /// Download a stream's chunks, verify every checksum, and write the file.
     Restore {
         /// The stream id (the folder name under S3_PREFIX in the bucket).
@@ -84,9 +86,24 @@ pub struct Settings {
         global = true
     )]
     pub watch_dir: String,
-    /// Comma-separated file extensions to upload, case-insensitive.
+    /// Comma-separated file extensions to upload, case-insensitive: the shorthand for INCLUDE=*.mp4,... used while INCLUDE is empty.
     #[arg(long, env = "FILE_EXTENSIONS", default_value = "mp4", global = true)]
     pub file_extensions: String,
+    /// Comma-separated globs on the path relative to WATCH_DIR (** any depth; no / means any depth); empty means FILE_EXTENSIONS.
+    #[arg(long, env = "INCLUDE", default_value = "", global = true)]
+    pub include: String,
+    /// Comma-separated globs never uploaded (wins over INCLUDE); the default leaves out hidden and partial files; set it empty to re-include them.
+    #[arg(long, env = "EXCLUDE", default_value = crate::rules::DEFAULT_EXCLUDE, global = true)]
+    pub exclude: String,
+    /// Upload bandwidth cap in bytes per second shared by all workers (e.g. 20MiB); empty or off means unlimited.
+    #[arg(long, env = "BANDWIDTH_LIMIT", default_value = "", global = true)]
+    pub bandwidth_limit: String,
+    /// Time windows with their own cap, first match wins, e.g. "Mon-Fri 08:00-18:00=5MiB, *=off"; outside them BANDWIDTH_LIMIT applies.
+    #[arg(long, env = "BANDWIDTH_SCHEDULE", default_value = "", global = true)]
+    pub bandwidth_schedule: String,
+    /// Time zone of BANDWIDTH_SCHEDULE: an IANA name (Europe/Berlin) or POSIX TZ string.
+    #[arg(long, env = "TZ", default_value = "UTC", global = true)]
+    pub tz: String,
     /// How often the directory is scanned (e.g. 500ms, 5s).
     #[arg(long, env = "POLL_INTERVAL", default_value = "1s", global = true)]
     pub poll_interval: String,

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::lease::HeldLeases;
+use crate::rules::Rules;
 use crate::scan::{DirectoryLister, FsLister};
 use crate::store::StoredStatus;
 use crate::testing::{FakeCheckpoints, FakeClock, MemoryStore, config};
@@ -71,7 +72,7 @@ fn a_panicking_job_is_retried_to_completion_and_never_holds_up_a_drain() {
     );
     let mut lister = FsLister::new(
         dir.path().to_path_buf(),
-        vec!["mp4".into()],
+        Rules::default(),
         config.stream_timeout * 2,
     );
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -6,7 +6,7 @@ use std::fs;
 fn lister(root: &Path) -> FsLister {
     FsLister::new(
         root.to_path_buf(),
-        vec!["mp4".into()],
+        Rules::default(),
         Duration::from_secs(3600),
     )
 }
@@ -52,7 +52,7 @@ fn cold_files_are_stated_less_often_but_changes_show_within_the_bound() {
     fs::write(&path, b"12345").unwrap();
     fs::write(dir.path().join("other.mp4"), b"x").unwrap();
     // Cold at once, for the test.
-    let mut lister = FsLister::new(dir.path().to_path_buf(), vec!["mp4".into()], Duration::ZERO);
+    let mut lister = FsLister::new(dir.path().to_path_buf(), Rules::default(), Duration::ZERO);
     let size_of = |scan: &Scan| {
         scan.files
             .iter()
@@ -200,7 +200,7 @@ fn fake_lister(fs: FakeFs) -> FsLister<FakeFs> {
     FsLister::with_fs(
         fs,
         PathBuf::from("/w"),
-        vec!["mp4".into()],
+        Rules::default(),
         Duration::from_secs(3600),
     )
 }

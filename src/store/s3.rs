@@ -26,6 +26,7 @@ use s3::{Bucket, Region};
 use sha2::{Digest, Sha256};
 
 use super::credentials::{Provider, RefreshHealth};
+use crate::bandwidth::Bandwidth;
 use crate::config::{ObjectPolicy, S3Config, Sse};
 use crate::error::{AppError, StorageError};
 use crate::store::ports::{
@@ -80,6 +81,8 @@ pub struct S3Store {
     /// Until [`S3Store::probe_integrity`] runs: nothing proven, so
     /// `Content-MD5` goes out unless `S3_CONTENT_MD5=never`.
     integrity: Integrity,
+    /// The shared upload cap every request body draws from, if any.
+    bandwidth: Option<Arc<Bandwidth>>,
 }
 
 impl S3Store {
@@ -116,7 +119,14 @@ impl S3Store {
                 checksum_verified: false,
                 content_md5: config.content_md5.wanted(false),
             },
+            bandwidth: None,
         })
+    }
+
+    /// Sends every request body through `bandwidth`.
+    pub fn with_bandwidth(mut self, bandwidth: Arc<Bandwidth>) -> Self {
+        self.bandwidth = Some(bandwidth);
+        self
     }
 
     /// The bucket, signing with the current credentials.
@@ -182,9 +192,18 @@ impl S3Store {
         for (name, value) in &headers {
             request = request.header(name, value);
         }
-        let mut response = request
-            .send(body)
-            .map_err(|err| map_ureq_error(err, &self.config, key))?;
+        let sent = match &self.bandwidth {
+            Some(bandwidth) => request
+                .header("content-length", body.len())
+                .config()
+                .timeout_global(Some(
+                    bandwidth.request_timeout(self.config.request_timeout, body.len() as u64),
+                ))
+                .build()
+                .send(ureq::SendBody::from_reader(&mut bandwidth.reader(body))),
+            None => request.send(body),
+        };
+        let mut response = sent.map_err(|err| map_ureq_error(err, &self.config, key))?;
         let etag = response
             .headers()
             .get("etag")

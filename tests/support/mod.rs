@@ -36,7 +36,7 @@ pub const MIB: u64 = 1024 * 1024;
 /// Generous: the machine may be slow and busy; conditions are polled.
 pub const DEADLINE: Duration = Duration::from_secs(120);
 
-fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
