@@ -5,8 +5,8 @@
 #   scripts/test.sh -- NAME    # only tests whose name contains NAME
 #
 # Installs, when missing: redis-server, redis-sentinel, ffmpeg/ffprobe, openssl,
-# promtool (Debian package prometheus), Ceph RGW (radosgw, ceph-mon, ceph-osd,
-# ceph-common) and the network file system test bed's sshd, ssh, sshfs and
+# promtool (Debian package prometheus), stunnel4, Ceph RGW (radosgw, ceph-mon,
+# ceph-osd, ceph-common) and the network file system test bed's sshd, ssh, sshfs and
 # fusermount3 (openssh-server openssh-client sshfs fuse3) and chromium with
 # apt-get; the S3 test servers s3s-fs 0.14.1 (cargo install) and moto server
 # (pip), and the Python package playwright (pip; never `playwright install`). The netfs
@@ -25,8 +25,10 @@ command -v redis-server >/dev/null || apt_packages+=(redis-server)
 command -v redis-sentinel >/dev/null || apt_packages+=(redis-sentinel)
 { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || apt_packages+=(ffmpeg)
 command -v promtool >/dev/null || apt_packages+=(prometheus)
-# A private CA for the Redis TLS test (tests/tls.rs).
+# A private CA for the TLS tests (tests/tls.rs), and stunnel terminating
+# TLS in front of the S3 test server.
 command -v openssl >/dev/null || apt_packages+=(openssl)
+command -v stunnel4 >/dev/null || apt_packages+=(stunnel4)
 # Ceph RGW for the compatibility suite (tests/testbeds/rgw needs bc, uuidgen, curl too).
 for tool in radosgw:radosgw ceph-mon:ceph-mon ceph-osd:ceph-osd ceph:ceph-common bc:bc uuidgen:uuid-runtime curl:curl; do
   command -v "${tool%%:*}" >/dev/null || apt_packages+=("${tool#*:}")
@@ -68,7 +70,7 @@ if ! python3 -c "import playwright.sync_api" 2>/dev/null; then
 fi
 
 missing=()
-for tool in redis-server redis-sentinel ffmpeg ffprobe promtool openssl s3s-fs radosgw ceph-mon ceph-osd moto_server /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3 chromium; do
+for tool in redis-server redis-sentinel ffmpeg ffprobe promtool openssl stunnel4 s3s-fs radosgw ceph-mon ceph-osd moto_server /usr/sbin/sshd ssh ssh-keygen sshfs fusermount3 chromium; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 [ -e /dev/fuse ] || missing+=(/dev/fuse)

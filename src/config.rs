@@ -22,7 +22,9 @@ mod cli;
 mod events;
 mod stores;
 
-pub use aws::{ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, Sse, WebIdentity};
+pub use aws::{
+    ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, S3Tls, Sse, WebIdentity,
+};
 pub use cli::{Cli, Command, Settings};
 pub use events::{EventsConfig, WebhookConfig};
 pub use stores::{

@@ -7,9 +7,10 @@
 //! `SHUTDOWN_TIMEOUT`. Nothing here decides anything about a stream: that is
 //! the coordinator's job.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, bounded, never, select};
 use log::{error, info, warn};
@@ -25,11 +26,13 @@ use crate::http::{HttpState, StreamsRequest};
 use crate::lease::HeldLeases;
 use crate::metadata::KeyLayout;
 use crate::metrics::Metrics;
+use crate::retry::with_backoff;
 use crate::scan::{FsLister, Scan};
 use crate::store::redis::LeaseHolder;
 use crate::store::{
     BucketAdmin, BucketError, CheckpointStore, Integrity, ObjectStore, RedisStore, S3Store,
 };
+use crate::stream::Now;
 use crate::upload::job::{Job, JobResult};
 use crate::upload::{Worker, sweep};
 use crate::watchfs::RealFs;
@@ -51,24 +54,45 @@ fn until_ready<T, E: std::fmt::Display>(
     what: &str,
     mut attempt: impl FnMut() -> Result<T, E>,
 ) -> Option<T> {
-    let mut failures = 0u32;
-    loop {
+    let wait = |delay| !stop_requested_within(stop, delay);
+    with_backoff(config.retry, wait, |_| {
         heartbeat.beat();
         match attempt() {
-            Ok(value) => return Some(value),
+            Ok(value) => ControlFlow::Break(value),
             Err(err) => {
-                let delay = config.retry.ceiling(failures);
-                error!(
-                    "{what} failed: {err}; retrying in {}",
-                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
-                );
-                if stop_requested_within(stop, delay) {
-                    return None;
-                }
-                failures = failures.saturating_add(1);
+                error!("{what} failed: {err}; retrying with backoff");
+                ControlFlow::Continue(())
             }
         }
+    })
+}
+
+/// How a start-up check of the bucket ended, when it did not fail in a way
+/// worth retrying.
+enum BucketCheck {
+    /// The bucket is usable; the probe found how uploads are verified.
+    Ready(Integrity),
+    /// Retrying cannot help (the bucket is missing and may not be created).
+    Fatal(String),
+}
+
+/// Makes sure the bucket exists, then probes how the server verifies
+/// bodies. `Err` is a failure worth retrying.
+fn check_bucket(s3: &mut S3Store, config: &Config) -> Result<BucketCheck, String> {
+    match s3.ensure_bucket() {
+        Err(BucketError::Fatal(reason)) => return Ok(BucketCheck::Fatal(reason)),
+        Err(BucketError::Storage(err)) => {
+            return Err(format!(
+                "bucket {:?} at {}: {err}",
+                config.s3.bucket,
+                config.s3.endpoint_display()
+            ));
+        }
+        Ok(()) => {}
     }
+    s3.probe_integrity()
+        .map(BucketCheck::Ready)
+        .map_err(|err| format!("checksum probe in bucket {:?}: {err}", config.s3.bucket))
 }
 
 /// This process's owner id: host name, pid and a random part.
@@ -122,37 +146,24 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     metrics.watch_bandwidth(bandwidth.clone());
     let mut s3 = S3Store::new(&config.s3)?.with_bandwidth(bandwidth);
     let bucket_ready = until_ready(&config, &stop, &heartbeat, "checking bucket", || {
-        let outcome = s3.ensure_bucket().map_err(|err| match err {
-            BucketError::Fatal(reason) => Err(reason),
-            BucketError::Storage(err) => Ok(format!(
-                "bucket {:?} at {}: {err}",
-                config.s3.bucket,
-                config.s3.endpoint_display()
-            )),
-        });
-        let shown = outcome.clone().map_err(|err| match err {
-            Ok(retryable) | Err(retryable) => retryable,
-        });
+        let checked = check_bucket(&mut s3, &config);
+        let shown = match &checked {
+            Ok(BucketCheck::Ready(_)) => Ok(()),
+            Ok(BucketCheck::Fatal(reason)) | Err(reason) => Err(reason.clone()),
+        };
         events.dependency_checked(Dependency::Storage, shown);
-        match outcome {
-            Err(Err(fatal)) => Ok(Err(fatal)),
-            Err(Ok(retryable)) => Err(retryable),
-            Ok(()) => s3
-                .probe_integrity()
-                .map(Ok)
-                .map_err(|err| format!("checksum probe in bucket {:?}: {err}", config.s3.bucket)),
-        }
+        checked
     });
     let integrity = match bucket_ready {
         None => {
             http.stop();
             return Ok(RunOutcome::Drained);
         }
-        Some(Err(fatal)) => {
+        Some(BucketCheck::Fatal(reason)) => {
             http.stop();
-            return Err(AppError::Startup(fatal));
+            return Err(AppError::Startup(reason));
         }
-        Some(Ok(integrity)) => integrity,
+        Some(BucketCheck::Ready(integrity)) => integrity,
     };
     report_integrity(&config, integrity);
     events.storage_integrity(integrity);
@@ -204,7 +215,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         let worker = Worker::new(
             store.clone(),
             Box::new(redis_store()?),
-            KeyLayout::new(&config.s3.prefix),
+            KeyLayout::new(&config.s3.prefix)
+                .with_immutable_objects(config.s3.policy.object_lock.is_some()),
             config.retry,
             shutdown_rx.clone(),
             events.clone(),
@@ -318,7 +330,7 @@ fn drive(
 ) {
     let mut observations = Observations::default();
     loop {
-        coordinator.turn(Instant::now(), std::mem::take(&mut observations));
+        coordinator.turn(read_clocks(), std::mem::take(&mut observations));
         heartbeat.beat();
         let wait = coordinator
             .next_deadline()
@@ -354,6 +366,14 @@ fn drive(
     }
 }
 
+/// Both clocks, now: the coordinator and the streams read none themselves.
+fn read_clocks() -> Now {
+    Now {
+        instant: Instant::now(),
+        wall: SystemTime::now(),
+    }
+}
+
 /// Lets in-flight jobs finish (each is at most one chunk's work), within
 /// `timeout`. Dropping `shutdown` tells workers to stop retrying and to
 /// cancel queued jobs; every job, even one that panicked, reports back.
@@ -375,7 +395,7 @@ fn drain(
             scan: None,
             results: vec![result],
         };
-        coordinator.turn(Instant::now(), observations);
+        coordinator.turn(read_clocks(), observations);
     }
     coordinator.finish_drain()
 }

@@ -33,6 +33,10 @@ pub enum StorageError {
     Timeout { key: String },
     #[error("cannot connect to S3 endpoint {endpoint}: {detail}")]
     Connect { endpoint: String, detail: String },
+    /// The TLS handshake failed: most often a certificate that is not
+    /// trusted (a private CA without `AWS_CA_BUNDLE`).
+    #[error("TLS to S3 endpoint {endpoint} failed (certificate or handshake): {detail}")]
+    Tls { endpoint: String, detail: String },
     #[error("S3 answered HTTP {status} for {key:?}: {body}")]
     Http {
         status: u16,
@@ -53,6 +57,7 @@ impl StorageError {
         match self {
             StorageError::Timeout { .. } => "timeout",
             StorageError::Connect { .. } => "connect",
+            StorageError::Tls { .. } => "tls",
             StorageError::Http { status, .. } if *status >= 500 => "http_5xx",
             StorageError::Http { .. } => "http_4xx",
             StorageError::Other { .. } => "other",

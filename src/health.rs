@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::metadata::unix_millis;
 use crate::store::Integrity;
+use crate::store::credentials::RefreshHealth;
 
 fn unix_millis_now() -> u64 {
     unix_millis(SystemTime::now())
@@ -63,6 +64,10 @@ pub struct ReadinessReport {
     /// `"error: …"` while refreshing temporary credentials fails.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3_credentials: Option<String>,
+    /// Where the S3 credentials come from and, for temporary ones, when the
+    /// current ones expire (absent when anonymous or not known yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_credentials_source: Option<String>,
 }
 
 impl ReadinessReport {
@@ -87,7 +92,7 @@ pub struct Readiness {
     watch_dir: Mutex<Option<String>>,
     integrity: Mutex<Option<Integrity>>,
     /// The last credential refresh error, until a refresh succeeds.
-    credentials: Mutex<Option<String>>,
+    credentials: Mutex<Option<RefreshHealth>>,
 }
 
 impl Readiness {
@@ -137,8 +142,8 @@ impl Readiness {
         *self.integrity.lock().expect("readiness lock")
     }
 
-    pub fn set_credentials(&self, refresh_error: Option<String>) {
-        *self.credentials.lock().expect("readiness lock") = refresh_error;
+    pub fn set_credentials(&self, health: RefreshHealth) {
+        *self.credentials.lock().expect("readiness lock") = Some(health);
     }
 
     pub fn report(&self) -> ReadinessReport {
@@ -151,17 +156,24 @@ impl Readiness {
             None => "ok".to_string(),
             Some(reason) => format!("degraded: {reason}"),
         };
+        let credentials = self.credentials.lock().expect("readiness lock").clone();
         ReadinessReport {
             redis: show(Dependency::Redis),
             s3: show(Dependency::Storage),
             watch_dir,
             s3_integrity: self.integrity(),
-            s3_credentials: self
-                .credentials
-                .lock()
-                .expect("readiness lock")
+            s3_credentials: credentials
                 .as_ref()
+                .and_then(|health| health.last_error.as_ref())
                 .map(|err| format!("error: refreshing credentials: {err}")),
+            s3_credentials_source: credentials.as_ref().map(|health| match health.expires {
+                Some(expires) => format!(
+                    "{}, expires {}",
+                    health.source,
+                    humantime::format_rfc3339_seconds(expires)
+                ),
+                None => health.source.to_string(),
+            }),
         }
     }
 }

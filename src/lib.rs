@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod notify;
 pub mod readback;
 pub mod restore;
+pub mod retry;
 pub mod rules;
 pub mod scan;
 pub mod scanner;

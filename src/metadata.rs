@@ -19,13 +19,24 @@ const MAX_STEM_BYTES: usize = 96;
 #[derive(Debug, Clone)]
 pub struct KeyLayout {
     prefix: String,
+    /// Object Lock: no key is ever written twice with different bytes.
+    immutable_objects: bool,
 }
 
 impl KeyLayout {
     pub fn new(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_string(),
+            immutable_objects: false,
         }
+    }
+
+    /// With `true` (`S3_OBJECT_LOCK_MODE` set), chunk keys also name their
+    /// bytes and later revisions assemble to keys of their own: see
+    /// [`KeyLayout::chunk_holding`] and [`KeyLayout::assembled`].
+    pub fn with_immutable_objects(mut self, immutable: bool) -> Self {
+        self.immutable_objects = immutable;
+        self
     }
 
     /// `{prefix}{stream_id}/chunk-{index:06}`; the zero padding makes a plain
@@ -40,10 +51,32 @@ impl KeyLayout {
         format!("{}{stream_id}/chunk-", self.prefix)
     }
 
+    /// The key chunk `index` is written to when its bytes hash to `sha256`:
+    /// [`KeyLayout::chunk`], or with immutable chunks (Object Lock)
+    /// `chunk-{index:06}-{16 hex digits of the sha256}`. Changed bytes (the
+    /// header ffmpeg rewrites at the end of a recording, the grown tail of a
+    /// reopened stream) then go to a new key instead of over a locked object;
+    /// `metadata.json` names the key of every chunk.
+    pub fn chunk_holding(&self, stream_id: &str, index: u64, sha256: &[u8; 32]) -> String {
+        let key = self.chunk(stream_id, index);
+        if self.immutable_objects {
+            format!("{key}-{}", hex::encode(&sha256[..8]))
+        } else {
+            key
+        }
+    }
+
     /// `{prefix}{stream_id}/{file_name}`: the whole file, assembled
-    /// server-side from the chunks.
-    pub fn assembled(&self, stream_id: &str, file_name: &str) -> String {
-        format!("{}{stream_id}/{file_name}", self.prefix)
+    /// server-side from the chunks. With immutable objects (Object Lock), a
+    /// reopened stream's later revision goes to
+    /// `{prefix}{stream_id}/r{revision}/{file_name}` instead of over the
+    /// locked first one.
+    pub fn assembled(&self, stream_id: &str, file_name: &str, revision: u32) -> String {
+        if self.immutable_objects && revision > 1 {
+            format!("{}{stream_id}/r{revision}/{file_name}", self.prefix)
+        } else {
+            format!("{}{stream_id}/{file_name}", self.prefix)
+        }
     }
 
     /// `{prefix}{stream_id}/assembly-r{revision}-{index:05}`: an intermediate

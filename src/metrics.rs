@@ -21,9 +21,10 @@ use crate::store::Integrity;
 use crate::store::credentials::RefreshHealth;
 
 /// The error kinds reported by `chunkstream_upload_errors_total`.
-pub const UPLOAD_ERROR_KINDS: [&str; 6] = [
+pub const UPLOAD_ERROR_KINDS: [&str; 7] = [
     "timeout",
     "connect",
+    "tls",
     "http_4xx",
     "http_5xx",
     "integrity",
@@ -438,7 +439,7 @@ impl Events for Metrics {
         let counted = self.credentials_refresh_failures.get();
         self.credentials_refresh_failures
             .inc_by(health.failures.saturating_sub(counted));
-        self.readiness.set_credentials(health.last_error.clone());
+        self.readiness.set_credentials(health.clone());
     }
 
     fn storage_integrity(&self, integrity: Integrity) {

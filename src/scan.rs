@@ -442,8 +442,12 @@ impl<F: FileSystem> DirectoryLister for FsLister<F> {
         let poll = self.poll;
         self.stats.retain(|_, stat| stat.seen_poll == poll);
         if walk.scan.blind.is_none() {
-            let listed = &walk.scan.listed;
-            self.dir_devices.retain(|dir, _| listed.contains_key(dir));
+            // A directory that could not be listed this time keeps its
+            // device: a mount that aborts a listing and then drops away is
+            // still told apart from the directory underneath.
+            let scan = &walk.scan;
+            self.dir_devices
+                .retain(|dir, _| scan.listed.contains_key(dir) || !scan.covers(dir));
         }
         for (level, line) in self.log.lines(walk.problems, walk.now) {
             log::log!(level, "{line}");

@@ -42,20 +42,13 @@ fn verifies_checksums(kind: S3Kind) -> bool {
 /// Found by the probe against moto 5.x.
 const MOTO_VERIFIES_CHECKSUMS: bool = false;
 
-/// `chunkstream run` in the foreground with the test environment plus
-/// `overrides`, for starts that are expected to end by themselves.
+/// `chunkstream run` with the test environment plus `overrides`, to its exit.
 fn run_to_exit(env: &TestEnv, overrides: &[(&str, &str)]) -> Output {
     let mut vars: BTreeMap<String, String> = env.daemon_env();
-    vars.insert("METRICS_ADDR".into(), "127.0.0.1:0".into());
     for (key, value) in overrides {
         vars.insert(key.to_string(), value.to_string());
     }
-    Command::new(chunkstream_binary())
-        .arg("run")
-        .env_clear()
-        .envs(vars)
-        .output()
-        .expect("chunkstream runs")
+    support::run_to_exit(vars)
 }
 
 /// Every object under the prefix is either a stream's metadata or one of its

@@ -9,81 +9,17 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use support::stub::{Stub, credentials_json, header};
 use support::{
-    ACCESS_KEY, BUCKET, MIB, S3Kind, SECRET_KEY, TestEnv, append, chunkstream_binary,
-    pseudo_random, wait_for,
+    ACCESS_KEY, BUCKET, MIB, S3Kind, SECRET_KEY, TestEnv, append, pseudo_random, wait_for,
 };
 
-/// A local HTTP server: every request gets `answer(request, n)`, a status
-/// and a body, `n` counting the requests from 0. Stops when dropped.
-struct Stub {
-    base: String,
-    answered: Arc<AtomicUsize>,
-    server: Arc<tiny_http::Server>,
-}
-
-impl Stub {
-    fn start(
-        answer: impl Fn(&tiny_http::Request, usize) -> (u16, String) + Send + 'static,
-    ) -> Self {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind"));
-        let port = server.server_addr().to_ip().expect("ip").port();
-        let answered = Arc::new(AtomicUsize::new(0));
-        let (serving, count) = (server.clone(), answered.clone());
-        std::thread::spawn(move || {
-            for request in serving.incoming_requests() {
-                let (status, body) = answer(&request, count.fetch_add(1, Ordering::SeqCst));
-                let _ = request
-                    .respond(tiny_http::Response::from_string(body).with_status_code(status));
-            }
-        });
-        Self {
-            base: format!("http://127.0.0.1:{port}"),
-            answered,
-            server,
-        }
-    }
-}
-
-impl Drop for Stub {
-    fn drop(&mut self) {
-        self.server.unblock();
-    }
-}
-
-/// The JSON of the container endpoint and IMDS: the test's keys, expiring
-/// `lifetime` from now.
-fn credentials_json(token: &str, lifetime: Duration) -> String {
-    let expires = humantime::format_rfc3339_seconds(SystemTime::now() + lifetime);
-    format!(
-        r#"{{"AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{SECRET_KEY}","Token":"{token}","Expiration":"{expires}"}}"#
-    )
-}
-
-/// The value of header `name`, if the request has it.
-fn header(request: &tiny_http::Request, name: &str) -> Option<String> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.to_string())
-}
-
-/// The test environment's daemon settings without the static keys.
-fn keyless_env(env: &TestEnv) -> std::collections::BTreeMap<String, String> {
-    let mut vars = env.daemon_env();
-    vars.remove("AWS_ACCESS_KEY_ID");
-    vars.remove("AWS_SECRET_ACCESS_KEY");
-    vars
-}
-
-/// The daemon with [`keyless_env`] plus `extra`.
+/// The daemon with [`TestEnv::keyless_env`] plus `extra`.
 fn start_without_keys(env: &TestEnv, extra: &[(&str, &str)]) -> support::Daemon {
-    let mut vars = keyless_env(env);
+    let mut vars = env.keyless_env();
     for (key, value) in extra {
         vars.insert(key.to_string(), value.to_string());
     }
@@ -203,15 +139,9 @@ fn a_profile_in_a_shared_credentials_file_signs_for_s3s_fs() {
 #[test]
 fn no_credentials_anywhere_exits_2_naming_every_source_tried() {
     let Some(env) = TestEnv::start() else { return };
-    let mut vars = keyless_env(&env);
+    let mut vars = env.keyless_env();
     vars.insert("HOME".into(), env.staging.path().display().to_string());
-    vars.insert("METRICS_ADDR".into(), "127.0.0.1:0".into());
-    let output = std::process::Command::new(chunkstream_binary())
-        .arg("run")
-        .env_clear()
-        .envs(&vars)
-        .output()
-        .expect("chunkstream runs");
+    let output = support::run_to_exit(vars);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     for source in [
@@ -226,15 +156,21 @@ fn no_credentials_anywhere_exits_2_naming_every_source_tried() {
     }
 }
 
-/// HEAD with a placeholder signature (moto reads the access key but checks
-/// no signature; unsigned requests are anonymous): the response headers.
+/// `request` with a placeholder signature: moto reads the access key but
+/// checks no signature (unsigned requests are anonymous).
+fn placeholder_signed(
+    request: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+    request.header(
+        "authorization",
+        format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"),
+    )
+}
+
+/// The headers of HEAD `key` on moto.
 fn head(env: &TestEnv, key: &str) -> http::HeaderMap {
     let url = format!("{}/{BUCKET}/{key}", env.s3.endpoint());
-    let response = ureq::head(&url)
-        .header(
-            "authorization",
-            format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"),
-        )
+    let response = placeholder_signed(ureq::head(&url))
         .call()
         .unwrap_or_else(|err| panic!("HEAD {url}: {err}"));
     response.headers().clone()
@@ -289,6 +225,75 @@ fn every_object_carries_sse_storage_class_tags_and_object_lock_on_moto() {
     wait_for("no failed requests", || {
         daemon.metric_sum("chunkstream_upload_errors_total") == 0.0
     });
+    daemon.terminate();
+}
+
+/// The keys under `prefix` with the number of versions (and delete markers)
+/// each has in moto's versioned bucket (ListObjectVersions).
+fn versions_per_key(env: &TestEnv, prefix: &str) -> std::collections::BTreeMap<String, usize> {
+    let url = format!("{}/{BUCKET}?versions&prefix={prefix}", env.s3.endpoint());
+    let body = placeholder_signed(ureq::get(&url))
+        .call()
+        .unwrap_or_else(|err| panic!("GET {url}: {err}"))
+        .body_mut()
+        .read_to_string()
+        .expect("versions listing");
+    assert!(!body.contains("<IsTruncated>true"), "one page: {body}");
+    let mut versions = std::collections::BTreeMap::new();
+    for entry in body.split("<Key>").skip(1) {
+        let key = entry.split("</Key>").next().expect("a key").to_string();
+        *versions.entry(key).or_insert(0) += 1;
+    }
+    versions
+}
+
+#[test]
+fn with_object_lock_a_rewritten_header_goes_to_a_new_key_and_no_object_is_overwritten() {
+    let Some(env) = TestEnv::start_on(S3Kind::Moto, ACCESS_KEY, SECRET_KEY) else {
+        return;
+    };
+    let daemon = env.start_daemon(&[
+        ("S3_OBJECT_LOCK_MODE", "GOVERNANCE"),
+        ("S3_OBJECT_LOCK_RETAIN", "1d"),
+        ("STREAM_TIMEOUT", "8s"),
+    ]);
+    // A recording in progress: two full chunks go up while it grows.
+    let path = env.drop_file("cam-locked.mp4", &pseudo_random(11 * MIB, 31));
+    let mut stream_id = String::new();
+    wait_for("the first two chunks checkpointed", || {
+        stream_id = env.registered_stream_ids().pop().unwrap_or_default();
+        !stream_id.is_empty() && env.checkpointed_chunks(&stream_id) >= 2
+    });
+    // The end of the recording: the header near byte 40 is patched (as
+    // ffmpeg patches the mdat size), and the tail is written.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.seek(SeekFrom::Start(40)).unwrap();
+        file.write_all(b"patched mdat size").unwrap();
+    }
+    append(&path, &pseudo_random(MIB, 32));
+    let meta = env.wait_complete("cam-locked.mp4");
+    env.assert_byte_exact_via_metadata(&meta, &path);
+
+    let versions = versions_per_key(&env, &format!("{}{stream_id}/", env.prefix));
+    let first_chunks: Vec<&String> = versions
+        .keys()
+        .filter(|key| key.contains("/chunk-000000-"))
+        .collect();
+    assert_eq!(
+        first_chunks.len(),
+        2,
+        "the chunk as uploaded while recording and as rewritten: {versions:?}"
+    );
+    assert!(
+        first_chunks.contains(&&meta.chunks[0].key),
+        "metadata names the rewritten chunk: {:?}",
+        meta.chunks[0]
+    );
+    for (key, count) in &versions {
+        assert_eq!(*count, 1, "{key} was written more than once: {versions:?}");
+    }
     daemon.terminate();
 }
 

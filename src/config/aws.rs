@@ -51,6 +51,34 @@ impl std::fmt::Debug for ContainerEndpoint {
     }
 }
 
+/// How the HTTPS clients to S3, STS and the credential endpoints trust
+/// servers (`AWS_CA_BUNDLE`, `S3_INSECURE_TLS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum S3Tls {
+    /// Mozilla's web roots, built in.
+    #[default]
+    WebRoots,
+    /// The system's roots plus the CAs in this PEM bundle.
+    CaBundle(PathBuf),
+    /// No verification at all.
+    Insecure,
+}
+
+impl S3Tls {
+    pub(super) fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let insecure = parse_bool("S3_INSECURE_TLS", &settings.s3_insecure_tls)?;
+        match (given(&settings.aws_ca_bundle), insecure) {
+            (Some(_), true) => Err(ConfigError {
+                variable: "S3_INSECURE_TLS",
+                reason: "set together with AWS_CA_BUNDLE; trust the CA with AWS_CA_BUNDLE, or skip verification with S3_INSECURE_TLS=true, not both".into(),
+            }),
+            (Some(bundle), false) => Ok(S3Tls::CaBundle(PathBuf::from(bundle))),
+            (None, true) => Ok(S3Tls::Insecure),
+            (None, false) => Ok(S3Tls::WebRoots),
+        }
+    }
+}
+
 /// Headers every object written carries (`S3_SSE`, `S3_STORAGE_CLASS`,
 /// `S3_OBJECT_LOCK_*`, `S3_TAGS`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

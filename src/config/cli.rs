@@ -225,6 +225,12 @@ pub struct Settings {
     /// Send unsigned requests on purpose; without it, finding no credentials stops the start.
     #[arg(long, env = "S3_ANONYMOUS", default_value = "false", global = true)]
     pub s3_anonymous: String,
+    /// PEM bundle of CAs (a private or self-signed CA) trusted for HTTPS to S3, STS and the credential endpoints, in addition to the system's roots.
+    #[arg(long, env = "AWS_CA_BUNDLE", global = true)]
+    pub aws_ca_bundle: Option<String>,
+    /// Skip certificate verification for HTTPS to S3, STS and the credential endpoints (testing only; warned about at every start).
+    #[arg(long, env = "S3_INSECURE_TLS", default_value = "false", global = true)]
+    pub s3_insecure_tls: String,
     /// Server-side encryption of every object written: AES256 or aws:kms (empty: the bucket's default).
     #[arg(long, env = "S3_SSE", default_value = "", global = true)]
     pub s3_sse: String,
@@ -234,7 +240,7 @@ pub struct Settings {
     /// Storage class of every object written, e.g. STANDARD_IA, GLACIER_IR (empty: the bucket's default).
     #[arg(long, env = "S3_STORAGE_CLASS", default_value = "", global = true)]
     pub s3_storage_class: String,
-    /// Object Lock mode of every object written: GOVERNANCE or COMPLIANCE (empty: none); needs S3_OBJECT_LOCK_RETAIN.
+    /// Object Lock mode of every object written: GOVERNANCE or COMPLIANCE (empty: none); needs S3_OBJECT_LOCK_RETAIN. Changed chunks then go to new keys, never over a locked object.
     #[arg(long, env = "S3_OBJECT_LOCK_MODE", default_value = "", global = true)]
     pub s3_object_lock_mode: String,
     /// How long each object stays locked from its upload, e.g. 30d.

@@ -23,6 +23,7 @@ pub struct S3Config {
     /// Where to look for credentials after the environment.
     pub chain: CredentialChain,
     pub policy: ObjectPolicy,
+    pub tls: S3Tls,
 }
 
 /// When requests with a body carry `Content-MD5` (`S3_CONTENT_MD5`).
@@ -68,6 +69,7 @@ impl std::fmt::Debug for S3Config {
             .field("anonymous", &self.anonymous)
             .field("chain", &self.chain)
             .field("policy", &self.policy)
+            .field("tls", &self.tls)
             .field(
                 "access_key_id",
                 &self.credentials.as_ref().map(|c| c.access_key_id.as_str()),
@@ -216,6 +218,7 @@ impl S3Config {
             anonymous: parse_bool("S3_ANONYMOUS", &settings.s3_anonymous)?,
             chain: CredentialChain::from_settings(settings)?,
             policy: ObjectPolicy::from_settings(settings)?,
+            tls: S3Tls::from_settings(settings)?,
             create_bucket: parse_bool("S3_CREATE_BUCKET", &settings.s3_create_bucket)?,
             content_md5: match settings.s3_content_md5.trim().to_ascii_lowercase().as_str() {
                 "auto" => ContentMd5::Auto,

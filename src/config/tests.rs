@@ -220,3 +220,29 @@ fn backoff_doubles_up_to_the_cap_and_jitters_below_it() {
         assert!(policy.delay(attempt) <= policy.ceiling(attempt));
     }
 }
+
+#[test]
+fn tls_trust_is_a_ca_bundle_or_no_verification_never_both() {
+    // The flags override an AWS_CA_BUNDLE in the environment running the tests.
+    let no_bundle = "--aws-ca-bundle=";
+    assert_eq!(config(&[no_bundle]).unwrap().s3.tls, S3Tls::WebRoots);
+    assert_eq!(
+        config(&["--aws-ca-bundle=/etc/ca.pem"]).unwrap().s3.tls,
+        S3Tls::CaBundle(PathBuf::from("/etc/ca.pem"))
+    );
+    assert_eq!(
+        config(&[no_bundle, "--s3-insecure-tls=true"])
+            .unwrap()
+            .s3
+            .tls,
+        S3Tls::Insecure
+    );
+    let both = config(&["--aws-ca-bundle=/etc/ca.pem", "--s3-insecure-tls=true"]).unwrap_err();
+    assert_eq!(both.variable, "S3_INSECURE_TLS");
+    assert_eq!(
+        config(&[no_bundle, "--s3-insecure-tls=maybe"])
+            .unwrap_err()
+            .variable,
+        "S3_INSECURE_TLS"
+    );
+}

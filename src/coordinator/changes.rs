@@ -14,7 +14,7 @@ impl Coordinator {
     pub(super) fn apply_scan(&mut self, scan: Scan, now: Instant) {
         self.unreadable_paths = scan.unreadable_count();
         let was_blind = self.table.blind().map(str::to_string);
-        let changes = self.table.apply_scan(&scan, now, &self.rules);
+        let changes = self.table.apply_scan(&scan, self.at(now), &self.rules);
         let blind = self.table.blind().map(str::to_string);
         match (&blind, &was_blind) {
             (Some(reason), _) if blind != was_blind => warn!(
@@ -55,9 +55,9 @@ impl Coordinator {
             match verdict {
                 Ok(true) => same.push((identity, seen)),
                 Ok(false) => {
-                    let changes = self
-                        .table
-                        .apply(identity, Event::Replaced, now, &self.rules);
+                    let changes =
+                        self.table
+                            .apply(identity, Event::Replaced, self.at(now), &self.rules);
                     self.apply_changes(changes, now);
                     // The replaced stream was closed only once no job was
                     // out; the new file is registered on the next scan.
@@ -230,7 +230,7 @@ impl Coordinator {
             new_stream_id(&file_name(&observation.rel_path), unique.as_bytes()),
             observation,
             self.config.chunk_size,
-            now,
+            self.at(now),
         );
         let retired = self.retired.get(&observation.identity).cloned();
         let registered = self

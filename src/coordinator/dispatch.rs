@@ -66,13 +66,13 @@ impl Coordinator {
             };
             let job = match work {
                 Work::Upload { index } => {
-                    let offset = index * stream.state.chunk_size;
+                    let offset = index * stream.state.chunk_size();
                     Job::Chunk(ChunkJob {
                         stream: stream.stream_ref(token),
                         path: stream.abs_path.clone(),
                         index,
                         offset,
-                        len: stream.state.chunk_size,
+                        len: stream.state.chunk_size(),
                     })
                 }
                 Work::Finalize { size } => Job::Finalize(FinalizeJob {
@@ -98,7 +98,7 @@ impl Coordinator {
                     };
                     self.in_flight.insert(stream_id, kind);
                     self.table
-                        .apply(identity, Event::Dispatched(work), now, &self.rules);
+                        .apply(identity, Event::Dispatched(work), self.at(now), &self.rules);
                     self.table.mark_dispatched(&identity, now);
                 }
                 Err(_) => {

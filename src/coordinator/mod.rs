@@ -32,6 +32,7 @@ use crate::scan::{FileIdentity, Observation, Scan};
 use crate::store::CheckpointStore;
 use crate::store::ports::{Claim, LeaseStatus};
 use crate::store::ports::{CorruptRecord, Loaded};
+use crate::stream::Now;
 use crate::stream::state::{Event, Rules, Work};
 use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream, file_name};
 use crate::upload::job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
@@ -138,6 +139,8 @@ pub struct Coordinator {
     /// Reads a file's first bytes, to tell a file whose inode number changed
     /// (network file systems) from a new one.
     files: Box<dyn FileSystem>,
+    /// The wall time of the current turn, for the timestamps streams record.
+    wall_clock: SystemTime,
 }
 
 /// A quarantined stream: its file (if known) and why.
@@ -187,6 +190,7 @@ impl Coordinator {
             unreadable_paths: 0,
             unannounced: VecDeque::new(),
             files,
+            wall_clock: SystemTime::UNIX_EPOCH,
         }
     }
 
@@ -224,7 +228,9 @@ impl Coordinator {
     /// renews leases when due, and hands out the jobs that fit in the job
     /// channel. `now` is the only clock the coordinator reads, so tests drive
     /// it with a fake one.
-    pub fn turn(&mut self, now: Instant, observations: Observations) {
+    pub fn turn(&mut self, now: Now, observations: Observations) {
+        self.wall_clock = now.wall;
+        let now = now.instant;
         for result in observations.results {
             self.handle_result(result, now);
         }
@@ -237,6 +243,14 @@ impl Coordinator {
         self.retry_announcements();
         self.renew_leases(now);
         self.dispatch(now);
+    }
+
+    /// `now` with the wall time of this turn.
+    fn at(&self, now: Instant) -> Now {
+        Now {
+            instant: now,
+            wall: self.wall_clock,
+        }
     }
 
     /// When the next turn is due even if nothing arrives: the next lease
@@ -337,7 +351,7 @@ impl Coordinator {
         };
         for stream in self.table.iter().filter(|s| s.is_active()) {
             gauges.streams_active += 1;
-            gauges.pending_bytes += stream.state.size.saturating_sub(stream.uploaded_bytes());
+            gauges.pending_bytes += stream.state.size().saturating_sub(stream.uploaded_bytes());
         }
         self.events.gauges(&gauges);
     }

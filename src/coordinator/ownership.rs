@@ -187,7 +187,7 @@ impl Coordinator {
             }
         };
         let stream = self.table.stream_mut(&identity)?;
-        if !stream.adopt(stored, self.config.assemble) {
+        if !stream.adopt(stored, now, &self.rules) {
             // Closed as incomplete by another replica: forget it; its file,
             // if still there, is discovered afresh.
             self.table.remove(&identity);

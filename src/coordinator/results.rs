@@ -67,7 +67,7 @@ impl Coordinator {
                 // The 1st, 10th, 100th, … failure in a row: a permanent
                 // problem (permissions) is warned about once, and stays
                 // visible in the logs without a line per retry.
-                let failures_in_a_row = stream.state.failures + 1;
+                let failures_in_a_row = stream.state.failures() + 1;
                 if failures_in_a_row == 1 || is_power_of_ten(failures_in_a_row) {
                     warn!(
                         stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
@@ -90,7 +90,7 @@ impl Coordinator {
         };
         let identity = result.stream.identity;
         let finalized = matches!(event, Event::Finalized { .. });
-        let changes = self.table.apply(identity, event, now, &self.rules);
+        let changes = self.table.apply(identity, event, self.at(now), &self.rules);
         let needs_owner = self
             .table
             .get(&identity)

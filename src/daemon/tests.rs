@@ -89,7 +89,7 @@ fn a_panicking_job_is_retried_to_completion_and_never_holds_up_a_drain() {
             scan: Some(lister.scan()),
             results: results.try_iter().collect(),
         };
-        coordinator.turn(Instant::now(), observations);
+        coordinator.turn(read_clocks(), observations);
         std::thread::sleep(Duration::from_millis(20));
     }
     let (text, _) = metrics.render();
@@ -119,7 +119,7 @@ fn a_panicking_job_is_retried_to_completion_and_never_holds_up_a_drain() {
             scan: Some(lister.scan()),
             results: results.try_iter().collect(),
         };
-        coordinator.turn(Instant::now(), observations);
+        coordinator.turn(read_clocks(), observations);
         std::thread::sleep(Duration::from_millis(5));
     }
     let started = Instant::now();

@@ -202,3 +202,26 @@ fn chunk_keys_sort_in_index_order() {
     assert!(layout.chunk("s", 9) < layout.chunk("s", 10));
     assert_eq!(layout.metadata("s"), "s/metadata.json");
 }
+
+#[test]
+fn with_object_lock_changed_bytes_get_a_new_chunk_key() {
+    let plain = KeyLayout::new("p/");
+    let locked = KeyLayout::new("p/").with_immutable_objects(true);
+    let first: [u8; 32] = [0xab; 32];
+    let rewritten: [u8; 32] = [0x01; 32];
+    assert_eq!(plain.chunk_holding("s", 0, &first), "p/s/chunk-000000");
+    assert_eq!(plain.chunk_holding("s", 0, &rewritten), "p/s/chunk-000000");
+    assert_eq!(
+        locked.chunk_holding("s", 0, &first),
+        "p/s/chunk-000000-abababababababab"
+    );
+    assert_ne!(
+        locked.chunk_holding("s", 0, &first),
+        locked.chunk_holding("s", 0, &rewritten)
+    );
+    assert_eq!(plain.assembled("s", "a.mp4", 2), "p/s/a.mp4");
+    assert_eq!(locked.assembled("s", "a.mp4", 1), "p/s/a.mp4");
+    assert_eq!(locked.assembled("s", "a.mp4", 2), "p/s/r2/a.mp4");
+    // A listing still sorts by index.
+    assert!(locked.chunk_holding("s", 1, &first) > locked.chunk_holding("s", 0, &rewritten));
+}

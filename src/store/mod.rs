@@ -6,6 +6,7 @@
 
 mod connection;
 pub mod credentials;
+mod https;
 pub mod ports;
 pub mod record;
 pub mod redis;

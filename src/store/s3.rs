@@ -1,9 +1,11 @@
-//! The object store: a trait, and its rust-s3 (sync) implementation.
+//! The object store: a trait, and its S3 implementation.
 //!
-//! rust-s3 is used in its synchronous mode (attohttpc underneath, no async
-//! runtime). Its own retries are switched off: the caller owns the retry
-//! policy, because only the caller knows whether the source file still exists.
-//! Errors are mapped to the small set of kinds the metrics report.
+//! rust-s3 (sync mode, no async runtime) signs every request; ureq sends it
+//! (see `transport`), so one agent with the daemon's TLS trust
+//! (`AWS_CA_BUNDLE`, `S3_INSECURE_TLS`) carries all S3 traffic. Nothing is
+//! retried here: the caller owns the retry policy, because only the caller
+//! knows whether the source file still exists. Errors are mapped to the
+//! small set of kinds the metrics report.
 //!
 //! Integrity does not depend on the server: at start the store finds out
 //! whether the server verifies `x-amz-checksum-sha256` (Ceph RGW, for one,
@@ -13,19 +15,20 @@
 //! (see docs/compatibility.md) are absorbed here: bucket creation without a
 //! `us-east-1` location constraint, unquoted or empty ETags.
 
-use std::io;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::Engine;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, Method};
 use log::{info, warn};
+use s3::command::Command;
 use s3::creds::Credentials;
-use s3::error::S3Error;
+use s3::serde_types::{CompleteMultipartUploadData, InitiateMultipartUploadResponse, Part};
 use s3::{Bucket, Region};
 use sha2::{Digest, Sha256};
 
 use super::credentials::{Provider, RefreshHealth};
+use super::https::HttpsTrust;
 use crate::bandwidth::Bandwidth;
 use crate::config::{ObjectPolicy, S3Config, Sse};
 use crate::error::{AppError, StorageError};
@@ -34,6 +37,9 @@ use crate::store::ports::{
 };
 
 mod admin;
+mod transport;
+
+use transport::map_signing_error;
 
 /// Lifetime of a presigned URL: used at once, so only clock skew matters.
 const PRESIGNED_URL_SECONDS: u32 = 3600;
@@ -75,8 +81,7 @@ pub struct S3Store {
     /// Headers every object written carries.
     policy: HeaderMap,
     config: S3Config,
-    /// For requests rust-s3 presigns: chunk PUTs and UploadPartCopy. It keeps
-    /// connections alive (rust-s3 opens one per request).
+    /// Sends every request (see `transport`); it keeps connections alive.
     agent: ureq::Agent,
     /// Until [`S3Store::probe_integrity`] runs: nothing proven, so
     /// `Content-MD5` goes out unless `S3_CONTENT_MD5=never`.
@@ -89,26 +94,20 @@ impl S3Store {
     /// Resolves the credentials (see [`Provider::resolve`]): finding none
     /// without `S3_ANONYMOUS=true` is a configuration error.
     pub fn new(config: &S3Config) -> Result<Self, AppError> {
-        // Retries belong to the caller; see the module doc.
-        s3::set_retries(0);
         let anonymous = Credentials::anonymous().map_err(|err| StorageError::Other {
             key: String::new(),
             detail: format!("credentials: {err}"),
         })?;
         let bucket = Bucket::new(&config.bucket, region(config)?, anonymous)
-            .map_err(|err| map_error(err, config, ""))?;
-        let mut bucket = if config.path_style {
+            .map_err(|err| map_signing_error(err, ""))?;
+        let bucket = if config.path_style {
             bucket.with_path_style()
         } else {
             bucket
         };
-        bucket.set_request_timeout(Some(config.request_timeout));
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(config.request_timeout))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let credentials = Provider::resolve(config)?;
+        let trust = HttpsTrust::new(&config.tls)?;
+        let agent = trust.agent(config.request_timeout);
+        let credentials = Provider::resolve(config, &trust)?;
         Ok(Self {
             bucket,
             credentials,
@@ -187,69 +186,12 @@ impl S3Store {
         let url = self
             .bucket()
             .presign_put(key, PRESIGNED_URL_SECONDS, Some(headers.clone()), None)
-            .map_err(|err| map_error(err, &self.config, key))?;
-        let mut request = self.agent.put(&url);
-        for (name, value) in &headers {
-            request = request.header(name, value);
-        }
-        let sent = match &self.bandwidth {
-            Some(bandwidth) => request
-                .header("content-length", body.len())
-                .config()
-                .timeout_global(Some(
-                    bandwidth.request_timeout(self.config.request_timeout, body.len() as u64),
-                ))
-                .build()
-                .send(ureq::SendBody::from_reader(&mut bandwidth.reader(body))),
-            None => request.send(body),
-        };
-        let mut response = sent.map_err(|err| map_ureq_error(err, &self.config, key))?;
-        let etag = response
-            .headers()
-            .get("etag")
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_string);
-        http_outcome(&mut response, key)?;
-        Ok(etag)
+            .map_err(|err| map_signing_error(err, key))?;
+        let answer = self
+            .exchange(Method::PUT, &url, &headers, body, key)?
+            .success(key)?;
+        Ok(answer.header("etag"))
     }
-}
-
-/// The error codes servers answer a body that fails its checksum or
-/// Content-MD5 with (AWS, MinIO, Ceph RGW, s3s, moto).
-const CORRUPTION_CODES: [&str; 4] = [
-    "BadDigest",
-    "InvalidDigest",
-    "XAmzContentChecksumMismatch",
-    "XAmzContentSHA256Mismatch",
-];
-
-/// `Ok` with the body for a 2xx answer, else the error it stands for; a
-/// refusal of the body as corrupted is [`StorageError::Corrupted`].
-fn http_outcome(
-    response: &mut http::Response<ureq::Body>,
-    key: &str,
-) -> Result<String, StorageError> {
-    let status = response.status().as_u16();
-    let body = response.body_mut().read_to_string().unwrap_or_default();
-    if (200..300).contains(&status) {
-        return Ok(body);
-    }
-    let summary = summarize_body(&body);
-    if status == 400
-        && CORRUPTION_CODES
-            .iter()
-            .any(|code| summary.starts_with(code))
-    {
-        return Err(StorageError::Corrupted {
-            key: key.to_string(),
-            detail: summary,
-        });
-    }
-    Err(StorageError::Http {
-        status,
-        key: key.to_string(),
-        body: summary,
-    })
 }
 
 /// An ETag in its quoted form (Ceph RGW answers UploadPartCopy unquoted).
@@ -293,47 +235,58 @@ impl ObjectStore for S3Store {
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
-        self.bucket()
-            .get_object(key)
-            .map(|response| response.to_vec())
-            .map_err(|err| map_error(err, &self.config, key))
+        Ok(self.send(key, Command::GetObject)?.success(key)?.body)
     }
 
     fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StorageError> {
-        self.bucket()
-            .get_object_range(key, start, Some(end))
-            .map(|response| response.to_vec())
-            .map_err(|err| map_error(err, &self.config, key))
+        let range = Command::GetObjectRange {
+            start,
+            end: Some(end),
+        };
+        Ok(self.send(key, range)?.success(key)?.body)
     }
 
     fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
-        match self.bucket().head_object(key) {
-            Ok((head, _)) => Ok(Some(ObjectInfo {
-                size: head
-                    .content_length
-                    .and_then(|len| u64::try_from(len).ok())
-                    .unwrap_or(0),
-                etag: head.e_tag.unwrap_or_default(),
-            })),
-            Err(S3Error::HttpFailWithBody(404, _)) => Ok(None),
-            Err(err) => Err(map_error(err, &self.config, key)),
+        let answer = self.send(key, Command::HeadObject)?;
+        if answer.status == 404 {
+            return Ok(None);
         }
+        let answer = answer.success(key)?;
+        Ok(Some(ObjectInfo {
+            size: answer
+                .header("content-length")
+                .and_then(|len| len.parse().ok())
+                .unwrap_or(0),
+            etag: answer.header("etag").unwrap_or_default(),
+        }))
     }
 
     fn delete(&self, key: &str) -> Result<(), StorageError> {
-        match self.bucket().delete_object(key) {
-            Ok(_) | Err(S3Error::HttpFailWithBody(404, _)) => Ok(()),
-            Err(err) => Err(map_error(err, &self.config, key)),
+        let answer = self.send(key, Command::DeleteObject)?;
+        if answer.status != 404 {
+            answer.success(key)?;
         }
+        Ok(())
     }
 
     fn initiate_multipart(&self, key: &str, content_type: &str) -> Result<String, StorageError> {
-        self.bucket()
+        let bucket = self
+            .bucket()
             .with_extra_headers(self.policy(key)?)
-            .map_err(|err| map_error(err, &self.config, key))?
-            .initiate_multipart_upload(key, content_type)
-            .map(|response| response.upload_id)
-            .map_err(|err| map_error(err, &self.config, key))
+            .map_err(|err| map_signing_error(err, key))?;
+        let answer = self
+            .send_signed_by(
+                &bucket,
+                key,
+                Command::InitiateMultipartUpload { content_type },
+            )?
+            .success(key)?;
+        quick_xml::de::from_str::<InitiateMultipartUploadResponse>(&answer.text())
+            .map(|initiated| initiated.upload_id)
+            .map_err(|err| StorageError::Other {
+                key: key.to_string(),
+                detail: format!("CreateMultipartUpload answer: {err}"),
+            })
     }
 
     /// rust-s3 has no UploadPartCopy, so this presigns the PUT with rust-s3
@@ -366,8 +319,13 @@ impl ObjectStore for S3Store {
         ]);
         let url = self
             .bucket()
-            .presign_put(key, PRESIGNED_URL_SECONDS, Some(headers), Some(queries))
-            .map_err(|err| map_error(err, &self.config, key))?;
+            .presign_put(
+                key,
+                PRESIGNED_URL_SECONDS,
+                Some(headers.clone()),
+                Some(queries),
+            )
+            .map_err(|err| map_signing_error(err, key))?;
         // rust-s3 0.38 signs the custom query parameters but leaves them out
         // of the URL it returns; add them (unless a fixed version did).
         let url = if url.contains("partNumber=") {
@@ -378,21 +336,9 @@ impl ObjectStore for S3Store {
                 percent_encode(upload_id, b"")
             )
         };
-        let mut response = self
-            .agent
-            .put(&url)
-            .header("x-amz-copy-source", &copy_source)
-            .send_empty()
-            .map_err(|err| map_ureq_error(err, &self.config, key))?;
-        let body = http_outcome(&mut response, key)?;
-        // S3 may answer 200 with an error document for a copy.
-        if body.contains("<Error>") {
-            return Err(StorageError::Http {
-                status: 500,
-                key: key.to_string(),
-                body: summarize_body(&body),
-            });
-        }
+        let body = self
+            .exchange(Method::PUT, &url, &headers, &[], key)?
+            .document(key)?;
         xml_value(&body, "ETag")
             .map(|etag| quoted(&etag))
             .ok_or_else(|| StorageError::Other {
@@ -407,57 +353,28 @@ impl ObjectStore for S3Store {
         upload_id: &str,
         parts: &[(u32, String)],
     ) -> Result<String, StorageError> {
-        let parts = parts
-            .iter()
-            .map(|(part_number, etag)| s3::serde_types::Part {
-                part_number: *part_number,
-                etag: quoted(etag),
-            })
-            .collect();
-        let body = match self
-            .bucket()
-            .complete_multipart_upload(key, upload_id, parts)
-        {
-            Ok(response) => String::from_utf8_lossy(response.as_slice()).to_string(),
-            // rust-s3 insists on the root element's name, which moto spells
-            // differently; a 2xx without an error document is a success.
-            Err(S3Error::HttpFailWithBody(200..=299, body)) if !body.contains("<Error>") => body,
-            // S3 may answer 200 with an error document: retry it as a 5xx.
-            Err(S3Error::HttpFailWithBody(200..=299, body)) => {
-                return Err(StorageError::Http {
-                    status: 500,
-                    key: key.to_string(),
-                    body: summarize_body(&body),
-                });
-            }
-            Err(err) => return Err(map_error(err, &self.config, key)),
+        let data = CompleteMultipartUploadData {
+            parts: parts
+                .iter()
+                .map(|(part_number, etag)| Part {
+                    part_number: *part_number,
+                    etag: quoted(etag),
+                })
+                .collect(),
         };
+        let body = self
+            .send(key, Command::CompleteMultipartUpload { upload_id, data })?
+            .document(key)?;
         // Ceph RGW answers with an empty ETag; callers HEAD the object then.
         Ok(xml_value(&body, "ETag").unwrap_or_default())
     }
 
     fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
-        match self.bucket().abort_upload(key, upload_id) {
-            Ok(()) | Err(S3Error::HttpFailWithBody(404, _)) => Ok(()),
-            Err(err) => Err(map_error(err, &self.config, key)),
+        let answer = self.send(key, Command::AbortMultipartUpload { upload_id })?;
+        if answer.status != 404 {
+            answer.success(key)?;
         }
-    }
-}
-
-fn map_ureq_error(err: ureq::Error, config: &S3Config, key: &str) -> StorageError {
-    match err {
-        ureq::Error::Timeout(_) => StorageError::Timeout {
-            key: key.to_string(),
-        },
-        ureq::Error::Io(io) => map_error(S3Error::Io(io), config, key),
-        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => StorageError::Connect {
-            endpoint: config.endpoint_display(),
-            detail: err.to_string(),
-        },
-        other => StorageError::Other {
-            key: key.to_string(),
-            detail: other.to_string(),
-        },
+        Ok(())
     }
 }
 
@@ -525,65 +442,6 @@ fn policy_headers(policy: &ObjectPolicy, now: SystemTime) -> Result<HeaderMap, S
         headers.insert(name, value);
     }
     Ok(headers)
-}
-
-/// The I/O error at the bottom of a transport error, if there is one.
-fn io_cause(err: &S3Error) -> Option<&io::Error> {
-    match err {
-        S3Error::Io(io) => Some(io),
-        S3Error::Atto(atto) => match atto.kind() {
-            attohttpc::ErrorKind::Io(io) => Some(io),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn map_error(err: S3Error, config: &S3Config, key: &str) -> StorageError {
-    let key = key.to_string();
-    if let S3Error::HttpFailWithBody(status, body) = &err {
-        return StorageError::Http {
-            status: *status,
-            key,
-            body: summarize_body(body),
-        };
-    }
-    if let Some(io) = io_cause(&err) {
-        return match io.kind() {
-            // rust-s3's sync client reports its request timeout as BrokenPipe.
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock | io::ErrorKind::BrokenPipe => {
-                StorageError::Timeout { key }
-            }
-            io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::NotConnected
-            | io::ErrorKind::AddrNotAvailable
-            | io::ErrorKind::HostUnreachable
-            | io::ErrorKind::NetworkUnreachable
-            | io::ErrorKind::UnexpectedEof => StorageError::Connect {
-                endpoint: config.endpoint_display(),
-                detail: io.to_string(),
-            },
-            _ => StorageError::Other {
-                key,
-                detail: io.to_string(),
-            },
-        };
-    }
-    StorageError::Other {
-        key,
-        detail: err.to_string(),
-    }
-}
-
-/// S3 error bodies are XML; keep the code and message, and keep it short.
-fn summarize_body(body: &str) -> String {
-    match (xml_value(body, "Code"), xml_value(body, "Message")) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code,
-        _ => body.chars().take(200).collect(),
-    }
 }
 
 #[cfg(test)]

@@ -76,6 +76,20 @@ pub enum Event {
     JobFailed,
     /// A job was abandoned because the process is shutting down.
     JobCancelled,
+    /// This process claimed the stream and took over what its checkpoint
+    /// record says (another replica may have worked on it meanwhile).
+    Adopted(Adoption),
+}
+
+/// What a claimed stream's checkpoint record says, for [`Event::Adopted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adoption {
+    /// The size and mtime of the record's completion, if it is complete.
+    pub completed: Option<(u64, i128)>,
+    /// That completion has no assembled object yet.
+    pub assembly_missing: bool,
+    /// Leading full chunks the record holds.
+    pub full_chunks_done: u64,
 }
 
 /// A job the stream wants a worker to do.
@@ -120,27 +134,27 @@ pub struct Rules {
 /// The state of one stream. Only `step` changes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamState {
-    pub phase: Phase,
-    pub chunk_size: u64,
+    phase: Phase,
+    chunk_size: u64,
     /// Last observed size and mtime.
-    pub size: u64,
-    pub mtime_ns: i128,
+    size: u64,
+    mtime_ns: i128,
     /// Local monotonic time of the last observed change.
-    pub last_change: Instant,
-    pub missing_since: Option<Instant>,
+    last_change: Instant,
+    missing_since: Option<Instant>,
     /// Leading full chunks that are uploaded and checkpointed.
-    pub full_chunks_done: u64,
-    pub in_flight: bool,
+    full_chunks_done: u64,
+    in_flight: bool,
     /// Failed jobs in a row, and when the next try is allowed.
-    pub failures: u32,
-    pub retry_at: Option<Instant>,
+    failures: u32,
+    retry_at: Option<Instant>,
     /// The size and mtime the last completion covered, if any.
-    pub completed: Option<(u64, i128)>,
+    completed: Option<(u64, i128)>,
     /// The last completion still has to be assembled into one object.
-    pub assembly_pending: bool,
+    assembly_pending: bool,
     /// The last poll could not see the file (an error, or a blind watch
     /// directory).
-    pub unseen: bool,
+    unseen: bool,
 }
 
 impl StreamState {
@@ -164,14 +178,101 @@ impl StreamState {
         }
     }
 
-    /// A stream that completed earlier, at this size and mtime.
-    pub fn completed(chunk_size: u64, size: u64, mtime_ns: i128, now: Instant) -> Self {
+    /// A stream that completed earlier, at this size and mtime; with
+    /// `assembly_pending`, that completion still has to be assembled.
+    pub fn completed(
+        chunk_size: u64,
+        size: u64,
+        mtime_ns: i128,
+        assembly_pending: bool,
+        now: Instant,
+    ) -> Self {
         Self {
             phase: Phase::Complete,
             full_chunks_done: size / chunk_size,
             completed: Some((size, mtime_ns)),
+            assembly_pending,
             ..Self::new(chunk_size, size, mtime_ns, now)
         }
+    }
+
+    /// A stream resumed from its checkpoint before the file is seen again:
+    /// `checkpointed_bytes` tell how far the file had got (a shorter file on
+    /// the first poll is then seen as truncated), and `full_chunks_done`
+    /// leading chunks need no upload.
+    pub fn resumed(
+        chunk_size: u64,
+        checkpointed_bytes: u64,
+        full_chunks_done: u64,
+        now: Instant,
+    ) -> Self {
+        Self {
+            size: checkpointed_bytes,
+            full_chunks_done,
+            ..Self::new(chunk_size, 0, 0, now)
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    /// The last observed size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The last observed mtime.
+    pub fn mtime_ns(&self) -> i128 {
+        self.mtime_ns
+    }
+
+    /// When the file last changed, on the local monotonic clock.
+    pub fn last_change(&self) -> Instant {
+        self.last_change
+    }
+
+    /// Since when the file has been missing, if it is.
+    pub fn missing_since(&self) -> Option<Instant> {
+        self.missing_since
+    }
+
+    /// Leading full chunks that are uploaded and checkpointed.
+    pub fn full_chunks_done(&self) -> u64 {
+        self.full_chunks_done
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    /// Failed jobs in a row.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// When the next try is allowed after a failure.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// The size and mtime the last completion covered, if any.
+    pub fn last_completion(&self) -> Option<(u64, i128)> {
+        self.completed
+    }
+
+    /// The last completion still has to be assembled into one object.
+    pub fn assembly_pending(&self) -> bool {
+        self.assembly_pending
+    }
+
+    /// The last poll could not see the file.
+    pub fn unseen(&self) -> bool {
+        self.unseen
     }
 
     /// Number of full chunks in the last observed size.
@@ -230,6 +331,21 @@ impl StreamState {
     pub fn step(&mut self, event: Event, now: Instant, rules: &Rules) -> Vec<Action> {
         match (self.phase, event) {
             (Phase::Closed(_), _) => Vec::new(),
+
+            (_, Event::Adopted(adoption)) => {
+                self.phase = Phase::Active;
+                self.assembly_pending = false;
+                if let Some(completed) = adoption.completed {
+                    self.completed = Some(completed);
+                    // Changed since that completion: a new revision.
+                    if (self.size, self.mtime_ns) == completed {
+                        self.phase = Phase::Complete;
+                        self.assembly_pending = rules.assemble && adoption.assembly_missing;
+                    }
+                }
+                self.full_chunks_done = adoption.full_chunks_done.min(self.full_chunks_available());
+                Vec::new()
+            }
 
             (_, Event::Unseen { gap }) => {
                 self.unseen = true;
@@ -384,4 +500,4 @@ impl StreamState {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -15,9 +15,10 @@
 //! is unseen: nothing completes, vanishes or is replaced.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crate::scan::{FileIdentity, Observation, Scan};
+use crate::stream::Now;
 use crate::stream::state::{Action, CloseReason, Event, Rules};
 use crate::upload::job::StreamRef;
 
@@ -115,18 +116,18 @@ impl StreamTable {
         &mut self,
         identity: FileIdentity,
         event: Event,
-        now: Instant,
+        at: Now,
         rules: &Rules,
     ) -> Vec<Change> {
         let Some(stream) = self.streams.get_mut(&identity) else {
             return Vec::new();
         };
-        let last_change = stream.state.last_change;
-        let actions = stream.state.step(event, now, rules);
+        let last_change = stream.state.last_change();
+        let actions = stream.state.step(event, at.instant, rules);
         // An unseen poll moves the timer, not the file's last change.
         let unseen = matches!(event, Event::Unseen { .. });
-        if stream.state.last_change != last_change && !unseen {
-            stream.last_change_at = SystemTime::now();
+        if stream.state.last_change() != last_change && !unseen {
+            stream.last_change_at = at.wall;
         }
         let mut changes = Vec::new();
         for action in actions {
@@ -177,11 +178,11 @@ impl StreamTable {
     }
 
     /// Feeds one scan to every stream and finds new files.
-    pub fn apply_scan(&mut self, scan: &Scan, now: Instant, rules: &Rules) -> Vec<Change> {
-        let gap = self
-            .last_scan
-            .map_or(Duration::ZERO, |last| now.saturating_duration_since(last));
-        self.last_scan = Some(now);
+    pub fn apply_scan(&mut self, scan: &Scan, at: Now, rules: &Rules) -> Vec<Change> {
+        let gap = self.last_scan.map_or(Duration::ZERO, |last| {
+            at.instant.saturating_duration_since(last)
+        });
+        self.last_scan = Some(at.instant);
         self.blind = self.blindness(scan);
         let mut identities: Vec<FileIdentity> = self.streams.keys().copied().collect();
         identities.sort();
@@ -189,7 +190,7 @@ impl StreamTable {
         if self.blind.is_some() {
             self.after_blindness = true;
             for identity in identities {
-                changes.extend(self.apply(identity, Event::Unseen { gap }, now, rules));
+                changes.extend(self.apply(identity, Event::Unseen { gap }, at, rules));
             }
             return changes;
         }
@@ -222,7 +223,7 @@ impl StreamTable {
                     claimed.insert(seen.identity);
                     // A job result comes back under the old identity: the
                     // check waits until no job is out.
-                    if !stream.state.in_flight {
+                    if !stream.state.in_flight() {
                         changes.push(Change::IdentityChanged {
                             identity,
                             seen: (*seen).clone(),
@@ -254,7 +255,7 @@ impl StreamTable {
                 (None, _) if at_path.is_some() => Event::Replaced,
                 (None, _) => Event::Missing,
             };
-            changes.extend(self.apply(identity, event, now, rules));
+            changes.extend(self.apply(identity, event, at, rules));
         }
 
         let mut new_files: Vec<&Observation> = by_identity

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::metadata::{ChunkRecord, contiguous_prefix};
 use crate::scan::{FileIdentity, Observation};
 use crate::store::{StoredStatus, StoredStream};
-use crate::stream::state::{Phase, StreamState};
+use crate::stream::Now;
+use crate::stream::state::{Adoption, Event, Phase, Rules, StreamState};
 use crate::upload::job::{StreamFacts, StreamRef};
 
 /// One stream as the coordinator tracks it.
@@ -64,19 +65,23 @@ pub struct StreamView {
 }
 
 impl TrackedStream {
-    /// A stream just registered for `observation`.
-    pub fn new(id: String, observation: &Observation, chunk_size: u64, now: Instant) -> Self {
-        let wall = SystemTime::now();
+    /// A stream just registered for `observation`, seen at `wall` time.
+    pub fn new(id: String, observation: &Observation, chunk_size: u64, at: Now) -> Self {
         Self {
             id,
             identity: observation.identity,
             rel_path: observation.rel_path.to_string(),
             abs_path: observation.abs_path.to_path_buf(),
             file_name: file_name(&observation.rel_path),
-            state: StreamState::new(chunk_size, observation.size, observation.mtime_ns, now),
+            state: StreamState::new(
+                chunk_size,
+                observation.size,
+                observation.mtime_ns,
+                at.instant,
+            ),
             chunks: BTreeMap::new(),
-            started_at: wall,
-            last_change_at: wall,
+            started_at: at.wall,
+            last_change_at: at.wall,
             revision: 0,
             assembled_revision: 0,
             last_dispatch: None,
@@ -98,24 +103,19 @@ impl TrackedStream {
     ) -> Option<Self> {
         let state = match stored.status {
             StoredStatus::Incomplete => return None,
-            StoredStatus::Complete => {
-                let mut state = StreamState::completed(
-                    stored.chunk_size,
-                    stored.completed_size,
-                    stored.completed_mtime_ns,
-                    now,
-                );
-                state.assembly_pending = assemble && stored.assembled_revision < stored.revision;
-                state
-            }
-            StoredStatus::Active => {
-                let mut state = StreamState::new(stored.chunk_size, 0, 0, now);
-                // What was checkpointed tells how far the file had got; a
-                // shorter file on the first poll is then seen as truncated.
-                state.size = contiguous_bytes(&stored.chunks);
-                state.full_chunks_done = leading_full_chunks(&stored.chunks, stored.chunk_size);
-                state
-            }
+            StoredStatus::Complete => StreamState::completed(
+                stored.chunk_size,
+                stored.completed_size,
+                stored.completed_mtime_ns,
+                assemble && stored.assembled_revision < stored.revision,
+                now,
+            ),
+            StoredStatus::Active => StreamState::resumed(
+                stored.chunk_size,
+                contiguous_bytes(&stored.chunks),
+                leading_full_chunks(&stored.chunks, stored.chunk_size),
+                now,
+            ),
         };
         Some(Self {
             abs_path: watch_dir.join(&stored.rel_path),
@@ -143,31 +143,18 @@ impl TrackedStream {
     /// has been quiet). False if the record says the stream was closed as
     /// incomplete: it is then dropped, and its file (if still there) is
     /// discovered afresh.
-    pub fn adopt(&mut self, stored: StoredStream, assemble: bool) -> bool {
-        let state = &mut self.state;
-        let available = state.size / state.chunk_size;
-        match stored.status {
+    pub fn adopt(&mut self, stored: StoredStream, now: Instant, rules: &Rules) -> bool {
+        let completed = match stored.status {
             StoredStatus::Incomplete => return false,
-            StoredStatus::Complete => {
-                let completed = (stored.completed_size, stored.completed_mtime_ns);
-                state.completed = Some(completed);
-                if (state.size, state.mtime_ns) == completed {
-                    state.phase = Phase::Complete;
-                    state.assembly_pending =
-                        assemble && stored.assembled_revision < stored.revision;
-                } else {
-                    // Changed since that completion: a new revision.
-                    state.phase = Phase::Active;
-                    state.assembly_pending = false;
-                }
-            }
-            StoredStatus::Active => {
-                state.phase = Phase::Active;
-                state.assembly_pending = false;
-            }
-        }
-        state.full_chunks_done =
-            leading_full_chunks(&stored.chunks, stored.chunk_size).min(available);
+            StoredStatus::Complete => Some((stored.completed_size, stored.completed_mtime_ns)),
+            StoredStatus::Active => None,
+        };
+        let adoption = Adoption {
+            completed,
+            assembly_missing: stored.assembled_revision < stored.revision,
+            full_chunks_done: leading_full_chunks(&stored.chunks, stored.chunk_size),
+        };
+        self.state.step(Event::Adopted(adoption), now, rules);
         self.chunks = stored.chunks;
         self.revision = stored.revision;
         self.assembled_revision = stored.assembled_revision;
@@ -178,17 +165,17 @@ impl TrackedStream {
     /// Whether the stream needs an owner: it is being uploaded, or its last
     /// completion still has to be assembled.
     pub fn needs_owner(&self) -> bool {
-        self.is_active() || (self.state.phase == Phase::Complete && self.state.assembly_pending)
+        self.is_active() || (self.state.phase() == Phase::Complete && self.state.assembly_pending())
     }
 
     /// The record as the checkpoint store should hold it.
     pub fn to_stored(&self) -> StoredStream {
-        let (status, (completed_size, completed_mtime_ns)) = match self.state.phase {
+        let (status, (completed_size, completed_mtime_ns)) = match self.state.phase() {
             Phase::Complete => (
                 StoredStatus::Complete,
                 self.state
-                    .completed
-                    .unwrap_or((self.state.size, self.state.mtime_ns)),
+                    .last_completion()
+                    .unwrap_or((self.state.size(), self.state.mtime_ns())),
             ),
             Phase::Closed(_) => (StoredStatus::Incomplete, (0, 0)),
             Phase::Active | Phase::Finalizing => (StoredStatus::Active, (0, 0)),
@@ -198,7 +185,7 @@ impl TrackedStream {
             identity: self.identity,
             rel_path: self.rel_path.clone(),
             file_name: self.file_name.clone(),
-            chunk_size: self.state.chunk_size,
+            chunk_size: self.state.chunk_size(),
             started_at: self.started_at,
             last_change_at: self.last_change_at,
             status,
@@ -224,7 +211,7 @@ impl TrackedStream {
         StreamFacts {
             rel_path: self.rel_path.clone(),
             file_name: self.file_name.clone(),
-            chunk_size: self.state.chunk_size,
+            chunk_size: self.state.chunk_size(),
             started_at: self.started_at,
             last_change_at: self.last_change_at,
             revision: self.revision + 1,
@@ -237,7 +224,7 @@ impl TrackedStream {
     }
 
     pub fn is_active(&self) -> bool {
-        matches!(self.state.phase, Phase::Active | Phase::Finalizing)
+        matches!(self.state.phase(), Phase::Active | Phase::Finalizing)
     }
 
     /// Counts bytes this process uploaded, for the rate in the view.
@@ -247,11 +234,11 @@ impl TrackedStream {
     }
 
     pub fn view(&self, now: Instant) -> StreamView {
-        let state = match self.state.phase {
-            Phase::Active if self.state.in_flight => "uploading",
-            Phase::Active if self.state.missing_since.is_some() => "missing",
-            Phase::Active if self.state.unseen => "unseen",
-            Phase::Active if self.state.retry_at.is_some_and(|at| at > now) => "backoff",
+        let state = match self.state.phase() {
+            Phase::Active if self.state.in_flight() => "uploading",
+            Phase::Active if self.state.missing_since().is_some() => "missing",
+            Phase::Active if self.state.unseen() => "unseen",
+            Phase::Active if self.state.retry_at().is_some_and(|at| at > now) => "backoff",
             Phase::Active => "active",
             Phase::Finalizing => "finalizing",
             Phase::Complete => "complete",
@@ -269,11 +256,11 @@ impl TrackedStream {
             stream_id: self.id.clone(),
             path: self.rel_path.clone(),
             state: state.to_string(),
-            size_bytes: self.state.size,
+            size_bytes: self.state.size(),
             uploaded_bytes: self.uploaded_bytes(),
             chunks_uploaded: self.chunks.len() as u64,
             last_change_seconds_ago: now
-                .saturating_duration_since(self.state.last_change)
+                .saturating_duration_since(self.state.last_change())
                 .as_secs_f64(),
             retries: self.retries,
             last_error: self.last_error.clone(),

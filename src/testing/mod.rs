@@ -10,9 +10,10 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crate::config::{Cli, Config};
+use crate::stream::Now;
 
 mod bucket;
 mod checkpoints;
@@ -22,23 +23,41 @@ pub use bucket::{MemoryStore, MemoryUpload};
 pub use checkpoints::FakeCheckpoints;
 pub use recorder::MemoryCheckpoints;
 
-/// A clock that moves only when told to; clones share the time.
+/// A clock that moves only when told to; clones share the time. Its wall
+/// clock starts at a fixed date and moves with it.
 #[derive(Debug, Clone)]
-pub struct FakeClock(Arc<Mutex<Instant>>);
+pub struct FakeClock {
+    start: Instant,
+    now: Arc<Mutex<Instant>>,
+}
 
 impl Default for FakeClock {
     fn default() -> Self {
-        Self(Arc::new(Mutex::new(Instant::now())))
+        let start = Instant::now();
+        Self {
+            start,
+            now: Arc::new(Mutex::new(start)),
+        }
     }
 }
 
 impl FakeClock {
     pub fn now(&self) -> Instant {
-        *self.0.lock().expect("clock lock")
+        *self.now.lock().expect("clock lock")
+    }
+
+    /// Both clocks, as the daemon's loop reads them for a turn.
+    pub fn reading(&self) -> Now {
+        let instant = self.now();
+        Now {
+            instant,
+            // 2026-11-30T00:00:00Z, plus the time the test let pass.
+            wall: UNIX_EPOCH + Duration::from_secs(1_795_996_800) + (instant - self.start),
+        }
     }
 
     pub fn advance(&self, by: Duration) {
-        *self.0.lock().expect("clock lock") += by;
+        *self.now.lock().expect("clock lock") += by;
     }
 }
 

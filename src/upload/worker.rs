@@ -19,6 +19,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
+use std::ops::ControlFlow;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ use std::time::{Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, error, warn};
 use sha2::{Digest, Sha256};
+
+use crate::retry::with_backoff;
 
 use crate::config::{MAX_CHUNK_SIZE, RetryPolicy};
 use crate::error::{FencedWriteError, SourceError, StorageError};
@@ -110,8 +113,37 @@ pub struct Worker {
     /// Reused for every chunk; grows to the chunk size once.
     buffer: Vec<u8>,
     /// Failed attempts and the last failure during the current job.
-    job_failures: Cell<u32>,
-    job_last_error: RefCell<Option<String>>,
+    job_attempts: JobAttempts,
+}
+
+/// Failed attempts and the last failure during one job, for its result.
+#[derive(Default)]
+struct JobAttempts {
+    failures: Cell<u32>,
+    last_error: RefCell<Option<String>>,
+}
+
+impl JobAttempts {
+    /// Counts a failed attempt.
+    fn failed(&self, error: String) {
+        self.failures.set(self.failures.get().saturating_add(1));
+        self.last_error.replace(Some(error));
+    }
+
+    /// The count and last error so far; the next job starts afresh.
+    fn take(&self) -> (u32, Option<String>) {
+        (self.failures.replace(0), self.last_error.take())
+    }
+}
+
+/// Sleeps `delay` before a retry; false if a shutdown started meanwhile.
+fn wait_for_retry(shutdown: &Receiver<()>, delay: std::time::Duration) -> bool {
+    match shutdown.recv_timeout(delay) {
+        Err(RecvTimeoutError::Timeout) | Ok(()) => {
+            !matches!(shutdown.try_recv(), Err(TryRecvError::Disconnected))
+        }
+        Err(RecvTimeoutError::Disconnected) => false,
+    }
 }
 
 impl Worker {
@@ -135,8 +167,7 @@ impl Worker {
             assembly_max_parts: crate::config::MAX_MULTIPART_PARTS,
             announce: false,
             buffer: Vec::new(),
-            job_failures: Cell::new(0),
-            job_last_error: RefCell::new(None),
+            job_attempts: JobAttempts::default(),
         }
     }
 
@@ -185,9 +216,8 @@ impl Worker {
             self.events.worker_panicked();
             // Whatever the job left half-done is dropped with it.
             self.buffer = Vec::new();
-            self.job_failures.set(0);
+            self.job_attempts.take();
             let reason = format!("job panicked: {message}");
-            self.job_last_error.replace(None);
             JobResult {
                 stream,
                 outcome: Outcome::Failed(reason.clone()),
@@ -200,8 +230,7 @@ impl Worker {
 
     pub fn execute(&mut self, job: Job) -> JobResult {
         let stream = job.stream().clone();
-        self.job_failures.set(0);
-        self.job_last_error.replace(None);
+        self.job_attempts.take();
         let (outcome, chunks) = if self.shutting_down() {
             (Outcome::Cancelled, None)
         } else {
@@ -216,32 +245,18 @@ impl Worker {
                 Job::Assemble(job) => (self.assemble(&job).unwrap_or_else(Stop::stopped), None),
             }
         };
+        let (failed_attempts, last_error) = self.job_attempts.take();
         JobResult {
             stream,
             outcome,
             chunks,
-            failed_attempts: self.job_failures.get(),
-            last_error: self.job_last_error.take(),
+            failed_attempts,
+            last_error,
         }
-    }
-
-    /// Counts a failed attempt against the current job.
-    fn attempt_failed(&self, error: String) {
-        self.job_failures
-            .set(self.job_failures.get().saturating_add(1));
-        self.job_last_error.replace(Some(error));
     }
 
     fn shutting_down(&self) -> bool {
         matches!(self.shutdown.try_recv(), Err(TryRecvError::Disconnected))
-    }
-
-    /// Sleeps before retry `attempt`; false if a shutdown started meanwhile.
-    fn wait_before_retry(&self, attempt: u32) -> bool {
-        match self.shutdown.recv_timeout(self.retry.delay(attempt)) {
-            Err(RecvTimeoutError::Timeout) | Ok(()) => !self.shutting_down(),
-            Err(RecvTimeoutError::Disconnected) => false,
-        }
     }
 
     /// Reads `[offset, offset + len)` of `file` into the reused buffer.
@@ -281,15 +296,15 @@ impl Worker {
         source: Option<&Path>,
         mut operation: impl FnMut() -> Result<T, StorageError>,
     ) -> Result<T, Stop> {
-        let mut attempt = 0u32;
-        loop {
+        let wait = |delay| wait_for_retry(&self.shutdown, delay);
+        with_backoff(self.retry, wait, |attempt| {
             if !self.leases.is_valid(stream_id, token, Instant::now()) {
-                return Err(Stop::LeaseLost);
+                return ControlFlow::Break(Err(Stop::LeaseLost));
             }
             match operation() {
                 Ok(value) => {
                     self.events.dependency_checked(Dependency::Storage, Ok(()));
-                    return Ok(value);
+                    return ControlFlow::Break(Ok(value));
                 }
                 Err(err) => {
                     self.events.upload_error(err.kind());
@@ -299,7 +314,7 @@ impl Worker {
                             attempt + 1
                         );
                     }
-                    self.attempt_failed(err.to_string());
+                    self.job_attempts.failed(err.to_string());
                     // A refused request (4xx) means S3 is up; the probe tells
                     // whether the bucket itself is usable.
                     if !err.is_client_error() {
@@ -309,13 +324,11 @@ impl Worker {
                 }
             }
             if source.is_some_and(|path| !path.exists()) {
-                return Err(Stop::SourceGone);
+                return ControlFlow::Break(Err(Stop::SourceGone));
             }
-            if !self.wait_before_retry(attempt) {
-                return Err(Stop::Cancelled);
-            }
-            attempt = attempt.saturating_add(1);
-        }
+            ControlFlow::Continue(())
+        })
+        .unwrap_or(Err(Stop::Cancelled))
     }
 
     /// PUTs `body` at `key`, retrying while `source` exists.
@@ -340,16 +353,16 @@ impl Worker {
         what: &str,
         mut operation: impl FnMut(&mut dyn CheckpointStore) -> Result<T, FencedWriteError>,
     ) -> Result<T, Stop> {
-        let mut attempt = 0u32;
-        loop {
+        let wait = |delay| wait_for_retry(&self.shutdown, delay);
+        with_backoff(self.retry, wait, |attempt| {
             match operation(self.checkpoints.as_mut()) {
                 Ok(value) => {
                     self.events.dependency_checked(Dependency::Redis, Ok(()));
-                    return Ok(value);
+                    ControlFlow::Break(Ok(value))
                 }
                 Err(FencedWriteError::LeaseLost) => {
                     self.events.dependency_checked(Dependency::Redis, Ok(()));
-                    return Err(Stop::LeaseLost);
+                    ControlFlow::Break(Err(Stop::LeaseLost))
                 }
                 Err(FencedWriteError::Unavailable(err)) => {
                     self.events.checkpoint_error();
@@ -359,16 +372,14 @@ impl Worker {
                             attempt + 1
                         );
                     }
-                    self.attempt_failed(err.to_string());
+                    self.job_attempts.failed(err.to_string());
                     self.events
                         .dependency_checked(Dependency::Redis, Err(err.to_string()));
+                    ControlFlow::Continue(())
                 }
             }
-            if !self.wait_before_retry(attempt) {
-                return Err(Stop::Cancelled);
-            }
-            attempt = attempt.saturating_add(1);
-        }
+        })
+        .unwrap_or(Err(Stop::Cancelled))
     }
 
     /// Uploads the buffer, whose sha256 is `digest`, as chunk `index` and
@@ -382,7 +393,7 @@ impl Worker {
         reupload: bool,
     ) -> Result<ChunkRecord, Stop> {
         let started = Instant::now();
-        let key = self.layout.chunk(stream_id, index);
+        let key = self.layout.chunk_holding(stream_id, index, &digest);
         self.put_with_retry(
             (stream_id, token),
             &key,

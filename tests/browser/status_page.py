@@ -78,6 +78,7 @@ def main():
             for row in ("Redis", "S3", "S3 credentials", "Checksum verification", "Bandwidth limit"):
                 assert row in health, f"health summary lacks {row}: {health}"
             assert "1.0 MiB/s" in health, f"bandwidth row: {health}"
+            assert "ok: environment" in health, f"credentials row: {health}"
             page.screenshot(path=screenshot, full_page=True)
             print(f"progress {first} -> {later}; screenshot {screenshot}")
         finally:

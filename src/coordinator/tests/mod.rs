@@ -194,10 +194,9 @@ impl World {
 
     /// One poll of replica `n`: a turn with a fresh scan.
     fn poll_replica(&mut self, n: usize) {
-        let now = self.now();
         let scan = self.scan();
         self.replicas[n].coordinator.turn(
-            now,
+            self.clock.reading(),
             Observations {
                 scan: Some(scan),
                 results: Vec::new(),
@@ -305,9 +304,8 @@ impl World {
             failed_attempts: 0,
             last_error: None,
         };
-        let now = self.now();
         self.replicas[n].coordinator.turn(
-            now,
+            self.clock.reading(),
             Observations {
                 scan: None,
                 results: vec![result],

@@ -1,6 +1,8 @@
 //! The bucket itself rather than its objects: the start-up check (and
 //! creation), the integrity probe, the readiness probe and the listings.
 
+use s3::serde_types::{ListBucketResult, ListMultipartUploadsResult};
+
 use super::*;
 
 impl S3Store {
@@ -20,24 +22,19 @@ impl S3Store {
         let url = self
             .bucket()
             .presign_put("", PRESIGNED_URL_SECONDS, Some(headers.clone()), None)
-            .map_err(|err| map_error(err, &self.config, ""))?;
-        let mut request = self.agent.put(&url);
-        for (name, value) in &headers {
-            request = request.header(name, value);
-        }
-        let mut response = request
-            .send(body.as_bytes())
-            .map_err(|err| map_ureq_error(err, &self.config, ""))?;
-        http_outcome(&mut response, "").map(|_| ())
+            .map_err(|err| map_signing_error(err, ""))?;
+        self.exchange(Method::PUT, &url, &headers, body.as_bytes(), "")?
+            .success("")
+            .map(|_| ())
     }
 
     /// HEAD on the bucket: true if it exists and these credentials reach it.
     fn bucket_exists(&self) -> Result<bool, StorageError> {
-        match self.bucket().head_object("") {
-            Ok(_) => Ok(true),
-            Err(S3Error::HttpFailWithBody(404 | 403, _)) => Ok(false),
-            Err(err) => Err(map_error(err, &self.config, "")),
+        let answer = self.send("", Command::HeadObject)?;
+        if matches!(answer.status, 404 | 403) {
+            return Ok(false);
         }
+        answer.success("").map(|_| true)
     }
 }
 
@@ -59,6 +56,12 @@ impl BucketAdmin for S3Store {
     fn ensure_bucket(&self) -> Result<(), BucketError> {
         let listed = match self.probe() {
             Ok(()) => return Ok(()),
+            // Waiting does not make a certificate trusted.
+            Err(StorageError::Tls { endpoint, detail }) => {
+                return Err(BucketError::Fatal(format!(
+                    "TLS to S3 endpoint {endpoint} failed: {detail}; if its certificate comes from a private CA, set AWS_CA_BUNDLE to that CA's PEM bundle (S3_INSECURE_TLS=true skips verification, for tests only)"
+                )));
+            }
             Err(err) => err,
         };
         if !listed.is_not_found() {
@@ -153,37 +156,79 @@ impl BucketAdmin for S3Store {
     /// A cheap request that succeeds only if the bucket is reachable and
     /// usable with these credentials.
     fn probe(&self) -> Result<(), StorageError> {
-        self.bucket()
-            .list_page(String::new(), None, None, None, Some(1))
-            .map(|_| ())
-            .map_err(|err| map_error(err, &self.config, ""))
+        self.list_page("", None, Some(1)).map(|_| ())
     }
-    /// Keys under `prefix` (a listing, paginated by rust-s3).
+    /// Keys under `prefix` (ListObjectsV2, page after page).
     fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
-        let pages = self
-            .bucket()
-            .list(prefix.to_string(), None)
-            .map_err(|err| map_error(err, &self.config, prefix))?;
-        Ok(pages
-            .into_iter()
-            .flat_map(|page| page.contents.into_iter().map(|object| object.key))
-            .collect())
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.list_page(prefix, token.take(), None)?;
+            keys.extend(page.contents.into_iter().map(|object| object.key));
+            match page.next_continuation_token {
+                Some(next) if page.is_truncated => token = Some(next),
+                _ => return Ok(keys),
+            }
+        }
     }
-    /// The multipart uploads open under `prefix` (ListMultipartUploads).
+    /// The multipart uploads open under `prefix` (ListMultipartUploads,
+    /// page after page).
     fn open_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StorageError> {
-        let pages = self
-            .bucket()
-            .list_multiparts_uploads(Some(prefix), None)
-            .map_err(|err| map_error(err, &self.config, prefix))?;
-        Ok(pages
-            .into_iter()
-            .flat_map(|page| page.uploads)
-            .map(|upload| OpenUpload {
-                initiated: humantime::parse_rfc3339_weak(upload.initiated.trim_end_matches('Z'))
-                    .ok(),
+        let mut uploads = Vec::new();
+        let (mut key_marker, mut upload_id_marker) = (None, None);
+        loop {
+            let command = Command::ListMultipartUploads {
+                prefix: Some(prefix),
+                delimiter: None,
+                key_marker: key_marker.take(),
+                upload_id_marker: upload_id_marker.take(),
+                max_uploads: None,
+            };
+            let page: ListMultipartUploadsResult = parse_listing(self.send("/", command)?, prefix)?;
+            uploads.extend(page.uploads.into_iter().map(|upload| OpenUpload {
+                initiated:
+                    humantime::parse_rfc3339_weak(upload.initiated.trim_end_matches('Z')).ok(),
                 key: upload.key,
                 upload_id: upload.id,
-            })
-            .collect())
+            }));
+            match page.next_marker {
+                Some(next) if page.is_truncated => {
+                    key_marker = Some(next);
+                    upload_id_marker = page.next_upload_id_marker;
+                }
+                _ => return Ok(uploads),
+            }
+        }
     }
+}
+
+impl S3Store {
+    /// One page of ListObjectsV2 under `prefix`.
+    fn list_page(
+        &self,
+        prefix: &str,
+        continuation_token: Option<String>,
+        max_keys: Option<usize>,
+    ) -> Result<ListBucketResult, StorageError> {
+        let command = Command::ListObjectsV2 {
+            prefix: prefix.to_string(),
+            delimiter: None,
+            continuation_token,
+            start_after: None,
+            max_keys,
+        };
+        parse_listing(self.send("/", command)?, prefix)
+    }
+}
+
+/// A listing's XML answer, into rust-s3's type for it.
+fn parse_listing<T: serde::de::DeserializeOwned>(
+    answer: transport::Answer,
+    prefix: &str,
+) -> Result<T, StorageError> {
+    let answer = answer.success(prefix)?;
+    quick_xml::de::from_str(&answer.text()).map_err(|err| StorageError::Other {
+        key: prefix.to_string(),
+        detail: format!("listing answer: {err}"),
+    })
 }

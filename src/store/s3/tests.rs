@@ -2,6 +2,7 @@
 
 use super::*;
 use admin::create_bucket_body;
+use transport::summarize_body;
 
 #[test]
 fn copy_sources_are_percent_encoded_but_keep_slashes() {
@@ -48,10 +49,11 @@ fn error_bodies_are_summarized() {
 }
 
 #[test]
-fn http_errors_keep_their_status() {
+fn answers_and_transport_errors_are_classified() {
+    use std::io;
     use std::time::Duration;
     let config = S3Config {
-        endpoint: Some("http://127.0.0.1:1".into()),
+        endpoint: Some("https://127.0.0.1:1".into()),
         region: "us-east-1".into(),
         bucket: "b".into(),
         prefix: String::new(),
@@ -63,14 +65,38 @@ fn http_errors_keep_their_status() {
         anonymous: false,
         chain: Default::default(),
         policy: Default::default(),
+        tls: Default::default(),
     };
-    let err = map_error(S3Error::HttpFailWithBody(503, "busy".into()), &config, "k");
+    let answer = |status: u16, body: &str| transport::Answer {
+        status,
+        headers: HeaderMap::new(),
+        body: body.as_bytes().to_vec(),
+    };
+    let kind = |answer: transport::Answer| answer.success("k").err().map(|err| err.kind());
+    assert_eq!(kind(answer(200, "")), None);
+    assert_eq!(kind(answer(503, "busy")), Some("http_5xx"));
+    assert_eq!(kind(answer(403, "no")), Some("http_4xx"));
+    let bad_digest = "<Error><Code>BadDigest</Code><Message>m</Message></Error>";
+    assert_eq!(kind(answer(400, bad_digest)), Some("integrity"));
+    let error_document = "<Error><Code>InternalError</Code><Message>m</Message></Error>";
+    let err = answer(200, error_document)
+        .document("k")
+        .expect_err("an error");
     assert_eq!(err.kind(), "http_5xx");
-    let err = map_error(S3Error::HttpFailWithBody(403, "no".into()), &config, "k");
-    assert_eq!(err.kind(), "http_4xx");
-    let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
     assert_eq!(
-        map_error(S3Error::Io(refused), &config, "k").kind(),
+        answer(200, "<R/>").document("k").ok().as_deref(),
+        Some("<R/>")
+    );
+    let refused = ureq::Error::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
+    assert_eq!(
+        transport::map_ureq_error(refused, &config, "k").kind(),
         "connect"
     );
+    let untrusted = ureq::Error::Rustls(rustls::Error::InvalidCertificate(
+        rustls::CertificateError::UnknownIssuer,
+    ));
+    let err = transport::map_ureq_error(untrusted, &config, "k");
+    assert_eq!(err.kind(), "tls");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    assert!(err.to_string().contains("https://127.0.0.1:1"), "{err}");
 }

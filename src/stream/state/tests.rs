@@ -4,7 +4,9 @@ use super::*;
 
 const CHUNK: u64 = 10;
 
-fn rules() -> Rules {
+/// 30 s timeout and grace, 1 to 8 s backoff, no assembly (the table's
+/// tests share them).
+pub(crate) fn rules() -> Rules {
     Rules {
         stream_timeout: Duration::from_secs(30),
         vanish_grace: Duration::from_secs(30),
@@ -239,7 +241,7 @@ fn unseen_polls_stop_the_inactivity_and_vanish_timers() {
 fn a_complete_file_that_vanishes_is_forgotten() {
     let clock = Clock(Instant::now());
     let rules = rules();
-    let mut s = StreamState::completed(CHUNK, 25, 25, clock.at(0));
+    let mut s = StreamState::completed(CHUNK, 25, 25, false, clock.at(0));
     s.step(Event::Missing, clock.at(1), &rules);
     assert_eq!(
         s.step(Event::Missing, clock.at(31), &rules),
@@ -256,7 +258,7 @@ fn replacement_closes_an_active_stream_and_forgets_a_complete_one() {
         active.step(Event::Replaced, clock.at(1), &rules),
         vec![Action::Close(CloseReason::Replaced)]
     );
-    let mut done = StreamState::completed(CHUNK, 25, 25, clock.at(0));
+    let mut done = StreamState::completed(CHUNK, 25, 25, false, clock.at(0));
     assert_eq!(
         done.step(Event::Replaced, clock.at(1), &rules),
         vec![Action::Forget]
@@ -267,7 +269,7 @@ fn replacement_closes_an_active_stream_and_forgets_a_complete_one() {
 fn a_complete_file_that_grows_is_reopened_and_reuploads_its_old_tail() {
     let clock = Clock(Instant::now());
     let rules = rules();
-    let mut s = StreamState::completed(CHUNK, 25, 25, clock.at(0));
+    let mut s = StreamState::completed(CHUNK, 25, 25, false, clock.at(0));
     assert!(s.step(observed(25), clock.at(1), &rules).is_empty());
     assert_eq!(
         s.step(observed(42), clock.at(2), &rules),
@@ -289,7 +291,7 @@ fn a_complete_file_that_grows_is_reopened_and_reuploads_its_old_tail() {
 fn a_complete_file_that_shrinks_starts_a_new_stream() {
     let clock = Clock(Instant::now());
     let rules = rules();
-    let mut s = StreamState::completed(CHUNK, 25, 25, clock.at(0));
+    let mut s = StreamState::completed(CHUNK, 25, 25, false, clock.at(0));
     assert_eq!(
         s.step(observed(7), clock.at(1), &rules),
         vec![Action::Forget, Action::Restart]
@@ -490,4 +492,45 @@ fn random_sequences_keep_the_invariants() {
             assert_eq!(s.in_flight, in_flight.is_some(), "seed {seed}");
         }
     }
+}
+
+#[test]
+fn adoption_takes_over_the_record_and_keeps_the_files_own_observations() {
+    let clock = Clock(Instant::now());
+    let rules = Rules {
+        assemble: true,
+        ..rules()
+    };
+    let adoption = |completed, full_chunks_done| {
+        Event::Adopted(Adoption {
+            completed,
+            assembly_missing: true,
+            full_chunks_done,
+        })
+    };
+
+    // The record's completion covers the file as seen: complete, and its
+    // assembly is still wanted.
+    let mut same = StreamState::new(CHUNK, 25, 25, clock.at(0));
+    same.step(adoption(Some((25, 25)), 2), clock.at(1), &rules);
+    assert_eq!(same.phase(), Phase::Complete);
+    assert!(same.assembly_pending());
+    assert_eq!(same.wanted(clock.at(1), &rules), Some(Work::Assemble));
+
+    // The file grew past that completion: active again, from the record's
+    // chunks, and never past what the file holds.
+    let mut grown = StreamState::new(CHUNK, 45, 45, clock.at(0));
+    grown.step(adoption(Some((25, 25)), 2), clock.at(1), &rules);
+    assert_eq!(grown.phase(), Phase::Active);
+    assert_eq!(grown.last_completion(), Some((25, 25)));
+    assert_eq!(
+        grown.wanted(clock.at(1), &rules),
+        Some(Work::Upload { index: 2 })
+    );
+
+    let mut shorter = StreamState::new(CHUNK, 15, 15, clock.at(0));
+    shorter.step(adoption(None, 3), clock.at(1), &rules);
+    assert_eq!(shorter.phase(), Phase::Active);
+    assert_eq!(shorter.full_chunks_done(), 1);
+    assert!(!shorter.assembly_pending());
 }

@@ -4,25 +4,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::config::RetryPolicy;
 use crate::metadata::ChunkRecord;
 use crate::scan::WATCH_DIR_DEVICE;
 use crate::store::{StoredStatus, StoredStream};
-use std::time::Duration;
+use crate::stream::state::tests::rules;
+use std::time::{Duration, SystemTime};
 
 const CHUNK: u64 = 10;
-
-fn rules() -> Rules {
-    Rules {
-        stream_timeout: Duration::from_secs(30),
-        vanish_grace: Duration::from_secs(30),
-        retry: RetryPolicy {
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(8),
-        },
-        assemble: false,
-    }
-}
 
 fn file(path: &str, inode: u64, size: u64) -> Observation {
     Observation {
@@ -41,6 +29,14 @@ fn scan(files: Vec<Observation>) -> Scan {
     Scan::clear(files)
 }
 
+/// `now` with a fixed wall time.
+fn at(now: Instant) -> Now {
+    Now {
+        instant: now,
+        wall: SystemTime::UNIX_EPOCH,
+    }
+}
+
 /// Registers every discovered file, as the coordinator would.
 fn settle(table: &mut StreamTable, changes: Vec<Change>, now: Instant) -> Vec<Change> {
     let mut rest = Vec::new();
@@ -48,7 +44,7 @@ fn settle(table: &mut StreamTable, changes: Vec<Change>, now: Instant) -> Vec<Ch
         match change {
             Change::Discovered(observation) => {
                 let id = format!("s{}", observation.identity.inode);
-                table.insert(TrackedStream::new(id, &observation, CHUNK, now));
+                table.insert(TrackedStream::new(id, &observation, CHUNK, at(now)));
             }
             other => rest.push(other),
         }
@@ -60,7 +56,7 @@ fn settle(table: &mut StreamTable, changes: Vec<Change>, now: Instant) -> Vec<Ch
 fn tracking(files: Vec<Observation>) -> (StreamTable, Instant) {
     let mut table = StreamTable::default();
     let now = Instant::now();
-    let changes = table.apply_scan(&scan(files), now, &rules());
+    let changes = table.apply_scan(&scan(files), at(now), &rules());
     settle(&mut table, changes, now);
     (table, now)
 }
@@ -71,7 +67,7 @@ fn same_name_in_two_directories_is_two_streams() {
     let now = Instant::now();
     let changes = table.apply_scan(
         &scan(vec![file("a/cam.mp4", 1, 5), file("b/cam.mp4", 2, 5)]),
-        now,
+        at(now),
         &rules(),
     );
     assert_eq!(
@@ -86,7 +82,7 @@ fn same_name_in_two_directories_is_two_streams() {
 #[test]
 fn a_rename_keeps_the_stream_and_records_the_new_path() {
     let (mut table, now) = tracking(vec![file("cam.mp4.mp4", 1, 5)]);
-    let changes = table.apply_scan(&scan(vec![file("done/cam.mp4", 1, 5)]), now, &rules());
+    let changes = table.apply_scan(&scan(vec![file("done/cam.mp4", 1, 5)]), at(now), &rules());
     assert!(matches!(&changes[..], [Change::Moved { to, .. }] if to == "done/cam.mp4"));
     assert_eq!(table.len(), 1);
     assert_eq!(table.iter().next().unwrap().file_name, "cam.mp4");
@@ -95,7 +91,7 @@ fn a_rename_keeps_the_stream_and_records_the_new_path() {
 #[test]
 fn a_replaced_file_closes_the_old_stream_and_starts_a_new_one() {
     let (mut table, now) = tracking(vec![file("cam.mp4", 1, 5)]);
-    let changes = table.apply_scan(&scan(vec![file("cam.mp4", 2, 3)]), now, &rules());
+    let changes = table.apply_scan(&scan(vec![file("cam.mp4", 2, 3)]), at(now), &rules());
     // The coordinator compares contents first; here they differ.
     assert!(matches!(
         &changes[..],
@@ -108,7 +104,7 @@ fn a_replaced_file_closes_the_old_stream_and_starts_a_new_one() {
             inode: 1,
         },
         Event::Replaced,
-        now,
+        at(now),
         &rules(),
     );
     assert!(matches!(&changes[..], [Change::Closed(s, CloseReason::Replaced)] if s.id == "s1"));
@@ -117,7 +113,7 @@ fn a_replaced_file_closes_the_old_stream_and_starts_a_new_one() {
 #[test]
 fn a_file_with_a_new_inode_number_and_the_same_bytes_keeps_its_stream() {
     let (mut table, now) = tracking(vec![file("cam.mp4", 3, 25)]);
-    let changes = table.apply_scan(&scan(vec![file("cam.mp4", 4, 30)]), now, &rules());
+    let changes = table.apply_scan(&scan(vec![file("cam.mp4", 4, 30)]), at(now), &rules());
     let [Change::IdentityChanged { identity, seen }] = &changes[..] else {
         panic!("{changes:?}");
     };
@@ -127,11 +123,11 @@ fn a_file_with_a_new_inode_number_and_the_same_bytes_keeps_its_stream() {
     let later = now + Duration::from_secs(1);
     assert!(
         table
-            .apply_scan(&scan(vec![file("cam.mp4", 4, 30)]), later, &rules())
+            .apply_scan(&scan(vec![file("cam.mp4", 4, 30)]), at(later), &rules())
             .is_empty()
     );
     let stream = table.iter().next().unwrap();
-    assert_eq!((stream.id.as_str(), stream.state.size), ("s3", 30));
+    assert_eq!((stream.id.as_str(), stream.state.size()), ("s3", 30));
 }
 
 #[test]
@@ -143,10 +139,10 @@ fn after_a_blind_spell_streams_are_matched_by_path_first() {
         blind: Some("ENOTCONN".into()),
         ..Scan::default()
     };
-    assert!(table.apply_scan(&blind, now, &rules()).is_empty());
+    assert!(table.apply_scan(&blind, at(now), &rules()).is_empty());
     assert!(table.blind().is_some());
     let swapped = vec![file("a.mp4", 2, 25), file("b.mp4", 1, 25)];
-    let changes = table.apply_scan(&scan(swapped), now, &rules());
+    let changes = table.apply_scan(&scan(swapped), at(now), &rules());
     assert!(table.blind().is_none());
     let moves: Vec<(FileIdentity, Observation)> = changes
         .into_iter()
@@ -170,7 +166,11 @@ fn an_unreadable_file_is_kept_however_long_it_lasts() {
     };
     for minute in 1..=10 {
         let later = now + Duration::from_secs(60 * minute);
-        assert!(table.apply_scan(&unreadable, later, &rules()).is_empty());
+        assert!(
+            table
+                .apply_scan(&unreadable, at(later), &rules())
+                .is_empty()
+        );
         let stream = table.iter().next().unwrap();
         assert_eq!(stream.state.wanted(later, &rules()), None, "no completion");
         assert_eq!(stream.view(later).state, "unseen");
@@ -187,16 +187,16 @@ fn a_local_directory_where_a_mount_was_proves_nothing() {
     let mut dropped = scan(vec![file("top.mp4", 2, 5)]);
     dropped.listed.insert("cams".into(), WATCH_DIR_DEVICE);
     let later = now + Duration::from_secs(3600);
-    assert!(table.apply_scan(&dropped, now, &rules()).is_empty());
-    assert!(table.apply_scan(&dropped, later, &rules()).is_empty());
+    assert!(table.apply_scan(&dropped, at(now), &rules()).is_empty());
+    assert!(table.apply_scan(&dropped, at(later), &rules()).is_empty());
     let cam = table.iter().find(|s| s.rel_path == "cams/cam.mp4").unwrap();
     assert_eq!(cam.view(later).state, "unseen");
     // Listed on its own file system and absent: gone.
     let mut gone = scan(vec![file("top.mp4", 2, 5)]);
     gone.listed.insert("cams".into(), 9);
     let much_later = later + Duration::from_secs(1);
-    assert!(table.apply_scan(&gone, much_later, &rules()).is_empty());
-    let changes = table.apply_scan(&gone, much_later + Duration::from_secs(31), &rules());
+    assert!(table.apply_scan(&gone, at(much_later), &rules()).is_empty());
+    let changes = table.apply_scan(&gone, at(much_later + Duration::from_secs(31)), &rules());
     assert!(matches!(
         &changes[..],
         [Change::Closed(_, CloseReason::Vanished)]
@@ -207,7 +207,11 @@ fn a_local_directory_where_a_mount_was_proves_nothing() {
 fn an_empty_watch_dir_with_open_streams_is_blind() {
     let (mut table, now) = tracking(vec![file("cam.mp4", 1, 5)]);
     let later = now + Duration::from_secs(3600);
-    assert!(table.apply_scan(&scan(vec![]), later, &rules()).is_empty());
+    assert!(
+        table
+            .apply_scan(&scan(vec![]), at(later), &rules())
+            .is_empty()
+    );
     assert!(table.blind().unwrap().contains("empty"));
     assert_eq!(table.len(), 1);
 }
@@ -215,7 +219,7 @@ fn an_empty_watch_dir_with_open_streams_is_blind() {
 #[test]
 fn a_truncated_file_closes_and_is_rediscovered() {
     let (mut table, now) = tracking(vec![file("cam.mp4", 1, 25)]);
-    let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 4)]), now, &rules());
+    let changes = table.apply_scan(&scan(vec![file("cam.mp4", 1, 4)]), at(now), &rules());
     assert!(matches!(
         &changes[0],
         Change::Closed(_, CloseReason::Truncated)
@@ -231,8 +235,12 @@ fn an_unreadable_watch_dir_changes_nothing() {
         ..Scan::default()
     };
     let later = now + Duration::from_secs(3600);
-    assert!(table.apply_scan(&unreadable, later, &rules()).is_empty());
-    assert!(table.iter().next().unwrap().state.missing_since.is_none());
+    assert!(
+        table
+            .apply_scan(&unreadable, at(later), &rules())
+            .is_empty()
+    );
+    assert!(table.iter().next().unwrap().state.missing_since().is_none());
 }
 
 #[test]
@@ -243,9 +251,9 @@ fn a_deleted_file_is_closed_after_the_grace_period() {
         root_entries: 1,
         ..scan(vec![])
     };
-    assert!(table.apply_scan(&without, now, &rules()).is_empty());
+    assert!(table.apply_scan(&without, at(now), &rules()).is_empty());
     let later = now + Duration::from_secs(31);
-    let changes = table.apply_scan(&without, later, &rules());
+    let changes = table.apply_scan(&without, at(later), &rules());
     assert!(matches!(
         &changes[..],
         [Change::Closed(_, CloseReason::Vanished)]
@@ -283,8 +291,8 @@ fn resumed_streams_continue_after_their_last_full_chunk() {
     };
     let resumed =
         TrackedStream::from_stored(stored.clone(), Path::new("/w"), Instant::now(), false).unwrap();
-    assert_eq!(resumed.state.full_chunks_done, 2);
-    assert_eq!(resumed.state.size, 24);
+    assert_eq!(resumed.state.full_chunks_done(), 2);
+    assert_eq!(resumed.state.size(), 24);
     assert_eq!(resumed.abs_path, PathBuf::from("/w/cam.mp4"));
     let closed = StoredStream {
         status: StoredStatus::Incomplete,

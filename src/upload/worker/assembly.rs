@@ -57,7 +57,11 @@ fn plan(
     max_parts: usize,
 ) -> Result<Vec<Composition>, String> {
     let chunks = &metadata.chunks;
-    let final_key = layout.assembled(&metadata.stream_id, &metadata.source.file_name);
+    let final_key = layout.assembled(
+        &metadata.stream_id,
+        &metadata.source.file_name,
+        metadata.revision,
+    );
     let whole = |key: String, parts: &[crate::metadata::ChunkRecord]| Composition {
         key,
         sources: parts.iter().map(|chunk| chunk.key.clone()).collect(),

@@ -1,28 +1,20 @@
-//! The AWS credential chain, and keeping temporary credentials fresh.
-//!
-//! aws-creds 0.40 (under rust-s3) hard-codes the STS host and sends
-//! `AssumeRoleWithWebIdentity` as a GET that STS implementations other than
-//! AWS ignore, and it refreshes only when a request finds the credentials
-//! already expired. So the chain is walked here, in the AWS SDKs' order, with
-//! ureq; aws-creds supplies only the `Credentials` value rust-s3 signs with.
-//!
-//! [`Provider::current`] is read for every request, so a refresh swaps the
-//! credentials under a lock without pausing anything: requests signed before
-//! the swap keep a signature that stays valid until the old credentials
-//! expire, which a refresh ahead of expiry leaves minutes away.
+//! Walking the chain in the SDKs' order at start, and refreshing the
+//! temporary credentials of the source it settled on ahead of expiry.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use log::{info, warn};
 use s3::creds::Credentials;
-use serde::Deserialize;
 
-use super::s3::{percent_encode, xml_value};
-use crate::config::{ContainerEndpoint, CredentialChain, S3Config, WebIdentity};
+use super::container::container_credentials;
+use super::imds::instance_metadata;
+use super::profile::{profile, profile_paths};
+use super::web_identity::web_identity;
+use super::{Fetched, RefreshHealth, Source};
+use crate::config::{CredentialChain, S3Config};
 use crate::error::{AppError, ConfigError};
+use crate::store::https::HttpsTrust;
 
 /// Refresh this long before expiry, or at half the lifetime when shorter.
 const REFRESH_AHEAD: Duration = Duration::from_secs(300);
@@ -31,58 +23,6 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_CAP: Duration = Duration::from_secs(60);
 /// Timeout of each request to a credentials endpoint.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// The instance-metadata service answers at once or not at all.
-const IMDS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// One place credentials come from, named as in the logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Environment,
-    WebIdentity,
-    Profile,
-    Container,
-    InstanceMetadata,
-}
-
-impl Source {
-    pub fn name(self) -> &'static str {
-        match self {
-            Source::Environment => "environment",
-            Source::WebIdentity => "web identity",
-            Source::Profile => "shared profile",
-            Source::Container => "container credentials",
-            Source::InstanceMetadata => "EC2 instance metadata",
-        }
-    }
-}
-
-/// A key pair, with the session token and expiry of temporary credentials.
-#[derive(Clone)]
-struct Fetched {
-    access_key_id: String,
-    secret_access_key: String,
-    session_token: Option<String>,
-    expires: Option<SystemTime>,
-}
-
-/// The JSON the container endpoint and IMDS answer with.
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct JsonCredentials {
-    access_key_id: String,
-    secret_access_key: String,
-    token: Option<String>,
-    expiration: Option<String>,
-}
-
-/// The outcome of the last refresh, for `/readyz` and the metrics.
-#[derive(Debug, Clone, Default)]
-pub struct RefreshHealth {
-    /// Failed refresh attempts since the process started.
-    pub failures: u64,
-    /// The last attempt's error, `None` once a refresh succeeds.
-    pub last_error: Option<String>,
-}
 
 /// The current credentials of the source the chain settled on.
 pub struct Provider {
@@ -98,17 +38,13 @@ impl Provider {
     /// Walks the chain. `Ok(None)` means anonymous (`S3_ANONYMOUS=true`).
     /// No credentials at all is a configuration error (exit 2) listing the
     /// sources tried; a source that is configured but fails stops the start.
-    pub fn resolve(config: &S3Config) -> Result<Option<Arc<Self>>, AppError> {
+    pub fn resolve(config: &S3Config, trust: &HttpsTrust) -> Result<Option<Arc<Self>>, AppError> {
         if config.anonymous {
             info!("credentials: none, S3_ANONYMOUS=true (requests are unsigned)");
             return Ok(None);
         }
         let chain = config.chain.clone();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(REQUEST_TIMEOUT))
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = trust.agent(REQUEST_TIMEOUT);
         let mut tried = Vec::new();
         let mut found = None;
         if let Some(pair) = &config.credentials {
@@ -191,10 +127,16 @@ impl Provider {
     }
 
     pub fn health(&self) -> RefreshHealth {
-        self.health
+        let refreshes = self
+            .health
             .lock()
             .map(|guard| guard.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        RefreshHealth {
+            source: self.source.name(),
+            expires: self.expires(),
+            ..refreshes
+        }
     }
 
     fn expires(&self) -> Option<SystemTime> {
@@ -365,245 +307,9 @@ fn fetch(
     }
 }
 
-fn read_trimmed(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map(|text| text.trim().to_string())
-        .map_err(|err| format!("reading {}: {err}", path.display()))
-}
-
-fn parse_expiry(value: &str) -> Result<SystemTime, String> {
-    humantime::parse_rfc3339_weak(value.trim().trim_end_matches('Z'))
-        .map_err(|err| format!("expiration {value:?}: {err}"))
-}
-
-/// `AssumeRoleWithWebIdentity`, POSTed as a form as the AWS SDKs do (an
-/// unsigned call: the token is the proof).
-fn web_identity(web: &WebIdentity, agent: &ureq::Agent) -> Result<Fetched, String> {
-    let token = read_trimmed(&web.token_file)?;
-    let form = format!(
-        "Action=AssumeRoleWithWebIdentity&Version=2011-06-15&RoleArn={}&RoleSessionName={}&WebIdentityToken={}",
-        percent_encode(&web.role_arn, b""),
-        percent_encode(&web.session_name, b""),
-        percent_encode(&token, b"")
-    );
-    let mut response = agent
-        .post(&format!("{}/", web.sts_endpoint))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .send(form.as_bytes())
-        .map_err(|err| format!("STS at {}: {err}", web.sts_endpoint))?;
-    let status = response.status().as_u16();
-    let body = response.body_mut().read_to_string().unwrap_or_default();
-    if status != 200 {
-        return Err(format!(
-            "STS at {} answered HTTP {status}: {}",
-            web.sts_endpoint,
-            xml_value(&body, "Message").unwrap_or_else(|| body.chars().take(200).collect())
-        ));
-    }
-    let field = |tag: &str| xml_value(&body, tag).ok_or_else(|| format!("STS answer has no {tag}"));
-    Ok(Fetched {
-        access_key_id: field("AccessKeyId")?,
-        secret_access_key: field("SecretAccessKey")?,
-        session_token: Some(field("SessionToken")?),
-        expires: Some(parse_expiry(&field("Expiration")?)?),
-    })
-}
-
-/// The JSON answer of the container endpoint or IMDS.
-fn from_json(body: &str, what: &str) -> Result<Fetched, String> {
-    let json: JsonCredentials =
-        serde_json::from_str(body).map_err(|err| format!("{what} answer: {err}"))?;
-    Ok(Fetched {
-        access_key_id: json.access_key_id,
-        secret_access_key: json.secret_access_key,
-        session_token: json.token.filter(|token| !token.is_empty()),
-        expires: json.expiration.as_deref().map(parse_expiry).transpose()?,
-    })
-}
-
-/// ECS task roles and EKS Pod Identity: a GET with the authorization token.
-fn container_credentials(
-    container: &ContainerEndpoint,
-    agent: &ureq::Agent,
-) -> Result<Fetched, String> {
-    let token = match (&container.token_file, &container.token) {
-        (Some(file), _) => Some(read_trimmed(file)?),
-        (None, token) => token.clone(),
-    };
-    let mut request = agent.get(&container.uri);
-    if let Some(token) = &token {
-        request = request.header("authorization", token);
-    }
-    let mut response = request
-        .call()
-        .map_err(|err| format!("{}: {err}", container.uri))?;
-    let status = response.status().as_u16();
-    let body = response.body_mut().read_to_string().unwrap_or_default();
-    if status != 200 {
-        return Err(format!("{} answered HTTP {status}", container.uri));
-    }
-    from_json(&body, &container.uri)
-}
-
-/// IMDSv2: a session token, the role name, then the role's credentials.
-/// Any failure means "not on EC2" (`None`), as in the SDKs.
-fn instance_metadata(endpoint: &str, agent: &ureq::Agent) -> Option<Fetched> {
-    let token = agent
-        .put(&format!("{endpoint}/latest/api/token"))
-        .config()
-        .timeout_global(Some(IMDS_TIMEOUT))
-        .build()
-        .header("x-aws-ec2-metadata-token-ttl-seconds", "21600")
-        .send_empty()
-        .ok()
-        .filter(|response| response.status() == 200)?
-        .body_mut()
-        .read_to_string()
-        .ok()?;
-    let get = |path: &str| -> Option<String> {
-        let mut response = agent
-            .get(&format!(
-                "{endpoint}/latest/meta-data/iam/security-credentials/{path}"
-            ))
-            .header("x-aws-ec2-metadata-token", &token)
-            .call()
-            .ok()?;
-        (response.status() == 200).then_some(())?;
-        response.body_mut().read_to_string().ok()
-    };
-    let role = get("")?.lines().next()?.trim().to_string();
-    match from_json(&get(&role)?, "instance metadata") {
-        Ok(fetched) => Some(fetched),
-        Err(err) => {
-            warn!("credentials: {err}");
-            None
-        }
-    }
-}
-
-/// The credentials file, then the config file (where the section of a
-/// profile other than `default` is `[profile NAME]`).
-fn profile_paths(chain: &CredentialChain) -> Vec<PathBuf> {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    vec![
-        chain
-            .shared_credentials_file
-            .clone()
-            .unwrap_or_else(|| home.join(".aws/credentials")),
-        chain
-            .config_file
-            .clone()
-            .unwrap_or_else(|| home.join(".aws/config")),
-    ]
-}
-
-/// Static keys from the shared files. Profiles that assume a role or run a
-/// process are not followed: they fail clearly rather than silently.
-fn profile(chain: &CredentialChain) -> Result<Option<Fetched>, String> {
-    let paths = profile_paths(chain);
-    let sections = [
-        chain.profile.clone(),
-        if chain.profile == "default" {
-            "default".to_string()
-        } else {
-            format!("profile {}", chain.profile)
-        },
-    ];
-    for (path, section) in paths.iter().zip(sections) {
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
-        };
-        let Some(values) = ini_section(&text, &section) else {
-            continue;
-        };
-        match (
-            values.get("aws_access_key_id"),
-            values.get("aws_secret_access_key"),
-        ) {
-            (Some(id), Some(secret)) => {
-                return Ok(Some(Fetched {
-                    access_key_id: id.clone(),
-                    secret_access_key: secret.clone(),
-                    session_token: values.get("aws_session_token").cloned(),
-                    expires: None,
-                }));
-            }
-            _ if values.keys().any(|key| {
-                matches!(
-                    key.as_str(),
-                    "role_arn" | "credential_process" | "sso_session" | "sso_start_url"
-                )
-            }) =>
-            {
-                return Err(format!(
-                    "profile {:?} in {} assumes a role or uses SSO or a credential process, which chunkstream does not follow; give it static keys, or use web identity or container credentials",
-                    chain.profile,
-                    path.display()
-                ));
-            }
-            _ => {}
-        }
-    }
-    Ok(None)
-}
-
-/// The `key = value` pairs of `[section]` in an INI file.
-fn ini_section(text: &str, section: &str) -> Option<HashMap<String, String>> {
-    let mut current: Option<&str> = None;
-    let mut values: Option<HashMap<String, String>> = None;
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            current = Some(name.trim());
-            if current == Some(section) {
-                values.get_or_insert_with(HashMap::new);
-            }
-            continue;
-        }
-        if current == Some(section)
-            && let (Some(map), Some((key, value))) = (values.as_mut(), line.split_once('='))
-        {
-            map.insert(key.trim().to_ascii_lowercase(), value.trim().to_string());
-        }
-    }
-    values
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ini_sections_are_read_by_name() {
-        let text = "[default]\naws_access_key_id = A\n# note\n[profile cam]\nAWS_SECRET_ACCESS_KEY=s = x\n";
-        assert_eq!(
-            ini_section(text, "default").unwrap()["aws_access_key_id"],
-            "A"
-        );
-        assert_eq!(
-            ini_section(text, "profile cam").unwrap()["aws_secret_access_key"],
-            "s = x"
-        );
-        assert!(ini_section(text, "other").is_none());
-    }
-
-    #[test]
-    fn container_json_keeps_the_token_and_expiry() {
-        let fetched = from_json(
-            r#"{"AccessKeyId":"AK","SecretAccessKey":"S","Token":"T","Expiration":"2030-01-02T03:04:05Z"}"#,
-            "test",
-        )
-        .unwrap();
-        assert_eq!(fetched.session_token.as_deref(), Some("T"));
-        assert_eq!(
-            fetched.expires,
-            Some(humantime::parse_rfc3339("2030-01-02T03:04:05Z").unwrap())
-        );
-    }
 
     #[test]
     fn refresh_comes_five_minutes_early_or_at_half_life() {
