@@ -146,7 +146,7 @@ impl Coordinator {
                     if let Some(stream) = self.table.get(&identity) {
                         let event = StreamEvent::reopened(
                             subject(stream, stream.revision),
-                            stream.state.size,
+                            stream.state.size(),
                             SystemTime::now(),
                         );
                         self.announce(event);
