@@ -20,6 +20,7 @@ use crate::logging::LogFormat;
 mod aws;
 mod cli;
 mod events;
+mod lifecycle;
 mod stores;
 
 pub use aws::{
@@ -27,6 +28,7 @@ pub use aws::{
 };
 pub use cli::{Cli, Command, Settings};
 pub use events::{EventsConfig, WebhookConfig};
+pub use lifecycle::OnComplete;
 pub use stores::{
     ContentMd5, DEFAULT_REDIS_URL, RedisConfig, S3Config, S3Credentials, SentinelConfig,
 };
@@ -74,6 +76,12 @@ pub struct Config {
     pub instance_id: Option<String>,
     /// Where completion events go (docs/events.md).
     pub events: EventsConfig,
+    /// How long Redis keeps the record of a stream whose file is gone.
+    pub record_retention: Duration,
+    /// What happens to a file once its stream is complete and verified.
+    pub on_complete: OnComplete,
+    /// How long after completion the file is deleted or moved.
+    pub on_complete_delay: Duration,
 }
 
 /// How replicas share streams (see docs/scaling.md).
@@ -153,6 +161,7 @@ impl Config {
             )
         })?;
         let sentinel = SentinelConfig::from_settings(settings)?;
+        let on_complete = OnComplete::from_settings(settings, &watch_dir)?;
         Ok(Self {
             watch_dir,
             rules: crate::rules::Rules::parse(
@@ -199,6 +208,12 @@ impl Config {
             sentinel,
             instance_id: parse_instance_id(&settings.instance_id)?,
             events: EventsConfig::from_settings(settings)?,
+            record_retention: parse_duration("RECORD_RETENTION", &settings.record_retention)?,
+            on_complete,
+            on_complete_delay: lifecycle::parse_delay(
+                "ON_COMPLETE_DELAY",
+                &settings.on_complete_delay,
+            )?,
         })
     }
 }

@@ -145,6 +145,11 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
     let bandwidth = Arc::new(Bandwidth::new(config.bandwidth.clone(), config.workers));
     metrics.watch_bandwidth(bandwidth.clone());
     let mut s3 = S3Store::new(&config.s3)?.with_bandwidth(bandwidth);
+    // /readyz names the credential source from the start, not only once the
+    // probe thread runs.
+    if let Some(health) = s3.credentials_health() {
+        events.credentials_refresh(&health);
+    }
     let bucket_ready = until_ready(&config, &stop, &heartbeat, "checking bucket", || {
         let checked = check_bucket(&mut s3, &config);
         let shown = match &checked {

@@ -4,6 +4,8 @@
 //! and never touch metrics directly (the Vector file-source pattern). The
 //! Prometheus implementation lives in `metrics.rs`; tests pass [`NoEvents`].
 
+use std::path::PathBuf;
+
 use crate::health::Dependency;
 use crate::store::Integrity;
 use crate::store::credentials::RefreshHealth;
@@ -49,8 +51,34 @@ pub trait Events: Send + Sync {
     fn event_delivery_failed(&self, _destination: &'static str) {}
     /// Completion events waiting in the outbox (due or backing off).
     fn events_pending(&self, _count: u64) {}
+    /// A complete stream's file left the watch directory (`ON_COMPLETE`):
+    /// the one place where a `file.deleted` / `file.moved` announcement
+    /// belongs. Called by the coordinator as it applies the result.
+    fn file_disposed(&self, _stream_id: &str, _rel_path: &str, _disposal: &Disposal) {}
+    /// Deleting or moving a complete stream's file failed (`action`: delete
+    /// or move), or the stream could not be verified in S3 first; it is
+    /// retried with backoff.
+    fn on_complete_failed(&self, _action: &'static str) {}
     /// Gauges, refreshed by the coordinator after each loop turn.
     fn gauges(&self, _gauges: &Gauges) {}
+}
+
+/// What a disposal did with the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposal {
+    Deleted,
+    /// Moved to this path.
+    Moved(PathBuf),
+}
+
+impl Disposal {
+    /// The name used in logs and metric labels.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Disposal::Deleted => "deleted",
+            Disposal::Moved(_) => "moved",
+        }
+    }
 }
 
 /// Point-in-time figures the coordinator knows.

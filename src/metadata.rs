@@ -114,6 +114,11 @@ pub fn new_stream_id(file_name: &str, suffix_source: &[u8]) -> String {
     format!("{safe}-{}", &digest[..12])
 }
 
+/// The last component of a `/`-separated relative path.
+pub fn file_name(rel_path: &str) -> String {
+    rel_path.rsplit('/').next().unwrap_or(rel_path).to_string()
+}
+
 /// Lower-case hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

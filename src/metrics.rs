@@ -15,7 +15,7 @@ use std::sync::Arc;
 use log::{info, warn};
 
 use crate::bandwidth::Bandwidth;
-use crate::events::{Events, Gauges};
+use crate::events::{Disposal, Events, Gauges};
 use crate::health::{Dependency, Readiness};
 use crate::store::Integrity;
 use crate::store::credentials::RefreshHealth;
@@ -63,6 +63,8 @@ pub struct Metrics {
     events_delivered: IntCounter,
     event_delivery_failures: IntCounterVec,
     events_pending: IntGauge,
+    files_disposed: IntCounterVec,
+    on_complete_failures: IntCounterVec,
     poll_interval: prometheus::Gauge,
     bandwidth_limit: IntGauge,
     /// Read at every render, so the gauge follows BANDWIDTH_SCHEDULE.
@@ -136,6 +138,24 @@ impl Metrics {
             "Failed S3 request attempts, by kind.",
             "kind",
         );
+        let files_disposed = labelled(
+            &registry,
+            "chunkstream_files_disposed_total",
+            "Complete streams' files deleted or moved after verification (ON_COMPLETE), by action.",
+            "action",
+        );
+        let on_complete_failures = labelled(
+            &registry,
+            "chunkstream_on_complete_failures_total",
+            "Failed attempts to delete or move a complete stream's file, or to verify it in S3 first; retried with backoff.",
+            "action",
+        );
+        for action in ["deleted", "moved"] {
+            files_disposed.with_label_values(&[action]);
+        }
+        for action in ["delete", "move"] {
+            on_complete_failures.with_label_values(&[action]);
+        }
         // Pre-create every series so rates work from the first scrape.
         for status in ["complete", "incomplete"] {
             streams_completed.with_label_values(&[status]);
@@ -144,6 +164,8 @@ impl Metrics {
             upload_errors.with_label_values(&[kind]);
         }
         Self {
+            files_disposed,
+            on_complete_failures,
             chunks_uploaded: counter(
                 &registry,
                 "chunkstream_chunks_uploaded_total",
@@ -466,6 +488,16 @@ impl Events for Metrics {
     fn events_pending(&self, count: u64) {
         self.events_pending
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    fn file_disposed(&self, _stream_id: &str, _rel_path: &str, disposal: &Disposal) {
+        self.files_disposed
+            .with_label_values(&[disposal.as_str()])
+            .inc();
+    }
+
+    fn on_complete_failed(&self, action: &'static str) {
+        self.on_complete_failures.with_label_values(&[action]).inc();
     }
 
     fn gauges(&self, gauges: &Gauges) {

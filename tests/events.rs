@@ -290,14 +290,34 @@ fn the_outbox_takes_an_event_only_with_its_decision_once_and_hands_it_to_one_rea
         mtime_ns: 1,
         last_change_at: std::time::SystemTime::now(),
         completed_at: std::time::SystemTime::now(),
+        head: None,
         release_lease: false,
         announcement: Some(event.clone()),
     };
-    // The fenced-out replica's completion is refused, and so is its event.
+    let chunk = chunkstream::metadata::ChunkRecord {
+        index: 0,
+        key: "p/s/chunk-000000".into(),
+        offset: 0,
+        size_bytes: 10,
+        sha256: "ab".into(),
+        uploaded_at: "2026-01-01T00:00:00Z".into(),
+    };
+    b.checkpoint_chunk("s", token, &chunk).unwrap();
+    let chunks_kept = |redis: &mut redis::Connection| -> bool {
+        redis::cmd("EXISTS")
+            .arg("cstest:stream:s:chunks")
+            .query(redis)
+            .unwrap()
+    };
+    // The fenced-out replica's completion is refused, and so is its event;
+    // the chunk records stay.
     assert!(a.mark_complete("s", stale, &completion).is_err());
     assert_eq!(outbox_len(&env), 0);
-    // The owner's completion carries it; a retried write does not add it twice.
+    assert!(chunks_kept(&mut redis));
+    // The owner's completion carries it and drops the chunk records in the
+    // same step; a retried write does not add it twice.
     b.mark_complete("s", token, &completion).unwrap();
+    assert!(!chunks_kept(&mut redis));
     b.mark_complete("s", token, &completion).unwrap();
     assert!(!b.announce(&event).unwrap(), "already queued");
     assert_eq!(outbox_len(&env), 1);

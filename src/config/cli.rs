@@ -330,4 +330,16 @@ pub struct Settings {
     /// Timeout of one webhook POST (connect, send and answer); a timeout is retried with backoff.
     #[arg(long, env = "WEBHOOK_TIMEOUT", default_value = "10s", global = true)]
     pub webhook_timeout: String,
+    /// How long Redis keeps the record of a stream whose file is gone (deleted, moved away, replaced); complete streams stay in the bucket.
+    #[arg(long, env = "RECORD_RETENTION", default_value = "7d", global = true)]
+    pub record_retention: String,
+    /// What happens to a file once its stream is complete and verified in S3: keep, delete, or move (to COMPLETED_DIR).
+    #[arg(long, env = "ON_COMPLETE", default_value = "keep", global = true)]
+    pub on_complete: String,
+    /// With ON_COMPLETE=move: where completed files go, at their path under WATCH_DIR (outside WATCH_DIR; another file system works too).
+    #[arg(long, env = "COMPLETED_DIR", default_value = "", global = true)]
+    pub completed_dir: String,
+    /// How long after completion the file is deleted or moved (a growth meanwhile reopens the stream instead).
+    #[arg(long, env = "ON_COMPLETE_DELAY", default_value = "0s", global = true)]
+    pub on_complete_delay: String,
 }

@@ -112,6 +112,11 @@ fn every_bad_value_names_its_variable() {
         ("--webhook-secret=s3cret", "WEBHOOK_SECRET"),
         ("--webhook-timeout=0s", "WEBHOOK_TIMEOUT"),
         ("--webhook-timeout=soon", "WEBHOOK_TIMEOUT"),
+        ("--record-retention=0s", "RECORD_RETENTION"),
+        ("--on-complete=archive", "ON_COMPLETE"),
+        ("--on-complete=move", "COMPLETED_DIR"),
+        ("--completed-dir=/", "COMPLETED_DIR"),
+        ("--on-complete-delay=soon", "ON_COMPLETE_DELAY"),
     ];
     for (flag, variable) in cases {
         let err = config(&[flag]).expect_err(flag);
@@ -219,6 +224,40 @@ fn backoff_doubles_up_to_the_cap_and_jitters_below_it() {
     for attempt in 0..40 {
         assert!(policy.delay(attempt) <= policy.ceiling(attempt));
     }
+}
+
+#[test]
+fn on_complete_defaults_to_keep_and_move_needs_a_directory_outside_watch_dir() {
+    let config = config(&[]).unwrap();
+    assert_eq!(config.on_complete, OnComplete::Keep);
+    assert_eq!(config.on_complete_delay, Duration::ZERO);
+    assert_eq!(config.record_retention, Duration::from_secs(7 * 24 * 3600));
+
+    let watch = tempfile::tempdir().unwrap();
+    let inside = watch.path().join("done");
+    std::fs::create_dir(&inside).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let with = |completed: &std::path::Path| {
+        let watch_dir = format!("--watch-dir={}", watch.path().display());
+        let completed_dir = format!("--completed-dir={}", completed.display());
+        Config::from_settings(&settings(&[
+            &watch_dir,
+            "--on-complete=move",
+            &completed_dir,
+            "--on-complete-delay=10m",
+        ]))
+    };
+    let err = with(&inside).unwrap_err();
+    assert_eq!(err.variable, "COMPLETED_DIR");
+    assert!(err.to_string().contains("outside WATCH_DIR"), "{err}");
+    let config = with(elsewhere.path()).unwrap();
+    assert_eq!(
+        config.on_complete,
+        OnComplete::Move(elsewhere.path().to_path_buf())
+    );
+    assert_eq!(config.on_complete_delay, Duration::from_secs(600));
+    let err = with(&elsewhere.path().join("missing")).unwrap_err();
+    assert_eq!(err.variable, "COMPLETED_DIR");
 }
 
 #[test]

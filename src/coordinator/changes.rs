@@ -44,10 +44,10 @@ impl Coordinator {
             let Some(stream) = self.table.get(&identity) else {
                 continue;
             };
-            let verdict = match stream.chunks.get(&0) {
+            let verdict = match stream.head_print() {
                 None => Ok(true),
                 Some(first) => match self.files.head_sha256(&seen.abs_path, first.size_bytes) {
-                    Ok(digest) => Ok(digest == first.sha256),
+                    Ok(digest) => Ok(first.matches(&digest)),
                     Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
                     Err(err) => Err(err),
                 },
@@ -204,15 +204,47 @@ impl Coordinator {
     }
 
     /// Drops the identity → stream mapping of a stream that ended, unless a
-    /// new stream for the same identity takes it over first.
+    /// new stream for the same identity takes it over first, and lets its
+    /// records expire after `RECORD_RETENTION`. A failure is retried after
+    /// every scan (`retry_retirements`), so no record is left to live forever.
     pub(super) fn retire(&mut self, identity: FileIdentity, stream_id: &str) {
-        match self.checkpoints.forget_identity(identity, stream_id) {
+        let keep_for = self.config.record_retention;
+        match self
+            .checkpoints
+            .retire_stream(identity, stream_id, keep_for)
+        {
             Ok(()) => {
-                self.retired.remove(&identity);
+                if self.retired.get(&identity).map(String::as_str) == Some(stream_id) {
+                    self.retired.remove(&identity);
+                }
+                self.unretired.remove(stream_id);
             }
             Err(err) => {
-                warn!("stream {stream_id}: cannot update the identity index: {err}");
+                if self
+                    .unretired
+                    .insert(stream_id.to_string(), identity)
+                    .is_none()
+                {
+                    warn!(
+                        "stream {stream_id}: cannot update the identity index and expire its records: {err}; retrying after the next scan"
+                    );
+                }
                 self.retired.insert(identity, stream_id.to_string());
+            }
+        }
+    }
+
+    /// Retries the retirements that failed (Redis was unreachable).
+    pub(super) fn retry_retirements(&mut self) {
+        let pending: Vec<(String, FileIdentity)> = self
+            .unretired
+            .iter()
+            .map(|(id, identity)| (id.clone(), *identity))
+            .collect();
+        for (stream_id, identity) in pending {
+            self.retire(identity, &stream_id);
+            if self.unretired.contains_key(&stream_id) {
+                return;
             }
         }
     }
@@ -272,12 +304,9 @@ impl Coordinator {
         match self.checkpoints.load_stream(&id) {
             Ok(Some(Err(corrupt))) => self.quarantine(corrupt, Some(observation.identity)),
             Ok(Some(Ok(stored))) => {
-                if let Some(tracked) = TrackedStream::from_stored(
-                    stored,
-                    &self.config.watch_dir,
-                    now,
-                    self.config.assemble,
-                ) {
+                if let Some(tracked) =
+                    TrackedStream::from_stored(stored, &self.config.watch_dir, now, &self.rules)
+                {
                     info!(
                         "stream {id}: {} already registered; continuing it",
                         observation.rel_path

@@ -81,12 +81,28 @@ impl Coordinator {
                     facts: stream.facts(),
                     expected_size: size,
                     chunks: stream.chunks.clone(),
-                    release_lease: !self.rules.assemble,
+                    release_lease: !self.rules.assemble && !self.rules.dispose,
                 }),
                 Work::Assemble => Job::Assemble(AssembleJob {
                     stream: stream.stream_ref(token),
                     revision: stream.revision,
                 }),
+                Work::Dispose => {
+                    let (size, mtime_ns) = stream
+                        .state
+                        .last_completion()
+                        .unwrap_or((stream.state.size(), stream.state.mtime_ns()));
+                    Job::Dispose(DisposeJob {
+                        stream: stream.stream_ref(token),
+                        path: stream.abs_path.clone(),
+                        rel_path: stream.rel_path.clone(),
+                        revision: stream.revision,
+                        size,
+                        mtime_ns,
+                        assembled: self.rules.assemble,
+                        action: self.config.on_complete.clone(),
+                    })
+                }
             };
             let stream_id = stream.id.clone();
             match jobs.try_send(job) {
@@ -95,6 +111,7 @@ impl Coordinator {
                         Work::Upload { .. } => "chunk",
                         Work::Finalize { .. } => "finalize",
                         Work::Assemble => "assemble",
+                        Work::Dispose => "dispose",
                     };
                     self.in_flight.insert(stream_id, kind);
                     self.table

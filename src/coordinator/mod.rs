@@ -21,7 +21,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use log::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::events::{Events, Gauges};
+use crate::events::{Disposal, Events, Gauges};
 use crate::health::{Dependency, Readiness};
 use crate::http::StreamsSnapshot;
 use crate::lease::{HeldLeases, Ownership};
@@ -35,7 +35,9 @@ use crate::store::ports::{CorruptRecord, Loaded};
 use crate::stream::Now;
 use crate::stream::state::{Event, Rules, Work};
 use crate::stream::table::{Change, StreamTable, StreamView, TrackedStream, file_name};
-use crate::upload::job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome};
+use crate::upload::job::{
+    AssembleJob, ChunkJob, CloseJob, DisposeJob, FinalizeJob, Job, JobResult, Outcome,
+};
 use crate::watchfs::FileSystem;
 
 mod announce;
@@ -123,6 +125,9 @@ pub struct Coordinator {
     /// Identity → stream id of streams just closed or forgotten whose identity
     /// mapping may still be in Redis; a new stream may take it over.
     retired: HashMap<FileIdentity, String>,
+    /// Stream id → identity of streams whose retirement (identity mapping
+    /// removed, records set to expire) failed and is retried.
+    unretired: BTreeMap<String, FileIdentity>,
     /// Whether the last registration failed (to log an outage once).
     registration_failing: bool,
     /// Redis recoveries already answered with a write-back.
@@ -166,6 +171,8 @@ impl Coordinator {
             vanish_grace: config.stream_timeout,
             retry: config.retry,
             assemble: config.assemble,
+            dispose: config.on_complete.disposes(),
+            dispose_delay: config.on_complete_delay,
         };
         Self {
             config,
@@ -184,6 +191,7 @@ impl Coordinator {
             ownership,
             demand: 0,
             retired: HashMap::new(),
+            unretired: BTreeMap::new(),
             registration_failing: false,
             redis_recoveries_handled: 0,
             quarantined: BTreeMap::new(),
@@ -205,12 +213,9 @@ impl Coordinator {
                     continue;
                 }
             };
-            if let Some(tracked) = TrackedStream::from_stored(
-                stream,
-                &self.config.watch_dir,
-                now,
-                self.config.assemble,
-            ) {
+            if let Some(tracked) =
+                TrackedStream::from_stored(stream, &self.config.watch_dir, now, &self.rules)
+            {
                 debug!(
                     "stream {}: resumed for {} ({} chunks checkpointed)",
                     tracked.id,
@@ -235,6 +240,7 @@ impl Coordinator {
             self.handle_result(result, now);
         }
         if let Some(scan) = observations.scan {
+            self.retry_retirements();
             self.apply_scan(scan, now);
             self.queue_ready_streams(now);
             self.publish_gauges();

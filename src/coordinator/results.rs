@@ -22,6 +22,8 @@ impl Coordinator {
             stream.last_error = result.last_error;
         }
         let job_started = stream.last_dispatch.unwrap_or(now);
+        // What a refused disposal saw of the file, applied after the result.
+        let mut refused_at = None;
         if let Some(chunks) = result.chunks {
             let before = stream.uploaded_bytes();
             stream.chunks = chunks;
@@ -48,6 +50,7 @@ impl Coordinator {
                     self.ownership.drop_lease(&stream.id);
                 }
                 stream.revision = revision;
+                stream.settle_completion();
                 let lag = completed_at
                     .duration_since(stream.last_change_at)
                     .map_or(0.0, |d| d.as_secs_f64());
@@ -81,6 +84,32 @@ impl Coordinator {
                 stream.assembled_revision = stream.assembled_revision.max(revision);
                 Event::Assembled
             }
+            Outcome::Disposed(disposal) => {
+                match &disposal {
+                    Disposal::Moved(to) => info!(
+                        stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
+                        "stream {}: verified in S3; moved {} to {}",
+                        stream.id, stream.rel_path, to.display()
+                    ),
+                    Disposal::Deleted => info!(
+                        stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
+                        "stream {}: verified in S3; deleted {}",
+                        stream.id, stream.rel_path
+                    ),
+                }
+                self.events
+                    .file_disposed(&stream.id, &stream.rel_path, &disposal);
+                Event::Disposed
+            }
+            Outcome::DisposalRefused { reason, seen } => {
+                info!(
+                    stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
+                    "stream {}: {} is kept: {reason}",
+                    stream.id, stream.rel_path
+                );
+                refused_at = seen;
+                Event::DisposalRefused
+            }
             Outcome::Cancelled => Event::JobCancelled,
             Outcome::LeaseLost => {
                 self.lose_lease(&result.stream.stream_id);
@@ -90,7 +119,16 @@ impl Coordinator {
         };
         let identity = result.stream.identity;
         let finalized = matches!(event, Event::Finalized { .. });
-        let changes = self.table.apply(identity, event, self.at(now), &self.rules);
+        let mut changes = self.table.apply(identity, event, self.at(now), &self.rules);
+        if let Some((size, mtime_ns)) = refused_at {
+            // The file changed after its completion: reopen at once.
+            changes.extend(self.table.apply(
+                identity,
+                Event::Observed { size, mtime_ns },
+                self.at(now),
+                &self.rules,
+            ));
+        }
         let needs_owner = self
             .table
             .get(&identity)

@@ -169,7 +169,43 @@ pub struct StoredStream {
     pub completed_mtime_ns: i128,
     /// The revision whose assembled object exists (0: none).
     pub assembled_revision: u32,
+    /// The chunk records of the revision in progress. A complete stream keeps
+    /// none here: its `metadata.json` holds them (see docs/storage-layout.md).
     pub chunks: BTreeMap<u64, ChunkRecord>,
+    /// The first chunk's fingerprint, kept once the chunk records are
+    /// dropped: what tells the stream's file from another one at its path.
+    pub head: Option<HeadPrint>,
+}
+
+/// The size and sha256 of a stream's first chunk: enough to tell, by
+/// content, whether a file at the stream's path with a new identity is the
+/// stream's file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadPrint {
+    pub size_bytes: u64,
+    /// The first [`HEAD_PRINT_HEX`] lower-case hex digits (128 bits) of the
+    /// chunk's sha256: ample to tell two files apart, and half the bytes in
+    /// every complete stream's record.
+    pub sha256: String,
+}
+
+/// Hex digits of a first chunk's sha256 kept in a [`HeadPrint`].
+pub const HEAD_PRINT_HEX: usize = 32;
+
+impl HeadPrint {
+    /// The fingerprint of a stream whose first chunk is `chunk`.
+    pub fn of(chunk: &ChunkRecord) -> Self {
+        Self {
+            size_bytes: chunk.size_bytes,
+            sha256: chunk.sha256.chars().take(HEAD_PRINT_HEX).collect(),
+        }
+    }
+
+    /// Whether a file whose first `size_bytes` hash to `sha256` (full hex)
+    /// starts like the stream's file.
+    pub fn matches(&self, sha256: &str) -> bool {
+        !self.sha256.is_empty() && sha256.starts_with(&self.sha256)
+    }
 }
 
 /// A server-side assembly in progress, checkpointed after every part so a
@@ -192,8 +228,11 @@ pub struct Completion {
     pub mtime_ns: i128,
     pub last_change_at: SystemTime,
     pub completed_at: SystemTime,
+    /// The first chunk's fingerprint, kept while the chunk records are
+    /// dropped (`metadata.json` holds them now).
+    pub head: Option<HeadPrint>,
     /// Give the lease up in the same step (nothing more to do for the
-    /// stream: no assembly wanted).
+    /// stream: no assembly or disposal of its file wanted).
     pub release_lease: bool,
     /// The `stream.completed` event, put in the outbox in the same atomic
     /// step (`None` when no event destination is configured).
@@ -278,7 +317,8 @@ pub trait CheckpointStore: Send {
         new: FileIdentity,
     ) -> Result<(), CheckpointError>;
 
-    /// Marks the stream complete. Idempotent. Fenced.
+    /// Marks the stream complete and drops its chunk records, leaving the
+    /// compact record that recognises the unchanged file. Idempotent. Fenced.
     fn mark_complete(
         &mut self,
         stream_id: &str,
@@ -349,11 +389,15 @@ pub trait CheckpointStore: Send {
         revision: u32,
     ) -> Result<(), FencedWriteError>;
 
-    /// Removes the identity → stream mapping if it still points to `stream_id`.
-    fn forget_identity(
+    /// A stream whose file is gone (or closed): removes the identity →
+    /// stream mapping if it still points to `stream_id`, and lets the
+    /// stream's record and chunk records expire after `keep_for`
+    /// (`RECORD_RETENTION`), in one atomic step.
+    fn retire_stream(
         &mut self,
         identity: FileIdentity,
         stream_id: &str,
+        keep_for: Duration,
     ) -> Result<(), CheckpointError>;
 
     /// Puts an event in the durable outbox, from where it is delivered at

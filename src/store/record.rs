@@ -13,9 +13,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::MAX_CHUNK_SIZE;
-use crate::metadata::{ChunkRecord, MAX_CHUNKS, unix_millis};
+use crate::metadata::{ChunkRecord, MAX_CHUNKS, file_name, unix_millis};
 use crate::scan::FileIdentity;
-use crate::store::ports::{CorruptRecord, Loaded, StoredStatus, StoredStream};
+use crate::store::ports::{
+    CorruptRecord, HEAD_PRINT_HEX, HeadPrint, Loaded, StoredStatus, StoredStream,
+};
 
 pub(crate) fn from_unix_millis(millis: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(millis)
@@ -23,11 +25,10 @@ pub(crate) fn from_unix_millis(millis: u64) -> SystemTime {
 
 /// The record fields of a stream, as (name, value) pairs.
 pub(crate) fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)> {
-    vec![
+    let mut fields = vec![
         ("id", stream.id.clone()),
         ("identity", stream.identity.key()),
         ("path", stream.rel_path.clone()),
-        ("file_name", stream.file_name.clone()),
         ("chunk_size", stream.chunk_size.to_string()),
         ("started_at_ms", unix_millis(stream.started_at).to_string()),
         (
@@ -38,8 +39,24 @@ pub(crate) fn stream_fields(stream: &StoredStream) -> Vec<(&'static str, String)
         ("revision", stream.revision.to_string()),
         ("completed_size", stream.completed_size.to_string()),
         ("completed_mtime_ns", stream.completed_mtime_ns.to_string()),
-        ("assembled_revision", stream.assembled_revision.to_string()),
-    ]
+    ];
+    // Absent means 0: every complete stream's record is a little smaller.
+    if stream.assembled_revision > 0 {
+        fields.push(("assembled_revision", stream.assembled_revision.to_string()));
+    }
+    if stream.status == StoredStatus::Complete
+        && let Some(head) = &stream.head
+    {
+        fields.push(head_field(head));
+    }
+    fields
+}
+
+/// The field that holds a complete stream's [`HeadPrint`]; its size is not
+/// stored, as the first chunk of a complete stream holds
+/// `min(chunk_size, completed_size)` bytes.
+pub(crate) fn head_field(head: &HeadPrint) -> (&'static str, String) {
+    ("head_sha256", head.sha256.clone())
 }
 
 /// Rebuilds stream `id` from its record and chunk hash. `None` if there is
@@ -106,12 +123,32 @@ fn decode_fields(
     } else {
         0
     };
+    let head = match fields.get("head_sha256") {
+        None => None,
+        Some(sha256)
+            if sha256.len() == HEAD_PRINT_HEX && sha256.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            Some(HeadPrint {
+                size_bytes: chunk_size.min(optional("completed_size")?),
+                sha256: sha256.to_ascii_lowercase(),
+            })
+        }
+        Some(other) => {
+            return Err(format!(
+                "field head_sha256 is {other:?}, not {HEAD_PRINT_HEX} hex digits"
+            ));
+        }
+    }
+    .filter(|head| head.size_bytes > 0);
     Ok(StoredStream {
         id: text("id")?.to_string(),
         identity: FileIdentity::parse_key(identity)
             .ok_or_else(|| format!("identity {identity:?} is not device:inode"))?,
         rel_path: text("path")?.to_string(),
-        file_name: text("file_name")?.to_string(),
+        // The file name is the path's last component (a rename changes
+        // both); records written before it was derived still hold a
+        // `file_name` field, which is ignored.
+        file_name: file_name(text("path")?),
         chunk_size,
         started_at: from_unix_millis(parsed("started_at_ms")?),
         last_change_at: from_unix_millis(parsed("last_change_at_ms")?),
@@ -122,6 +159,7 @@ fn decode_fields(
         completed_mtime_ns,
         assembled_revision,
         chunks: decode_chunks(chunk_fields, chunk_size)?,
+        head,
     })
 }
 
@@ -197,6 +235,10 @@ mod tests {
                     uploaded_at: "t".into(),
                 },
             )]),
+            head: Some(HeadPrint {
+                size_bytes: 12,
+                sha256: "ab".repeat(16),
+            }),
         }
     }
 
@@ -241,6 +283,7 @@ mod tests {
         assert!(reason(&with("chunk_size", "ten"), &chunks).contains("not a number"));
         assert!(reason(&with("status", "paused"), &chunks).contains("status"));
         assert!(reason(&with("revision", "99999999999"), &chunks).contains("out of range"));
+        assert!(reason(&with("head_sha256", "abc"), &chunks).contains("hex digits"));
         let mut missing = fields.clone();
         missing.remove("identity");
         let corrupt = decode_stream("cam-1", &missing, &chunks)

@@ -16,7 +16,12 @@
 //! - `P:identities` hash: `device:inode` → stream id, for live streams.
 //! - `P:stream:{id}` hash: the stream's record (path, status, revision, …,
 //!   and `fence`, the fencing token of the stream's latest claim).
-//! - `P:stream:{id}:chunks` hash: chunk index → chunk record (JSON).
+//! - `P:stream:{id}:chunks` hash: chunk index → chunk record (JSON), for the
+//!   revision in progress only: completion drops it (`metadata.json` holds
+//!   the records), so a complete stream costs one small hash.
+//!
+//! Once a stream's file is gone, its record and chunk records expire after
+//! `RECORD_RETENTION` (docs/storage-layout.md has the bytes per stream).
 //! - `P:lease:{id}` string: the owner id of the replica that holds the
 //!   stream, expiring after `LEASE_TTL` unless renewed.
 //! - `P:replicas` sorted set: live owner ids, scored by when they expire.
@@ -43,7 +48,7 @@ use crate::store::ports::{
     AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Outbox, PendingEvent,
     Renewal, StoredStatus, StoredStream,
 };
-use crate::store::record::{decode_stream, stream_fields};
+use crate::store::record::{decode_stream, head_field, stream_fields};
 
 mod checkpoints;
 mod instance;
@@ -153,7 +158,7 @@ pub struct RedisStore {
     holder: LeaseHolder,
     register: Script,
     restore: Script,
-    forget: Script,
+    retire: Script,
     rekey: Script,
     fenced_write: Script,
     claim: Script,
@@ -168,14 +173,31 @@ pub struct RedisStore {
 }
 
 /// A fenced write: which hash, which fields to delete, which pairs to set,
-/// whether the lease is given up, and which event is queued in the same
-/// step.
+/// whether the stream's chunk records are dropped and the lease is given
+/// up, and which event is queued, all in the same step.
 struct FencedWrite<'a> {
     target: String,
     delete: &'a [&'a str],
     set: Vec<(String, String)>,
+    /// Delete the stream's chunk records (at completion: metadata.json
+    /// holds them now).
+    drop_chunks: bool,
     release: bool,
     announcement: Option<&'a Announcement>,
+}
+
+impl<'a> FencedWrite<'a> {
+    /// A write of record fields (`delete`, then `set`) and nothing else.
+    fn record(target: String, delete: &'a [&'a str], set: &[(&str, String)]) -> Self {
+        Self {
+            target,
+            delete,
+            set: owned_pairs(set),
+            drop_chunks: false,
+            release: false,
+            announcement: None,
+        }
+    }
 }
 
 impl RedisStore {
@@ -206,7 +228,7 @@ impl RedisStore {
             holder,
             register: Script::new(REGISTER_LUA),
             restore: Script::new(RESTORE_LUA),
-            forget: Script::new(FORGET_LUA),
+            retire: Script::new(RETIRE_LUA),
             rekey: Script::new(REKEY_LUA),
             fenced_write: Script::new(&format!("{HOLDS_LUA}{ENQUEUE_LUA}{FENCED_WRITE_LUA}")),
             claim: Script::new(CLAIM_LUA),
@@ -237,6 +259,9 @@ impl RedisStore {
         let written: i64 = self.with_write(|con, keys| {
             let mut invocation = script.key(keys.lease(stream_id));
             invocation.key(keys.stream(stream_id)).key(&write.target);
+            // Fixed places (see FENCED_WRITE_LUA): the chunk hash is always
+            // KEYS[4], the event's keys follow only with an event.
+            invocation.key(keys.chunks(stream_id));
             if let Some(event) = write.announcement {
                 invocation
                     .key(keys.announced(&event.id))
@@ -248,6 +273,7 @@ impl RedisStore {
                 .arg(token.to_string())
                 .arg(ttl)
                 .arg(if write.release { "1" } else { "0" })
+                .arg(if write.drop_chunks { "1" } else { "0" })
                 .arg(write.delete.len());
             for name in write.delete {
                 invocation.arg(*name);
@@ -281,31 +307,8 @@ impl RedisStore {
         delete: &[&str],
         set: &[(&str, String)],
     ) -> Result<(), FencedWriteError> {
-        self.update_record_fenced(stream_id, token, (delete, set), false, None)
-    }
-
-    /// A fenced write of record fields that may also give the lease up and
-    /// queue an event.
-    fn update_record_fenced(
-        &mut self,
-        stream_id: &str,
-        token: u64,
-        (delete, set): (&[&str], &[(&str, String)]),
-        release: bool,
-        announcement: Option<&Announcement>,
-    ) -> Result<(), FencedWriteError> {
         let target = self.keys.stream(stream_id);
-        self.write_fenced(
-            stream_id,
-            token,
-            &FencedWrite {
-                target,
-                delete,
-                set: owned_pairs(set),
-                release,
-                announcement,
-            },
-        )
+        self.write_fenced(stream_id, token, &FencedWrite::record(target, delete, set))
     }
 
     /// Runs a read on the master (see [`Link::call`]).

@@ -71,6 +71,12 @@ pub enum Event {
     FinalizeInterrupted,
     /// The assembly job finished (or found nothing to do).
     Assembled,
+    /// The disposal job deleted or moved the file.
+    Disposed,
+    /// The disposal job found the file changed since its completion, or not
+    /// at its path: nothing was touched; it is tried again after a backoff,
+    /// and a growth reopens the stream meanwhile.
+    DisposalRefused,
     /// A job failed for a reason the worker could not retry away (for example
     /// a read error); the stream backs off and tries again.
     JobFailed,
@@ -102,6 +108,9 @@ pub enum Work {
     Finalize { size: u64 },
     /// Assemble the complete stream into one object server-side.
     Assemble,
+    /// Verify the complete stream in S3, then delete or move its file
+    /// (`ON_COMPLETE`).
+    Dispose,
 }
 
 /// What the coordinator must do as a consequence of an event.
@@ -129,6 +138,10 @@ pub struct Rules {
     pub retry: RetryPolicy,
     /// Whether complete streams are assembled into one object.
     pub assemble: bool,
+    /// Whether a complete stream's file is deleted or moved (`ON_COMPLETE`),
+    /// and how long after its completion (`ON_COMPLETE_DELAY`).
+    pub dispose: bool,
+    pub dispose_delay: Duration,
 }
 
 /// The state of one stream. Only `step` changes it.
@@ -152,6 +165,9 @@ pub struct StreamState {
     completed: Option<(u64, i128)>,
     /// The last completion still has to be assembled into one object.
     assembly_pending: bool,
+    /// The file still has to be deleted or moved, from `dispose_after` on.
+    disposal_pending: bool,
+    dispose_after: Option<Instant>,
     /// The last poll could not see the file (an error, or a blind watch
     /// directory).
     unseen: bool,
@@ -174,26 +190,45 @@ impl StreamState {
             retry_at: None,
             completed: None,
             assembly_pending: false,
+            disposal_pending: false,
+            dispose_after: None,
             unseen: false,
         }
     }
 
-    /// A stream that completed earlier, at this size and mtime; with
-    /// `assembly_pending`, that completion still has to be assembled.
+    /// A stream that completed earlier, at this size and mtime, with the
+    /// duties that follow a completion as `rules` ask; with
+    /// `assembly_missing`, that completion has no assembled object yet.
     pub fn completed(
         chunk_size: u64,
         size: u64,
         mtime_ns: i128,
-        assembly_pending: bool,
+        assembly_missing: bool,
         now: Instant,
+        rules: &Rules,
     ) -> Self {
-        Self {
-            phase: Phase::Complete,
+        let mut state = Self {
             full_chunks_done: size / chunk_size,
             completed: Some((size, mtime_ns)),
-            assembly_pending,
             ..Self::new(chunk_size, size, mtime_ns, now)
-        }
+        };
+        state.settle(now, rules);
+        state.assembly_pending &= assembly_missing;
+        state
+    }
+
+    /// Enters `Complete`, with the duties that follow a completion.
+    fn settle(&mut self, now: Instant, rules: &Rules) {
+        self.phase = Phase::Complete;
+        self.assembly_pending = rules.assemble;
+        self.disposal_pending = rules.dispose;
+        self.dispose_after = Some(now + rules.dispose_delay);
+    }
+
+    /// Whether the stream still needs its lease holder after completion:
+    /// for the assembly, or to delete or move its file.
+    pub fn has_duties(&self) -> bool {
+        self.phase == Phase::Complete && (self.assembly_pending || self.disposal_pending)
     }
 
     /// A stream resumed from its checkpoint before the file is seen again:
@@ -291,6 +326,13 @@ impl StreamState {
         if self.phase == Phase::Complete && self.assembly_pending && rules.assemble {
             return Some(Work::Assemble);
         }
+        if self.phase == Phase::Complete
+            && self.disposal_pending
+            && rules.dispose
+            && self.dispose_after.is_none_or(|at| now >= at)
+        {
+            return Some(Work::Dispose);
+        }
         if self.phase != Phase::Active {
             return None;
         }
@@ -318,8 +360,11 @@ impl StreamState {
 
     fn reopen(&mut self, now: Instant) -> Vec<Action> {
         self.phase = Phase::Active;
-        // The next completion is assembled instead.
+        // The next completion is assembled (and its file disposed of)
+        // instead; a backoff of those duties does not hold the new bytes up.
         self.assembly_pending = false;
+        self.disposal_pending = false;
+        self.succeeded();
         self.last_change = now;
         // A partial tail chunk from the last completion is no longer a full
         // chunk's worth: it is uploaded again once it is full.
@@ -335,12 +380,13 @@ impl StreamState {
             (_, Event::Adopted(adoption)) => {
                 self.phase = Phase::Active;
                 self.assembly_pending = false;
+                self.disposal_pending = false;
                 if let Some(completed) = adoption.completed {
                     self.completed = Some(completed);
                     // Changed since that completion: a new revision.
                     if (self.size, self.mtime_ns) == completed {
-                        self.phase = Phase::Complete;
-                        self.assembly_pending = rules.assemble && adoption.assembly_missing;
+                        self.settle(now, rules);
+                        self.assembly_pending &= adoption.assembly_missing;
                     }
                 }
                 self.full_chunks_done = adoption.full_chunks_done.min(self.full_chunks_available());
@@ -439,8 +485,7 @@ impl StreamState {
                 self.completed = Some((size, mtime_ns));
                 self.full_chunks_done = size / self.chunk_size;
                 if self.size == size && self.mtime_ns == mtime_ns {
-                    self.phase = Phase::Complete;
-                    self.assembly_pending = rules.assemble;
+                    self.settle(now, rules);
                     Vec::new()
                 } else if self.size < size {
                     // Shrank while finalizing: the next poll restarts it.
@@ -476,6 +521,25 @@ impl StreamState {
                 if self.phase == Phase::Complete {
                     self.assembly_pending = false;
                 }
+                Vec::new()
+            }
+
+            (Phase::Complete, Event::Disposed) => {
+                self.in_flight = false;
+                self.succeeded();
+                self.disposal_pending = false;
+                self.phase = Phase::Closed(CloseReason::Vanished);
+                vec![Action::Forget]
+            }
+
+            (_, Event::Disposed) => {
+                self.in_flight = false;
+                Vec::new()
+            }
+
+            (_, Event::DisposalRefused) => {
+                self.in_flight = false;
+                self.back_off(now, rules);
                 Vec::new()
             }
 

@@ -8,8 +8,10 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::metadata::file_name;
 use crate::metadata::{ChunkRecord, contiguous_prefix};
 use crate::scan::{FileIdentity, Observation};
+use crate::store::ports::HeadPrint;
 use crate::store::{StoredStatus, StoredStream};
 use crate::stream::Now;
 use crate::stream::state::{Adoption, Event, Phase, Rules, StreamState};
@@ -24,7 +26,12 @@ pub struct TrackedStream {
     pub abs_path: PathBuf,
     pub file_name: String,
     pub state: StreamState,
+    /// The chunk records of the revision in progress. Dropped at completion
+    /// (`metadata.json` holds them; the next revision's jobs read them back
+    /// from there), so a complete stream costs little memory.
     pub chunks: BTreeMap<u64, ChunkRecord>,
+    /// The first chunk's fingerprint, kept when the records are dropped.
+    pub head: Option<HeadPrint>,
     pub started_at: SystemTime,
     pub last_change_at: SystemTime,
     /// Completed revisions so far.
@@ -80,6 +87,7 @@ impl TrackedStream {
                 at.instant,
             ),
             chunks: BTreeMap::new(),
+            head: None,
             started_at: at.wall,
             last_change_at: at.wall,
             revision: 0,
@@ -99,7 +107,7 @@ impl TrackedStream {
         stored: StoredStream,
         watch_dir: &Path,
         now: Instant,
-        assemble: bool,
+        rules: &Rules,
     ) -> Option<Self> {
         let state = match stored.status {
             StoredStatus::Incomplete => return None,
@@ -107,8 +115,9 @@ impl TrackedStream {
                 stored.chunk_size,
                 stored.completed_size,
                 stored.completed_mtime_ns,
-                assemble && stored.assembled_revision < stored.revision,
+                stored.assembled_revision < stored.revision,
                 now,
+                rules,
             ),
             StoredStatus::Active => StreamState::resumed(
                 stored.chunk_size,
@@ -125,6 +134,7 @@ impl TrackedStream {
             file_name: stored.file_name,
             state,
             chunks: stored.chunks,
+            head: stored.head,
             started_at: stored.started_at,
             last_change_at: stored.last_change_at,
             revision: stored.revision,
@@ -149,13 +159,18 @@ impl TrackedStream {
             StoredStatus::Complete => Some((stored.completed_size, stored.completed_mtime_ns)),
             StoredStatus::Active => None,
         };
+        // A complete record keeps no chunk records: its metadata.json lists
+        // every chunk of the completed size.
+        let completed_chunks = completed.map_or(0, |(size, _)| size / stored.chunk_size);
         let adoption = Adoption {
             completed,
             assembly_missing: stored.assembled_revision < stored.revision,
-            full_chunks_done: leading_full_chunks(&stored.chunks, stored.chunk_size),
+            full_chunks_done: leading_full_chunks(&stored.chunks, stored.chunk_size)
+                .max(completed_chunks),
         };
         self.state.step(Event::Adopted(adoption), now, rules);
         self.chunks = stored.chunks;
+        self.head = stored.head.or(self.head.take());
         self.revision = stored.revision;
         self.assembled_revision = stored.assembled_revision;
         self.started_at = stored.started_at;
@@ -163,12 +178,28 @@ impl TrackedStream {
     }
 
     /// Whether the stream needs an owner: it is being uploaded, or its last
-    /// completion still has to be assembled.
+    /// completion still has to be assembled or its file disposed of.
     pub fn needs_owner(&self) -> bool {
-        self.is_active() || (self.state.phase() == Phase::Complete && self.state.assembly_pending())
+        self.is_active() || self.state.has_duties()
     }
 
-    /// The record as the checkpoint store should hold it.
+    /// Drops the chunk records of a completed revision (its `metadata.json`
+    /// holds them), keeping the first chunk's fingerprint.
+    pub fn settle_completion(&mut self) {
+        if let Some(first) = self.chunks.get(&0) {
+            self.head = Some(HeadPrint::of(first));
+        }
+        self.chunks.clear();
+    }
+
+    /// The first chunk's fingerprint: from its record while the revision is
+    /// in progress, else as kept at completion.
+    pub fn head_print(&self) -> Option<HeadPrint> {
+        self.chunks.get(&0).map(HeadPrint::of).or(self.head.clone())
+    }
+
+    /// The record as the checkpoint store should hold it: a complete stream
+    /// without its chunk records.
     pub fn to_stored(&self) -> StoredStream {
         let (status, (completed_size, completed_mtime_ns)) = match self.state.phase() {
             Phase::Complete => (
@@ -193,7 +224,11 @@ impl TrackedStream {
             completed_size,
             completed_mtime_ns,
             assembled_revision: self.assembled_revision,
-            chunks: self.chunks.clone(),
+            chunks: match status {
+                StoredStatus::Complete => BTreeMap::new(),
+                StoredStatus::Active | StoredStatus::Incomplete => self.chunks.clone(),
+            },
+            head: self.head_print(),
         }
     }
 
@@ -282,9 +317,4 @@ fn contiguous_bytes(chunks: &BTreeMap<u64, ChunkRecord>) -> u64 {
     contiguous_prefix(chunks)
         .map(|chunk| chunk.size_bytes)
         .sum()
-}
-
-/// The last component of a `/`-separated relative path.
-pub fn file_name(rel_path: &str) -> String {
-    rel_path.rsplit('/').next().unwrap_or(rel_path).to_string()
 }

@@ -37,6 +37,8 @@ struct Server {
     corrupt: BTreeMap<String, String>,
     /// The outbox: every event queued, once per id, in order.
     announced: Vec<Announcement>,
+    /// Stream id → when its record expires (it was retired).
+    expiries: BTreeMap<String, Instant>,
     down: bool,
 }
 
@@ -141,9 +143,14 @@ impl FakeCheckpoints {
         self.lock_server().announced.clone()
     }
 
-    /// Ids of every stored stream.
+    /// Ids of every stored stream (records that expired are gone).
     pub fn stream_ids(&self) -> Vec<String> {
         self.lock_server().streams.keys().cloned().collect()
+    }
+
+    /// When the stream's record expires, if it was retired.
+    pub fn expiry(&self, stream_id: &str) -> Option<Instant> {
+        self.lock_server().expiries.get(stream_id).copied()
     }
 
     /// Who holds the stream's lease now.
@@ -156,11 +163,26 @@ impl FakeCheckpoints {
             .map(|lease| lease.owner.clone())
     }
 
+    /// The server, without the records that expired by now.
     fn lock_server(&self) -> MutexGuard<'_, Server> {
-        self.server.lock().expect("fake server lock")
+        let now = self.clock.now();
+        let mut server = self.server.lock().expect("fake server lock");
+        let expired: Vec<String> = server
+            .expiries
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            server.expiries.remove(&id);
+            server.streams.remove(&id);
+            server.fences.remove(&id);
+            server.assemblies.remove(&id);
+        }
+        server
     }
 
-    /// The server, unless it is down.
+    /// The server, unless it is down, without the records that expired.
     fn up(&self) -> Result<MutexGuard<'_, Server>, CheckpointError> {
         let server = self.lock_server();
         if server.down {
@@ -284,6 +306,8 @@ impl CheckpointStore for FakeCheckpoints {
                 stream.completed_size = completion.size;
                 stream.completed_mtime_ns = completion.mtime_ns;
                 stream.last_change_at = completion.last_change_at;
+                stream.chunks.clear();
+                stream.head.clone_from(&completion.head);
             }
             if completion.release_lease {
                 server.leases.remove(stream_id);
@@ -439,15 +463,25 @@ impl CheckpointStore for FakeCheckpoints {
         Ok(self.up()?.enqueue(Some(announcement)))
     }
 
-    fn forget_identity(
+    fn retire_stream(
         &mut self,
         identity: FileIdentity,
         stream_id: &str,
+        keep_for: Duration,
     ) -> Result<(), CheckpointError> {
+        let now = self.clock.now();
         let mut server = self.up()?;
         let key = identity.key();
         if server.identities.get(&key).map(String::as_str) == Some(stream_id) {
             server.identities.remove(&key);
+        }
+        if server.streams.contains_key(stream_id) {
+            let until = now + keep_for;
+            let expiry = server
+                .expiries
+                .entry(stream_id.to_string())
+                .or_insert(until);
+            *expiry = (*expiry).min(until);
         }
         Ok(())
     }

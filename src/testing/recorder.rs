@@ -144,7 +144,12 @@ impl CheckpointStore for MemoryCheckpoints {
         *self.assembly.lock().unwrap() = None;
         Ok(())
     }
-    fn forget_identity(&mut self, _: FileIdentity, _: &str) -> Result<(), CheckpointError> {
+    fn retire_stream(
+        &mut self,
+        _: FileIdentity,
+        _: &str,
+        _: std::time::Duration,
+    ) -> Result<(), CheckpointError> {
         Ok(())
     }
     fn announce(&mut self, announcement: &Announcement) -> Result<bool, CheckpointError> {

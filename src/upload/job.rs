@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use crate::config::OnComplete;
+use crate::events::Disposal;
 use crate::metadata::ChunkRecord;
 use crate::scan::FileIdentity;
 use crate::stream::state::CloseReason;
@@ -73,12 +75,30 @@ pub struct AssembleJob {
     pub revision: u32,
 }
 
+/// Verify a complete stream in S3, then delete or move its file
+/// (`ON_COMPLETE`), unless the file changed since its completion.
+#[derive(Debug, Clone)]
+pub struct DisposeJob {
+    pub stream: StreamRef,
+    pub path: PathBuf,
+    pub rel_path: String,
+    /// The completed revision, and the file's size and mtime at completion.
+    pub revision: u32,
+    pub size: u64,
+    pub mtime_ns: i128,
+    /// The assembled object must be there too (`ASSEMBLE=true`).
+    pub assembled: bool,
+    /// Delete, or move under a directory.
+    pub action: OnComplete,
+}
+
 #[derive(Debug, Clone)]
 pub enum Job {
     Chunk(ChunkJob),
     Finalize(FinalizeJob),
     Close(CloseJob),
     Assemble(AssembleJob),
+    Dispose(DisposeJob),
 }
 
 impl Job {
@@ -88,6 +108,7 @@ impl Job {
             Job::Finalize(job) => &job.stream,
             Job::Close(job) => &job.stream,
             Job::Assemble(job) => &job.stream,
+            Job::Dispose(job) => &job.stream,
         }
     }
 }
@@ -113,6 +134,15 @@ pub enum Outcome {
     /// The assembly job is done: `revision` is assembled, or 0 when there was
     /// nothing to assemble (superseded, or too many chunks for S3).
     Assembled { revision: u32 },
+    /// The disposal job deleted or moved the file.
+    Disposed(Disposal),
+    /// The disposal job touched nothing: the file changed since its
+    /// completion (`seen`: its size and mtime now), or is not at its path
+    /// (the next scans decide whether it moved or vanished).
+    DisposalRefused {
+        reason: String,
+        seen: Option<(u64, i128)>,
+    },
     /// The job could not be done now (the reason is already logged).
     Failed(String),
     /// Abandoned because the process is shutting down.

@@ -42,6 +42,7 @@ use crate::upload::job::{ChunkJob, Job, JobResult, Outcome};
 
 mod assembly;
 mod completion;
+mod disposal;
 
 /// Why a retry loop gave up.
 enum Stop {
@@ -243,6 +244,7 @@ impl Worker {
                 }
                 Job::Close(job) => (self.close(&job).unwrap_or_else(Stop::stopped), None),
                 Job::Assemble(job) => (self.assemble(&job).unwrap_or_else(Stop::stopped), None),
+                Job::Dispose(job) => (self.dispose(&job), None),
             }
         };
         let (failed_attempts, last_error) = self.job_attempts.take();

@@ -570,6 +570,19 @@ impl TestEnv {
             .max_by_key(|meta| meta.revision)
     }
 
+    /// Waits until `rel` has complete metadata of `revision`.
+    pub fn wait_revision(&self, rel: &str, revision: u32) -> StreamMetadata {
+        let mut found = None;
+        wait_for(&format!("revision {revision} of {rel}"), || {
+            found = self.metadata_for(rel).filter(|meta| {
+                meta.revision == revision
+                    && meta.status == chunkstream::metadata::StreamStatus::Complete
+            });
+            found.is_some()
+        });
+        found.expect("found")
+    }
+
     /// Waits until `rel` has complete metadata whose size matches the file.
     pub fn wait_complete(&self, rel: &str) -> StreamMetadata {
         self.wait_complete_at(&self.file(rel), rel)
@@ -1023,5 +1036,6 @@ pub fn stored_stream(id: &str) -> StoredStream {
         completed_mtime_ns: 0,
         assembled_revision: 0,
         chunks: BTreeMap::new(),
+        head: None,
     }
 }

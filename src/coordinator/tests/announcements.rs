@@ -5,7 +5,7 @@ use super::*;
 use crate::notify::{EventType, StreamEvent, event_id};
 
 fn world_with_events() -> World {
-    world_configured(4, &["--events-stream=chunkstream:events"])
+    world_with(&["--workers=4", "--events-stream=chunkstream:events"])
 }
 
 fn announced_ids(world: &World) -> Vec<String> {

@@ -18,13 +18,15 @@ use crate::metrics::Metrics;
 use crate::scan::{FileIdentity, Observation, Scan, WATCH_DIR_DEVICE};
 use crate::store::ports::{Completion, StoredStatus};
 use crate::testing::{FakeCheckpoints, FakeClock, config};
-use crate::upload::job::{Job, JobResult, Outcome};
+use crate::upload::job::{FinalizeJob, Job, JobResult, Outcome};
 use crate::watchfs::RealFs;
 
 mod announcements;
+mod disposal;
 mod lifecycle;
 mod ownership;
 mod recovery;
+mod retention;
 
 const MIB: u64 = 1024 * 1024;
 /// The default `CHUNK_SIZE`.
@@ -59,17 +61,17 @@ struct World {
     next_inode: u64,
     next_mtime: i128,
     replicas: Vec<Replica>,
-    /// Flags every replica's configuration gets, beyond `--workers`.
-    flags: Vec<String>,
+    /// The settings every replica of the world runs with.
+    args: Vec<String>,
 }
 
 /// A world with one replica and `WORKERS` job slots.
 fn world_with_workers(workers: usize) -> World {
-    world_configured(workers, &[])
+    world_with(&[&format!("--workers={workers}")])
 }
 
-/// A world with one replica, `WORKERS` job slots, and extra `flags`.
-fn world_configured(workers: usize, flags: &[&str]) -> World {
+/// A world with one replica configured with `args`.
+fn world_with(args: &[&str]) -> World {
     let clock = FakeClock::default();
     let store = FakeCheckpoints::new("replica-0", TTL, clock.clone());
     let mut world = World {
@@ -80,9 +82,9 @@ fn world_configured(workers: usize, flags: &[&str]) -> World {
         next_inode: 100,
         next_mtime: 1,
         replicas: Vec::new(),
-        flags: flags.iter().map(|flag| flag.to_string()).collect(),
+        args: args.iter().map(|arg| (*arg).to_string()).collect(),
     };
-    world.add_replica(store, workers);
+    world.add_replica(store);
     world
 }
 
@@ -91,13 +93,10 @@ fn world() -> World {
 }
 
 impl World {
-    fn add_replica(&mut self, store: FakeCheckpoints, workers: usize) {
-        let workers_flag = format!("--workers={workers}");
-        let flags: Vec<&str> = std::iter::once(workers_flag.as_str())
-            .chain(self.flags.iter().map(String::as_str))
-            .collect();
-        let config = config(&self.root, &flags);
-        let (jobs_tx, jobs) = bounded(workers);
+    fn add_replica(&mut self, store: FakeCheckpoints) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let config = config(&self.root, &args);
+        let (jobs_tx, jobs) = bounded(config.workers);
         let metrics = Arc::new(Metrics::new());
         let coordinator = Coordinator::new(
             config,
@@ -123,7 +122,7 @@ impl World {
     /// A second replica on the same checkpoint store.
     fn add_second_replica(&mut self) {
         let store = self.replicas[0].store.replica("replica-1");
-        self.add_replica(store, 4);
+        self.add_replica(store);
     }
 
     fn store(&self) -> &FakeCheckpoints {
@@ -255,6 +254,10 @@ impl World {
                     mtime_ns,
                     last_change_at: finalize.facts.last_change_at,
                     completed_at: SystemTime::now(),
+                    head: finalize
+                        .chunks
+                        .get(&0)
+                        .map(crate::store::ports::HeadPrint::of),
                     release_lease: finalize.release_lease,
                     announcement: None,
                 };
@@ -282,6 +285,13 @@ impl World {
                 Outcome::Assembled {
                     revision: assemble.revision,
                 }
+            }
+            Job::Dispose(dispose) => {
+                store
+                    .confirm_lease(&stream.stream_id, stream.token)
+                    .expect("the disposal runs under the lease");
+                self.files.remove(&dispose.rel_path);
+                Outcome::Disposed(crate::events::Disposal::Deleted)
             }
         };
         self.report_on(n, job, outcome);
@@ -338,7 +348,7 @@ impl World {
         let loaded = self.store().clone().load_streams().unwrap();
         let store = self.store().replica("replica-restarted");
         self.replicas.clear();
-        self.add_replica(store, 4);
+        self.add_replica(store);
         let now = self.now();
         self.replicas[0].coordinator.resume(loaded, now)
     }
@@ -400,6 +410,7 @@ fn kind(job: &Job) -> &'static str {
         Job::Finalize(_) => "finalize",
         Job::Close(_) => "close",
         Job::Assemble(_) => "assemble",
+        Job::Dispose(_) => "dispose",
     }
 }
 
@@ -431,4 +442,22 @@ fn complete_one(world: &mut World, rel: &str) -> String {
     assert_eq!(kind(&finalize), "finalize");
     world.finish(&finalize);
     world.stream_id(rel)
+}
+
+/// `cam.mp4`, complete at 25 MiB as stream `id`, grows to 35 MiB: its new
+/// full chunk (2) is uploaded, then revision 2's finalize job goes out, which
+/// is returned (as the job and its contents).
+fn grown_to_revision_2(world: &mut World, id: &str) -> (Job, FinalizeJob) {
+    world.write("cam.mp4", 35 * MIB);
+    world.advance(SECOND);
+    world.poll();
+    assert_eq!(chunk_indices(&world.work_off()), vec![2], "the new bytes");
+    world.poll_for(QUIET);
+    let finalize = world.one_job();
+    let Job::Finalize(job) = &finalize else {
+        panic!("{finalize:?}")
+    };
+    assert_eq!((job.stream.stream_id.as_str(), job.facts.revision), (id, 2));
+    let job = job.clone();
+    (finalize, job)
 }

@@ -87,6 +87,7 @@ impl CheckpointStore for RedisStore {
                 target,
                 delete: &[],
                 set: vec![(chunk.index.to_string(), json)],
+                drop_chunks: false,
                 release: false,
                 announcement: None,
             },
@@ -128,7 +129,7 @@ impl CheckpointStore for RedisStore {
         token: u64,
         completion: &Completion,
     ) -> Result<(), FencedWriteError> {
-        let set = [
+        let mut set = vec![
             ("status", StoredStatus::Complete.as_str().to_string()),
             ("revision", completion.revision.to_string()),
             ("completed_size", completion.size.to_string()),
@@ -137,18 +138,19 @@ impl CheckpointStore for RedisStore {
                 "last_change_at_ms",
                 unix_millis(completion.last_change_at).to_string(),
             ),
-            (
-                "completed_at_ms",
-                unix_millis(completion.completed_at).to_string(),
-            ),
         ];
-        self.update_record_fenced(
-            stream_id,
-            token,
-            (&[], &set),
-            completion.release_lease,
-            completion.announcement.as_ref(),
-        )
+        if let Some(head) = &completion.head {
+            set.push(head_field(head));
+        }
+        // `file_name` is derived from the path now; older records drop it.
+        // The chunk records go with the completion: metadata.json holds them.
+        let write = FencedWrite {
+            drop_chunks: true,
+            release: completion.release_lease,
+            announcement: completion.announcement.as_ref(),
+            ..FencedWrite::record(self.keys.stream(stream_id), &["file_name"], &set)
+        };
+        self.write_fenced(stream_id, token, &write)
     }
 
     fn mark_incomplete(
@@ -162,7 +164,11 @@ impl CheckpointStore for RedisStore {
             ("status", StoredStatus::Incomplete.as_str().to_string()),
             ("reason", reason.to_string()),
         ];
-        self.update_record_fenced(stream_id, token, (&[], &set), false, announcement)
+        let write = FencedWrite {
+            announcement,
+            ..FencedWrite::record(self.keys.stream(stream_id), &[], &set)
+        };
+        self.write_fenced(stream_id, token, &write)
     }
 
     fn confirm_lease(&mut self, stream_id: &str, token: u64) -> Result<(), FencedWriteError> {
@@ -342,17 +348,22 @@ impl CheckpointStore for RedisStore {
         })
     }
 
-    fn forget_identity(
+    fn retire_stream(
         &mut self,
         identity: FileIdentity,
         stream_id: &str,
+        keep_for: Duration,
     ) -> Result<(), CheckpointError> {
-        let forget = self.forget.clone();
+        let retire = self.retire.clone();
+        let millis = u64::try_from(keep_for.as_millis()).unwrap_or(u64::MAX);
         self.with_write(|con, keys| {
-            forget
+            retire
                 .key(keys.identities())
+                .key(keys.stream(stream_id))
+                .key(keys.chunks(stream_id))
                 .arg(identity.key())
                 .arg(stream_id)
+                .arg(millis)
                 .invoke::<i64>(con)
                 .map(|_| ())
         })

@@ -27,13 +27,15 @@ end
 
 /// A fenced write to one hash (the record or the chunks): delete the named
 /// fields, then set the given pairs, only if the caller holds the stream;
-/// then, if asked, give the lease up; then, with six keys, queue an event in
-/// the outbox in the same step (see [`ENQUEUE_LUA`]). KEYS: lease, record,
-/// target hash, [event marker, outbox, outbox due set]. ARGV: owner, token,
-/// ttl, release (1 or 0), the number of fields to delete, their names, then
-/// field/value pairs, then with six keys the event's id, JSON and marker ttl.
-/// Returns 1 when written, 0 when the caller does not hold the stream, -1
-/// when the record is gone (Redis lost its data; the owner writes it back).
+/// then, if asked, drop the stream's chunk records and give the lease up;
+/// then, with seven keys, queue an event in the outbox in the same step (see
+/// [`ENQUEUE_LUA`]). Every key has a fixed place. KEYS: lease, record,
+/// target hash, the stream's chunk hash, [event marker, outbox, outbox due
+/// set]. ARGV: owner, token, ttl, release (1 or 0), drop the chunk hash (1
+/// or 0), the number of fields to delete, their names, then field/value
+/// pairs, then with seven keys the event's id, JSON and marker ttl. Returns
+/// 1 when written, 0 when the caller does not hold the stream, -1 when the
+/// record is gone (Redis lost its data; the owner writes it back).
 pub(super) const FENCED_WRITE_LUA: &str = r"
 if redis.call('HEXISTS', KEYS[2], 'id') == 0 then
   return -1
@@ -41,22 +43,26 @@ end
 if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
   return 0
 end
+local announces = #KEYS == 7
 local last = #ARGV
-if #KEYS == 6 then
+if announces then
   last = last - 3
 end
-local deleted = tonumber(ARGV[5])
-for i = 6, 5 + deleted do
+local deleted = tonumber(ARGV[6])
+for i = 7, 6 + deleted do
   redis.call('HDEL', KEYS[3], ARGV[i])
 end
-if last > 5 + deleted then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 6 + deleted, last))
+if last > 6 + deleted then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 7 + deleted, last))
+end
+if ARGV[5] == '1' then
+  redis.call('DEL', KEYS[4])
 end
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[1])
 end
-if #KEYS == 6 then
-  enqueue(KEYS[4], KEYS[5], KEYS[6], ARGV[last + 1], ARGV[last + 2], ARGV[last + 3])
+if announces then
+  enqueue(KEYS[5], KEYS[6], KEYS[7], ARGV[last + 1], ARGV[last + 2], ARGV[last + 3])
 end
 return 1
 ";
@@ -200,10 +206,19 @@ end
 return 1
 ";
 
-/// Delete the identity mapping only if it still points at this stream.
-pub(super) const FORGET_LUA: &str = r"
+/// Retire a stream whose file is gone: delete the identity mapping if it
+/// still points at this stream, and let the record and the chunk records
+/// expire after ARGV[3] ms (an earlier expiry is kept, so replicas retiring
+/// the same stream cannot postpone it). KEYS: identities, record, chunks.
+pub(super) const RETIRE_LUA: &str = r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
+end
+for i = 2, 3 do
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl == -1 or ttl > tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  end
 end
 return 1
 ";

@@ -15,6 +15,8 @@ pub(crate) fn rules() -> Rules {
             max_delay: Duration::from_secs(8),
         },
         assemble: false,
+        dispose: false,
+        dispose_delay: Duration::ZERO,
     }
 }
 
@@ -241,7 +243,7 @@ fn unseen_polls_stop_the_inactivity_and_vanish_timers() {
 fn a_complete_file_that_vanishes_is_forgotten() {
     let clock = Clock(Instant::now());
     let rules = rules();
-    let mut s = StreamState::completed(CHUNK, 25, 25, false, clock.at(0));
+    let mut s = StreamState::completed(CHUNK, 25, 25, false, clock.at(0), &rules);
     s.step(Event::Missing, clock.at(1), &rules);
     assert_eq!(
         s.step(Event::Missing, clock.at(31), &rules),
@@ -258,7 +260,7 @@ fn replacement_closes_an_active_stream_and_forgets_a_complete_one() {
         active.step(Event::Replaced, clock.at(1), &rules),
         vec![Action::Close(CloseReason::Replaced)]
     );
-    let mut done = StreamState::completed(CHUNK, 25, 25, false, clock.at(0));
+    let mut done = StreamState::completed(CHUNK, 25, 25, false, clock.at(0), &rules);
     assert_eq!(
         done.step(Event::Replaced, clock.at(1), &rules),
         vec![Action::Forget]
@@ -269,7 +271,7 @@ fn replacement_closes_an_active_stream_and_forgets_a_complete_one() {
 fn a_complete_file_that_grows_is_reopened_and_reuploads_its_old_tail() {
     let clock = Clock(Instant::now());
     let rules = rules();
-    let mut s = StreamState::completed(CHUNK, 25, 25, false, clock.at(0));
+    let mut s = StreamState::completed(CHUNK, 25, 25, false, clock.at(0), &rules);
     assert!(s.step(observed(25), clock.at(1), &rules).is_empty());
     assert_eq!(
         s.step(observed(42), clock.at(2), &rules),
@@ -291,7 +293,7 @@ fn a_complete_file_that_grows_is_reopened_and_reuploads_its_old_tail() {
 fn a_complete_file_that_shrinks_starts_a_new_stream() {
     let clock = Clock(Instant::now());
     let rules = rules();
-    let mut s = StreamState::completed(CHUNK, 25, 25, false, clock.at(0));
+    let mut s = StreamState::completed(CHUNK, 25, 25, false, clock.at(0), &rules);
     assert_eq!(
         s.step(observed(7), clock.at(1), &rules),
         vec![Action::Forget, Action::Restart]
@@ -428,8 +430,12 @@ impl Lcg {
 /// results, checked against invariants that must always hold.
 #[test]
 fn random_sequences_keep_the_invariants() {
-    let rules = rules();
     for seed in 0..300 {
+        // Half the runs delete complete files (ON_COMPLETE=delete).
+        let rules = Rules {
+            dispose: seed % 2 == 0,
+            ..rules()
+        };
         let mut rng = Lcg(seed);
         let origin = Instant::now();
         let mut t = 0u64;
@@ -465,6 +471,11 @@ fn random_sequences_keep_the_invariants() {
                         },
                     },
                     Some(Work::Assemble) => Event::Assembled,
+                    Some(Work::Dispose) => match rng.next(3) {
+                        0 => Event::JobFailed,
+                        1 => Event::DisposalRefused,
+                        _ => Event::Disposed,
+                    },
                     None => observed(size),
                 },
             };

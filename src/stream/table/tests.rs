@@ -288,9 +288,11 @@ fn resumed_streams_continue_after_their_last_full_chunk() {
         completed_mtime_ns: 0,
         assembled_revision: 0,
         chunks: BTreeMap::from([(0, chunk(0, CHUNK)), (1, chunk(1, CHUNK)), (2, chunk(2, 4))]),
+        head: None,
     };
     let resumed =
-        TrackedStream::from_stored(stored.clone(), Path::new("/w"), Instant::now(), false).unwrap();
+        TrackedStream::from_stored(stored.clone(), Path::new("/w"), Instant::now(), &rules())
+            .unwrap();
     assert_eq!(resumed.state.full_chunks_done(), 2);
     assert_eq!(resumed.state.size(), 24);
     assert_eq!(resumed.abs_path, PathBuf::from("/w/cam.mp4"));
@@ -298,5 +300,7 @@ fn resumed_streams_continue_after_their_last_full_chunk() {
         status: StoredStatus::Incomplete,
         ..stored
     };
-    assert!(TrackedStream::from_stored(closed, Path::new("/w"), Instant::now(), false).is_none());
+    assert!(
+        TrackedStream::from_stored(closed, Path::new("/w"), Instant::now(), &rules()).is_none()
+    );
 }

@@ -18,7 +18,8 @@ use crate::metadata::{
     rfc3339,
 };
 use crate::notify::{StreamEvent, StreamSubject};
-use crate::store::ports::Completion;
+use crate::readback::fetch_metadata;
+use crate::store::ports::{Completion, HeadPrint};
 use crate::upload::job::{CloseJob, FinalizeJob, Outcome, StreamFacts};
 
 impl Worker {
@@ -44,6 +45,7 @@ impl Worker {
             Ok(file) => file,
             Err(err) => return Outcome::Failed(format!("cannot open {}: {err}", path.display())),
         };
+        self.recall_earlier_revision(stream_id, &job.facts, chunks);
 
         let chunk_size = job.facts.chunk_size;
         let chunk_count = before.size.div_ceil(chunk_size);
@@ -132,6 +134,7 @@ impl Worker {
             mtime_ns: before.mtime_ns,
             last_change_at: job.facts.last_change_at,
             completed_at,
+            head: chunks.get(&0).map(HeadPrint::of),
             release_lease: job.release_lease,
             announcement,
         };
@@ -184,9 +187,45 @@ impl Worker {
         )
     }
 
+    /// Fills in, from the stream's `metadata.json`, the chunk records of the
+    /// revision before `facts.revision` that `chunks` lacks: Redis and the
+    /// coordinator drop them at completion. Chunks whose record cannot be
+    /// read back are simply uploaded again (their keys are deterministic).
+    fn recall_earlier_revision(
+        &self,
+        stream_id: &str,
+        facts: &StreamFacts,
+        chunks: &mut BTreeMap<u64, ChunkRecord>,
+    ) {
+        if facts.revision <= 1 || chunks.contains_key(&0) {
+            return;
+        }
+        match fetch_metadata(self.store.as_ref(), &self.layout, stream_id) {
+            Ok(earlier)
+                if earlier.revision + 1 == facts.revision
+                    && earlier.chunk_size_bytes == facts.chunk_size =>
+            {
+                for record in earlier.chunks {
+                    chunks.entry(record.index).or_insert(record);
+                }
+            }
+            Ok(earlier) => warn!(
+                "stream {stream_id}: metadata.json holds revision {}, not {}; its chunks are verified by uploading them again",
+                earlier.revision,
+                facts.revision - 1
+            ),
+            Err(err) => warn!(
+                "stream {stream_id}: cannot read the chunk records of revision {} back ({err}); its chunks are verified by uploading them again",
+                facts.revision - 1
+            ),
+        }
+    }
+
     pub(super) fn close(&mut self, job: &CloseJob) -> Result<Outcome, Stop> {
         let stream_id = job.stream.stream_id.as_str();
-        let chunks: Vec<ChunkRecord> = contiguous_prefix(&job.chunks).cloned().collect();
+        let mut known = job.chunks.clone();
+        self.recall_earlier_revision(stream_id, &job.facts, &mut known);
+        let chunks: Vec<ChunkRecord> = contiguous_prefix(&known).cloned().collect();
         let uploaded = chunks.iter().map(|chunk| chunk.size_bytes).sum();
         let metadata = StreamMetadata {
             reason: Some(job.reason.as_str().to_string()),

@@ -1,6 +1,7 @@
 //! The worker's jobs against an in-memory bucket and checkpoint store.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 use super::*;
 use crate::config::RetryPolicy;
@@ -464,4 +465,107 @@ fn a_close_queues_stream_failed_with_the_reason_and_the_uploaded_prefix() {
     assert_eq!(event.reason.as_deref(), Some("vanished"));
     assert_eq!(event.size_bytes, Some(8));
     assert_eq!(event.objects.unwrap().chunk_count, 1);
+}
+
+/// The disposal of `cam.mp4` as completed at its current size and mtime.
+fn dispose_job(fixture: &Fixture, action: crate::config::OnComplete) -> Job {
+    let meta = std::fs::metadata(&fixture.path).unwrap();
+    Job::Dispose(crate::upload::job::DisposeJob {
+        stream: fixture.stream.clone(),
+        path: fixture.path.clone(),
+        rel_path: "cam.mp4".into(),
+        revision: 1,
+        size: meta.len(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        assembled: false,
+        action,
+    })
+}
+
+/// `cam.mp4` completed (its chunks and metadata.json in the bucket).
+fn completed_fixture() -> Fixture {
+    let mut fixture = Fixture::new(b"AAAAAAAABB");
+    let finalize = finalize_job(fixture.stream.clone(), &fixture.path, 10, BTreeMap::new());
+    let result = fixture.worker.execute(finalize);
+    assert!(
+        matches!(result.outcome, Outcome::Finalized { .. }),
+        "{:?}",
+        result.outcome
+    );
+    fixture
+}
+
+#[test]
+fn a_verified_unchanged_file_is_deleted() {
+    let mut fixture = completed_fixture();
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    let result = fixture.worker.execute(job);
+    assert_eq!(
+        result.outcome,
+        Outcome::Disposed(crate::events::Disposal::Deleted)
+    );
+    assert!(!fixture.path.exists());
+}
+
+#[test]
+fn a_file_that_changed_since_verification_is_kept() {
+    let mut fixture = completed_fixture();
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    // An append after the completion the job was made for.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&fixture.path)
+        .unwrap()
+        .write_all(b"C")
+        .unwrap();
+    let result = fixture.worker.execute(job);
+    let Outcome::DisposalRefused { seen, .. } = result.outcome else {
+        panic!("{:?}", result.outcome)
+    };
+    assert_eq!(seen.map(|(size, _)| size), Some(11));
+    assert_eq!(std::fs::read(&fixture.path).unwrap(), b"AAAAAAAABBC");
+}
+
+#[test]
+fn a_stream_missing_from_s3_is_not_disposed_of() {
+    let mut fixture = completed_fixture();
+    fixture.store.delete("p/cam-1/chunk-000001").unwrap();
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    let result = fixture.worker.execute(job);
+    let Outcome::Failed(reason) = &result.outcome else {
+        panic!("{:?}", result.outcome)
+    };
+    assert!(reason.contains("chunk-000001 is missing"), "{reason}");
+    assert!(fixture.path.exists());
+}
+
+#[test]
+fn a_replica_that_lost_the_stream_disposes_of_nothing() {
+    let mut fixture = completed_fixture();
+    fixture
+        .checkpoints
+        .taken_over
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
+    let result = fixture.worker.execute(job);
+    assert_eq!(result.outcome, Outcome::LeaseLost);
+    assert!(fixture.path.exists());
+}
+
+#[test]
+fn a_move_renames_into_the_completed_directory() {
+    let mut fixture = completed_fixture();
+    let completed = tempfile::tempdir().unwrap();
+    let job = dispose_job(
+        &fixture,
+        crate::config::OnComplete::Move(completed.path().to_path_buf()),
+    );
+    let result = fixture.worker.execute(job);
+    let moved = completed.path().join("cam.mp4");
+    assert_eq!(
+        result.outcome,
+        Outcome::Disposed(crate::events::Disposal::Moved(moved.clone()))
+    );
+    assert_eq!(std::fs::read(moved).unwrap(), b"AAAAAAAABB");
+    assert!(!fixture.path.exists());
 }
