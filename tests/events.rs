@@ -12,37 +12,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chunkstream::metadata::StreamMetadata;
-use serde_json::Value;
 
 use support::webhook::{Answer, Receiver, SECRET};
-use support::{MIB, TestEnv, append, pseudo_random, wait_for};
-
-const EVENTS_STREAM: &str = "cstest:events";
-
-/// Every entry of the events stream: (event id, type, JSON).
-fn stream_entries(env: &TestEnv) -> Vec<(String, String, Value)> {
-    let mut con = env.redis.connection();
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(EVENTS_STREAM)
-        .arg("-")
-        .arg("+")
-        .query(&mut con)
-        .expect("XRANGE");
-    entries
-        .into_iter()
-        .map(|(_, fields)| {
-            let field = |name: &str| {
-                fields
-                    .chunks(2)
-                    .find(|pair| pair[0] == name)
-                    .map(|pair| pair[1].clone())
-                    .unwrap_or_default()
-            };
-            let event = serde_json::from_str(&field("event")).expect("event JSON");
-            (field("id"), field("type"), event)
-        })
-        .collect()
-}
+use support::{EVENTS_STREAM, MIB, TestEnv, append, pseudo_random, stream_entries, wait_for};
 
 fn stream_ids_of(env: &TestEnv, kind: &str) -> Vec<String> {
     stream_entries(env)

@@ -1039,3 +1039,31 @@ pub fn stored_stream(id: &str) -> StoredStream {
         head: None,
     }
 }
+
+/// Where the tests point `EVENTS_STREAM`.
+pub const EVENTS_STREAM: &str = "cstest:events";
+
+/// Every entry of [`EVENTS_STREAM`]: (event id, type, JSON).
+pub fn stream_entries(env: &TestEnv) -> Vec<(String, String, serde_json::Value)> {
+    let mut con = env.redis.connection();
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(EVENTS_STREAM)
+        .arg("-")
+        .arg("+")
+        .query(&mut con)
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            let field = |name: &str| {
+                fields
+                    .chunks(2)
+                    .find(|pair| pair[0] == name)
+                    .map(|pair| pair[1].clone())
+                    .unwrap_or_default()
+            };
+            let event = serde_json::from_str(&field("event")).expect("event JSON");
+            (field("id"), field("type"), event)
+        })
+        .collect()
+}

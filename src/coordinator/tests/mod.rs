@@ -291,7 +291,11 @@ impl World {
                     .confirm_lease(&stream.stream_id, stream.token)
                     .expect("the disposal runs under the lease");
                 self.files.remove(&dispose.rel_path);
-                Outcome::Disposed(crate::events::Disposal::Deleted)
+                Outcome::Disposed {
+                    disposal: crate::events::Disposal::Deleted,
+                    size: dispose.size,
+                    sha256: "ab".into(),
+                }
             }
         };
         self.report_on(n, job, outcome);

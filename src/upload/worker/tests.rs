@@ -502,7 +502,11 @@ fn a_verified_unchanged_file_is_deleted() {
     let result = fixture.worker.execute(job);
     assert_eq!(
         result.outcome,
-        Outcome::Disposed(crate::events::Disposal::Deleted)
+        Outcome::Disposed {
+            disposal: crate::events::Disposal::Deleted,
+            size: 10,
+            sha256: hex::encode(sha256(b"AAAAAAAABB")),
+        }
     );
     assert!(!fixture.path.exists());
 }
@@ -564,7 +568,11 @@ fn a_move_renames_into_the_completed_directory() {
     let moved = completed.path().join("cam.mp4");
     assert_eq!(
         result.outcome,
-        Outcome::Disposed(crate::events::Disposal::Moved(moved.clone()))
+        Outcome::Disposed {
+            disposal: crate::events::Disposal::Moved(moved.clone()),
+            size: 10,
+            sha256: hex::encode(sha256(b"AAAAAAAABB")),
+        }
     );
     assert_eq!(std::fs::read(moved).unwrap(), b"AAAAAAAABB");
     assert!(!fixture.path.exists());
