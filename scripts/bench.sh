@@ -6,20 +6,28 @@
 #   scripts/bench.sh                 # everything, prints the table
 #   scripts/bench.sh --write-doc     # ... and updates docs/benchmarks.md
 #   scripts/bench.sh --quick         # small data sets, to try the harness
-#   scripts/bench.sh throughput      # one part: throughput, growing, memory, polling, bandwidth
+#   scripts/bench.sh throughput      # one part: throughput, instructions, burst,
+#                                    # growing, memory, polling, bandwidth
+#   BENCH_BINARY=/path/to/chunkstream scripts/bench.sh ...   # measure another build
 #
-# Needs what scripts/test.sh installs, plus rclone (apt-get, installed here).
+# Needs what scripts/test.sh installs, plus rclone, curl and valgrind
+# (apt-get, installed here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-if ! command -v rclone >/dev/null; then
+missing=""
+for tool in rclone curl valgrind; do
+  command -v "$tool" >/dev/null || missing="$missing $tool"
+done
+if [ -n "$missing" ]; then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo=sudo
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends rclone >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-for tool in redis-server s3s-fs rclone; do
+for tool in redis-server s3s-fs rclone curl valgrind; do
   command -v "$tool" >/dev/null || { echo "error: $tool missing; run scripts/test.sh once" >&2; exit 1; }
 done
 

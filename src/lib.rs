@@ -5,6 +5,7 @@
 //! docs/architecture.md for how the pieces fit.
 
 pub mod bandwidth;
+pub mod chunk_hash;
 pub mod client;
 pub mod config;
 pub mod coordinator;

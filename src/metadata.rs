@@ -8,6 +8,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunk_hash::RunningSha256;
+
 /// Bumped only on an incompatible change to [`StreamMetadata`].
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -145,9 +147,27 @@ pub struct ChunkRecord {
     pub size_bytes: u64,
     pub sha256: String,
     pub uploaded_at: String,
+    /// Checkpoint only, never in `metadata.json`: the chunk's xxh3-128, with
+    /// which completion tells an unchanged chunk without sha256
+    /// (`chunk_hash`). Records written before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xxh3: Option<String>,
+    /// Checkpoint only: the whole-file sha256 state after this chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole_sha256: Option<RunningSha256>,
 }
 
 impl ChunkRecord {
+    /// The record as `metadata.json` lists it: without the checkpoint-only
+    /// hashes.
+    pub fn published(&self) -> ChunkRecord {
+        ChunkRecord {
+            xxh3: None,
+            whole_sha256: None,
+            ..self.clone()
+        }
+    }
+
     /// Checks downloaded bytes against the record: size, then sha256.
     pub fn check(&self, body: &[u8]) -> Result<(), String> {
         if body.len() as u64 != self.size_bytes {
@@ -167,6 +187,22 @@ impl ChunkRecord {
             ));
         }
         Ok(())
+    }
+}
+
+/// The serialized whole-file sha256 state a chunk upload resumes from: the
+/// initial state for chunk 0, the previous chunk's recorded state otherwise
+/// (`None` when that record has none; the new record then has none either).
+pub fn whole_sha256_before(
+    chunks: &std::collections::BTreeMap<u64, ChunkRecord>,
+    index: u64,
+) -> Option<String> {
+    match index.checked_sub(1) {
+        None => Some(crate::chunk_hash::initial_state()),
+        Some(previous) => chunks
+            .get(&previous)
+            .and_then(|record| record.whole_sha256.as_ref())
+            .map(|running| running.state.clone()),
     }
 }
 

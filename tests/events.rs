@@ -273,6 +273,8 @@ fn the_outbox_takes_an_event_only_with_its_decision_once_and_hands_it_to_one_rea
         size_bytes: 10,
         sha256: "ab".into(),
         uploaded_at: "2026-01-01T00:00:00Z".into(),
+        xxh3: None,
+        whole_sha256: None,
     };
     b.checkpoint_chunk("s", token, &chunk).unwrap();
     let chunks_kept = |redis: &mut redis::Connection| -> bool {

@@ -160,6 +160,8 @@ fn chunk_record(index: u64) -> ChunkRecord {
         size_bytes: 5 * MIB,
         sha256: "00".into(),
         uploaded_at: "t".into(),
+        xxh3: None,
+        whole_sha256: None,
     }
 }
 

@@ -4,6 +4,7 @@
 //! nothing new goes out.
 
 use super::*;
+use crate::metadata::whole_sha256_before;
 
 impl Coordinator {
     pub(super) fn dispatch(&mut self, now: Instant) {
@@ -73,6 +74,7 @@ impl Coordinator {
                         index,
                         offset,
                         len: stream.state.chunk_size(),
+                        whole_sha256_before: whole_sha256_before(&stream.chunks, index),
                     })
                 }
                 Work::Finalize { size } => Job::Finalize(FinalizeJob {

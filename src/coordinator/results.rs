@@ -38,7 +38,7 @@ impl Coordinator {
             Outcome::ChunkUploaded(record) => {
                 let index = record.index;
                 stream.record_upload(record.size_bytes, job_started);
-                stream.chunks.insert(index, record);
+                stream.chunks.insert(index, *record);
                 Event::ChunkUploaded { index }
             }
             Outcome::Finalized {

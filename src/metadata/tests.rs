@@ -25,6 +25,8 @@ fn sample() -> StreamMetadata {
                 size_bytes: 10,
                 sha256: sha256_hex(b"a"),
                 uploaded_at: rfc3339(SystemTime::UNIX_EPOCH),
+                xxh3: None,
+                whole_sha256: None,
             },
             ChunkRecord {
                 index: 1,
@@ -33,6 +35,8 @@ fn sample() -> StreamMetadata {
                 size_bytes: 5,
                 sha256: sha256_hex(b"b"),
                 uploaded_at: rfc3339(SystemTime::UNIX_EPOCH),
+                xxh3: None,
+                whole_sha256: None,
             },
         ],
         started_at: "2026-01-01T00:00:00.000Z".into(),
@@ -201,6 +205,25 @@ fn chunk_keys_sort_in_index_order() {
     assert_eq!(layout.chunk("s", 7), "s/chunk-000007");
     assert!(layout.chunk("s", 9) < layout.chunk("s", 10));
     assert_eq!(layout.metadata("s"), "s/metadata.json");
+}
+
+#[test]
+fn a_chunk_record_from_before_the_fast_hash_still_decodes_and_the_hashes_stay_out_of_metadata() {
+    let old = r#"{"index":0,"key":"k","offset":0,"size_bytes":3,"sha256":"ab","uploaded_at":"t"}"#;
+    let record: ChunkRecord = serde_json::from_str(old).unwrap();
+    assert_eq!(record.xxh3, None);
+    assert_eq!(record.whole_sha256, None);
+    let new = ChunkRecord {
+        xxh3: Some("00".into()),
+        whole_sha256: Some(crate::chunk_hash::RunningSha256 {
+            state: "11".into(),
+            resumed_from: "22".into(),
+        }),
+        ..record.clone()
+    };
+    let stored: ChunkRecord = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+    assert_eq!(stored, new);
+    assert_eq!(new.published(), record);
 }
 
 #[test]

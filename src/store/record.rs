@@ -233,6 +233,8 @@ mod tests {
                     size_bytes: 12,
                     sha256: "ab".into(),
                     uploaded_at: "t".into(),
+                    xxh3: None,
+                    whole_sha256: None,
                 },
             )]),
             head: Some(HeadPrint {

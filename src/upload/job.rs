@@ -41,6 +41,9 @@ pub struct ChunkJob {
     pub index: u64,
     pub offset: u64,
     pub len: u64,
+    /// The serialized whole-file sha256 state after the previous chunk
+    /// (`metadata::whole_sha256_before`), which this chunk's record extends.
+    pub whole_sha256_before: Option<String>,
 }
 
 /// Upload the tail, verify every chunk against the file (re-uploading what
@@ -116,8 +119,9 @@ impl Job {
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// A chunk job's chunk is in S3 and checkpointed.
-    ChunkUploaded(ChunkRecord),
+    /// A chunk job's chunk is in S3 and checkpointed. Boxed: with its
+    /// checkpoint-only hashes the record is the largest outcome by far.
+    ChunkUploaded(Box<ChunkRecord>),
     /// The stream is complete at this size and mtime.
     Finalized {
         size: u64,

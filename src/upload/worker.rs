@@ -29,14 +29,14 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, error, warn};
 use sha2::{Digest, Sha256};
 
-use crate::retry::with_backoff;
-
+use crate::chunk_hash::{RunningSha256, fast_hash};
 use crate::config::{MAX_CHUNK_SIZE, RetryPolicy};
 use crate::error::{FencedWriteError, SourceError, StorageError};
 use crate::events::Events;
 use crate::health::Dependency;
 use crate::lease::HeldLeases;
 use crate::metadata::{ChunkRecord, KeyLayout, rfc3339};
+use crate::retry::with_backoff;
 use crate::store::{CheckpointStore, ObjectStore};
 use crate::upload::job::{ChunkJob, Job, JobResult, Outcome};
 
@@ -86,6 +86,13 @@ fn snapshot(path: &Path) -> std::io::Result<Snapshot> {
         device: meta.dev(),
         inode: meta.ino(),
     })
+}
+
+/// What a chunk's record says about its bytes (see `chunk_hash`).
+struct ChunkHashes {
+    sha256: [u8; 32],
+    xxh3: String,
+    whole_sha256: Option<RunningSha256>,
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -384,24 +391,24 @@ impl Worker {
         .unwrap_or(Err(Stop::Cancelled))
     }
 
-    /// Uploads the buffer, whose sha256 is `digest`, as chunk `index` and
+    /// Uploads the buffer, with its `hashes`, as chunk `index` and
     /// checkpoints it.
     fn store_buffer_as_chunk(
         &mut self,
         (stream_id, token): (&str, u64),
         path: &Path,
         (index, offset): (u64, u64),
-        digest: [u8; 32],
+        hashes: ChunkHashes,
         reupload: bool,
     ) -> Result<ChunkRecord, Stop> {
         let started = Instant::now();
-        let key = self.layout.chunk_holding(stream_id, index, &digest);
+        let key = self.layout.chunk_holding(stream_id, index, &hashes.sha256);
         self.put_with_retry(
             (stream_id, token),
             &key,
             "application/octet-stream",
             &self.buffer,
-            &digest,
+            &hashes.sha256,
             Some(path),
         )?;
         let record = ChunkRecord {
@@ -409,8 +416,10 @@ impl Worker {
             key,
             offset,
             size_bytes: self.buffer.len() as u64,
-            sha256: hex::encode(digest),
+            sha256: hex::encode(hashes.sha256),
             uploaded_at: rfc3339(SystemTime::now()),
+            xxh3: Some(hashes.xxh3),
+            whole_sha256: hashes.whole_sha256,
         };
         self.checkpoint_with_retry("chunk", |store| {
             store.checkpoint_chunk(stream_id, token, &record)
@@ -436,15 +445,22 @@ impl Worker {
         if let Err(err) = read {
             return Outcome::Failed(err.to_string());
         }
-        let digest = sha256(&self.buffer);
+        let hashes = ChunkHashes {
+            sha256: sha256(&self.buffer),
+            xxh3: fast_hash(&self.buffer),
+            whole_sha256: job
+                .whole_sha256_before
+                .as_deref()
+                .and_then(|before| RunningSha256::extend(before, &self.buffer)),
+        };
         match self.store_buffer_as_chunk(
             (&job.stream.stream_id, job.stream.token),
             &job.path,
             (job.index, job.offset),
-            digest,
+            hashes,
             false,
         ) {
-            Ok(record) => Outcome::ChunkUploaded(record),
+            Ok(record) => Outcome::ChunkUploaded(Box::new(record)),
             Err(stop) => {
                 stop.outcome(|| Outcome::Failed(format!("{} is gone", job.path.display())))
             }

@@ -243,7 +243,7 @@ impl World {
                 store
                     .checkpoint_chunk(&stream.stream_id, stream.token, &record)
                     .expect("the chunk is checkpointed under the lease");
-                Outcome::ChunkUploaded(record)
+                Outcome::ChunkUploaded(Box::new(record))
             }
             Job::Finalize(finalize) => {
                 let rel = finalize.facts.rel_path.as_str();
@@ -387,6 +387,8 @@ fn chunk_record(stream_id: &str, index: u64, offset: u64, len: u64) -> ChunkReco
         size_bytes: len,
         sha256: format!("{index:064}"),
         uploaded_at: "2026-01-01T00:00:00.000Z".into(),
+        xxh3: None,
+        whole_sha256: None,
     }
 }
 

@@ -270,6 +270,8 @@ fn resumed_streams_continue_after_their_last_full_chunk() {
         size_bytes: size,
         sha256: String::new(),
         uploaded_at: String::new(),
+        xxh3: None,
+        whole_sha256: None,
     };
     let stored = StoredStream {
         id: "cam-1".into(),

@@ -310,6 +310,8 @@ mod tests {
                 size_bytes: chunk_size,
                 sha256: String::new(),
                 uploaded_at: String::new(),
+                xxh3: None,
+                whole_sha256: None,
             })
             .collect();
         let mut metadata: StreamMetadata = serde_json::from_value(serde_json::json!({

@@ -8,10 +8,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::time::SystemTime;
 
-use log::{info, warn};
-use sha2::{Digest, Sha256};
-
-use super::{Stop, Worker, sha256, snapshot};
+use super::{ChunkHashes, Stop, Worker, sha256, snapshot};
+use crate::chunk_hash::{WholeFile, fast_hash};
 use crate::media::mp4_duration_seconds;
 use crate::metadata::{
     ChunkRecord, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, contiguous_prefix,
@@ -21,6 +19,7 @@ use crate::notify::{StreamEvent, StreamSubject};
 use crate::readback::fetch_metadata;
 use crate::store::ports::{Completion, HeadPrint};
 use crate::upload::job::{CloseJob, FinalizeJob, Outcome, StreamFacts};
+use log::{info, warn};
 
 impl Worker {
     pub(super) fn finalize(
@@ -49,7 +48,7 @@ impl Worker {
 
         let chunk_size = job.facts.chunk_size;
         let chunk_count = before.size.div_ceil(chunk_size);
-        let mut whole = Sha256::new();
+        let mut whole = WholeFile::default();
         let mut reuploaded = 0u32;
         for index in 0..chunk_count {
             if self.shutting_down() {
@@ -63,20 +62,34 @@ impl Worker {
                 }
                 return Outcome::Failed(err.to_string());
             }
-            whole.update(&self.buffer);
-            let digest = sha256(&self.buffer);
-            let previous = chunks.get(&index);
-            if previous.is_some_and(|p| p.size_bytes == len && p.sha256 == hex::encode(digest)) {
+            let xxh3 = fast_hash(&self.buffer);
+            let previous = chunks.get(&index).filter(|p| p.size_bytes == len);
+            // A record from before xxh3 was recorded is checked with sha256.
+            let mut digest = None;
+            let unchanged = previous.filter(|p| match &p.xxh3 {
+                Some(recorded) => *recorded == xxh3,
+                None => p.sha256 == hex::encode(*digest.insert(sha256(&self.buffer))),
+            });
+            let whole_sha256 = whole.advance(
+                unchanged.and_then(|p| p.whole_sha256.as_ref()),
+                &self.buffer,
+            );
+            if unchanged.is_some() {
                 continue;
             }
             // Same place, same length, other bytes: the writer rewrote them
             // (ffmpeg patching the mdat size, or a +faststart rewrite).
-            let changed = previous.is_some_and(|p| p.size_bytes == len);
+            let changed = previous.is_some();
+            let hashes = ChunkHashes {
+                sha256: digest.unwrap_or_else(|| sha256(&self.buffer)),
+                xxh3,
+                whole_sha256: Some(whole_sha256),
+            };
             match self.store_buffer_as_chunk(
                 (stream_id, token),
                 path,
                 (index, offset),
-                digest,
+                hashes,
                 changed,
             ) {
                 Ok(record) => {
@@ -99,11 +112,16 @@ impl Worker {
             _ => return Outcome::FinalizeInterrupted,
         }
 
+        let whole_sha256_from = if whole.from_records() {
+            "checkpoints"
+        } else {
+            "the file"
+        };
         let completed_at = SystemTime::now();
         let metadata = StreamMetadata {
             total_size_bytes: before.size,
-            sha256: Some(hex::encode(whole.finalize())),
-            chunks: chunks.values().cloned().collect(),
+            sha256: Some(hex::encode(whole.finish())),
+            chunks: chunks.values().map(ChunkRecord::published).collect(),
             media: Media {
                 duration_seconds: mp4_duration_seconds(path),
             },
@@ -145,7 +163,7 @@ impl Worker {
         }
         info!(
             stream_id = stream_id, path = job.facts.rel_path.as_str();
-            "stream {stream_id}: complete ({}, {} bytes, {} chunks, {reuploaded} re-uploaded after verification, media {}, revision {})",
+            "stream {stream_id}: complete ({}, {} bytes, {} chunks, {reuploaded} re-uploaded after verification, whole-file sha256 from {whole_sha256_from}, media {}, revision {})",
             job.facts.rel_path,
             before.size,
             chunk_count,
@@ -225,7 +243,9 @@ impl Worker {
         let stream_id = job.stream.stream_id.as_str();
         let mut known = job.chunks.clone();
         self.recall_earlier_revision(stream_id, &job.facts, &mut known);
-        let chunks: Vec<ChunkRecord> = contiguous_prefix(&known).cloned().collect();
+        let chunks: Vec<ChunkRecord> = contiguous_prefix(&known)
+            .map(ChunkRecord::published)
+            .collect();
         let uploaded = chunks.iter().map(|chunk| chunk.size_bytes).sum();
         let metadata = StreamMetadata {
             reason: Some(job.reason.as_str().to_string()),

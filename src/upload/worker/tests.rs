@@ -107,6 +107,7 @@ fn a_chunk_is_retried_through_failures_then_checkpointed() {
         index: 1,
         offset: 8,
         len: 8,
+        whole_sha256_before: None,
     }));
     let Outcome::ChunkUploaded(record) = result.outcome else {
         panic!("{:?}", result.outcome)
@@ -148,6 +149,7 @@ fn a_panicking_job_becomes_a_failed_result_and_the_worker_lives_on() {
         index: 0,
         offset: 0,
         len: 8,
+        whole_sha256_before: None,
     });
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(1);
     let (results_tx, results_rx) = crossbeam_channel::bounded(1);
@@ -195,6 +197,7 @@ fn a_shutdown_cancels_retries_and_queued_jobs() {
         index: 0,
         offset: 0,
         len: 10,
+        whole_sha256_before: None,
     }));
     assert_eq!(result.outcome, Outcome::Cancelled);
 }
@@ -290,6 +293,8 @@ fn finalize_reuploads_changed_chunks_and_writes_metadata() {
         size_bytes: chunk,
         sha256: hex::encode(sha256(b"xxxxxxxx")),
         uploaded_at: rfc3339(SystemTime::now()),
+        xxh3: None,
+        whole_sha256: None,
     };
     let result = worker.execute(finalize_job(
         stream,
@@ -443,6 +448,8 @@ fn a_close_queues_stream_failed_with_the_reason_and_the_uploaded_prefix() {
         size_bytes: 8,
         sha256: hex::encode(sha256(b"AAAAAAAA")),
         uploaded_at: rfc3339(SystemTime::now()),
+        xxh3: None,
+        whole_sha256: None,
     };
     let close = Job::Close(crate::upload::job::CloseJob {
         stream,
@@ -465,6 +472,189 @@ fn a_close_queues_stream_failed_with_the_reason_and_the_uploaded_prefix() {
     assert_eq!(event.reason.as_deref(), Some("vanished"));
     assert_eq!(event.size_bytes, Some(8));
     assert_eq!(event.objects.unwrap().chunk_count, 1);
+}
+
+/// Uploads every full 8-byte chunk of the fixture's file in order, as the
+/// coordinator dispatches them, and returns their records.
+fn upload_full_chunks(fixture: &mut Fixture, size: u64) -> BTreeMap<u64, ChunkRecord> {
+    let mut chunks = BTreeMap::new();
+    for index in 0..size / 8 {
+        let result = fixture.worker.execute(Job::Chunk(ChunkJob {
+            stream: fixture.stream.clone(),
+            path: fixture.path.clone(),
+            index,
+            offset: index * 8,
+            len: 8,
+            whole_sha256_before: crate::metadata::whole_sha256_before(&chunks, index),
+        }));
+        let Outcome::ChunkUploaded(record) = result.outcome else {
+            panic!("{:?}", result.outcome)
+        };
+        chunks.insert(index, *record);
+    }
+    chunks
+}
+
+fn completed_metadata(store: &MemoryStore) -> StreamMetadata {
+    serde_json::from_slice(&store.get("p/cam-1/metadata.json").unwrap()).unwrap()
+}
+
+#[test]
+fn completion_of_an_unchanged_file_uploads_only_the_tail_and_the_metadata() {
+    let content = b"AAAAAAAABBBBBBBBCCCCCCCCDD";
+    let mut fixture = Fixture::new(content);
+    let chunks = upload_full_chunks(&mut fixture, 26);
+    assert!(
+        chunks
+            .values()
+            .all(|c| c.xxh3.is_some() && c.whole_sha256.is_some())
+    );
+    let puts_before = *fixture.store.puts.lock().unwrap();
+    let job = finalize_job(fixture.stream.clone(), &fixture.path, 26, chunks);
+    let result = fixture.worker.execute(job);
+    assert!(matches!(
+        result.outcome,
+        Outcome::Finalized { size: 26, .. }
+    ));
+    assert_eq!(*fixture.store.puts.lock().unwrap(), puts_before + 2);
+    let metadata = completed_metadata(&fixture.store);
+    assert_eq!(metadata.sha256, Some(hex::encode(sha256(content))));
+    assert_eq!(metadata.chunks.len(), 4);
+    let json = String::from_utf8(fixture.store.get("p/cam-1/metadata.json").unwrap()).unwrap();
+    assert!(
+        !json.contains("xxh3") && !json.contains("whole_sha256"),
+        "{json}"
+    );
+}
+
+#[test]
+fn completion_finds_a_rewritten_chunk_by_its_fast_hash_and_rehashes_the_file() {
+    let mut fixture = Fixture::new(b"AAAAAAAABBBBBBBBCCCCCCCCDD");
+    let chunks = upload_full_chunks(&mut fixture, 26);
+    // The writer patches a header field in chunk 0 at the end.
+    let content = b"AxAAAAAABBBBBBBBCCCCCCCCDD";
+    std::fs::write(&fixture.path, content).unwrap();
+    let job = finalize_job(fixture.stream.clone(), &fixture.path, 26, chunks);
+    let result = fixture.worker.execute(job);
+    assert!(matches!(
+        result.outcome,
+        Outcome::Finalized { size: 26, .. }
+    ));
+    assert_eq!(
+        fixture.store.get("p/cam-1/chunk-000000").unwrap(),
+        b"AxAAAAAA"
+    );
+    let metadata = completed_metadata(&fixture.store);
+    assert_eq!(metadata.sha256, Some(hex::encode(sha256(content))));
+    assert_eq!(metadata.chunks[0].sha256, hex::encode(sha256(b"AxAAAAAA")));
+    assert_eq!(metadata.chunks[1].sha256, hex::encode(sha256(b"BBBBBBBB")));
+    // A later revision resumes from the records this completion left.
+    let records = result.chunks.unwrap();
+    let mut whole = crate::chunk_hash::WholeFile::default();
+    for (index, bytes) in content.chunks(8).enumerate() {
+        whole.advance(records[&(index as u64)].whole_sha256.as_ref(), bytes);
+    }
+    assert!(
+        !whole.from_records(),
+        "chunk 1's state resumed from the old chunk 0"
+    );
+    assert_eq!(whole.finish(), sha256(content));
+}
+
+#[test]
+fn a_record_from_before_the_fast_hash_is_verified_with_sha256() {
+    let content = b"AAAAAAAABB";
+    let Fixture {
+        _dir,
+        path,
+        store,
+        mut worker,
+        _keep,
+        stream,
+        ..
+    } = Fixture::new(content);
+    let old = ChunkRecord {
+        index: 0,
+        key: "p/cam-1/chunk-000000".into(),
+        offset: 0,
+        size_bytes: 8,
+        sha256: hex::encode(sha256(b"AAAAAAAA")),
+        uploaded_at: rfc3339(SystemTime::now()),
+        xxh3: None,
+        whole_sha256: None,
+    };
+    let result = worker.execute(finalize_job(stream, &path, 10, BTreeMap::from([(0, old)])));
+    assert!(matches!(
+        result.outcome,
+        Outcome::Finalized { size: 10, .. }
+    ));
+    // Only the tail and the metadata: chunk 0 matched its sha256.
+    assert_eq!(*store.puts.lock().unwrap(), 2);
+    let metadata = completed_metadata(&store);
+    assert_eq!(metadata.sha256, Some(hex::encode(sha256(content))));
+}
+
+#[test]
+fn a_grown_revision_checks_the_records_read_back_from_metadata_with_sha256() {
+    let mut fixture = Fixture::new(b"AAAAAAAABBBBBBBBCC");
+    let chunks = upload_full_chunks(&mut fixture, 18);
+    let first = fixture.worker.execute(finalize_job(
+        fixture.stream.clone(),
+        &fixture.path,
+        18,
+        chunks,
+    ));
+    assert!(matches!(first.outcome, Outcome::Finalized { size: 18, .. }));
+    // The file grows, and its writer rewrites chunk 1 on the way. Redis and
+    // the coordinator dropped revision 1's records (with their xxh3 and
+    // states) at its completion; metadata.json lists them without either.
+    let content = b"AAAAAAAABxBBBBBBCCCCCCCCDD";
+    std::fs::write(&fixture.path, content).unwrap();
+    let dropped = BTreeMap::new();
+    let grown = fixture.worker.execute(Job::Chunk(ChunkJob {
+        stream: fixture.stream.clone(),
+        path: fixture.path.clone(),
+        index: 2,
+        offset: 16,
+        len: 8,
+        whole_sha256_before: crate::metadata::whole_sha256_before(&dropped, 2),
+    }));
+    let Outcome::ChunkUploaded(chunk_2) = grown.outcome else {
+        panic!("{:?}", grown.outcome)
+    };
+    assert!(chunk_2.whole_sha256.is_none());
+    let puts_before = *fixture.store.puts.lock().unwrap();
+    let Job::Finalize(mut second) = finalize_job(
+        fixture.stream.clone(),
+        &fixture.path,
+        26,
+        BTreeMap::from([(2, *chunk_2)]),
+    ) else {
+        unreachable!()
+    };
+    second.facts.revision = 2;
+    let result = fixture.worker.execute(Job::Finalize(second));
+    assert!(
+        matches!(result.outcome, Outcome::Finalized { size: 26, .. }),
+        "{:?}",
+        result.outcome
+    );
+    // Chunk 1 (changed), the tail and the metadata; chunk 0 matched its
+    // sha256 from metadata.json.
+    assert_eq!(*fixture.store.puts.lock().unwrap(), puts_before + 3);
+    assert_eq!(
+        fixture.store.get("p/cam-1/chunk-000001").unwrap(),
+        b"BxBBBBBB"
+    );
+    let metadata = completed_metadata(&fixture.store);
+    assert_eq!(metadata.revision, 2);
+    assert_eq!(metadata.sha256, Some(hex::encode(sha256(content))));
+    let listed: Vec<_> = metadata.chunks.iter().map(|c| c.sha256.clone()).collect();
+    let expected: Vec<_> = content
+        .chunks(8)
+        .map(|bytes| hex::encode(sha256(bytes)))
+        .collect();
+    assert_eq!(listed, expected);
 }
 
 /// The disposal of `cam.mp4` as completed at its current size and mtime.
