@@ -779,6 +779,106 @@ impl Bench {
         });
     }
 
+    /// Completion events: `count` small streams complete while the webhook
+    /// is down, so their events wait in the outbox; what that costs in Redis
+    /// and in failed attempts, then how fast the backlog drains once the
+    /// webhook is back.
+    fn events(&mut self) {
+        let count: usize = if self.quick { 100 } else { 1000 };
+        let data = tempfile::tempdir().expect("dir");
+        for n in 0..count {
+            std::fs::write(
+                data.path().join(format!("ev{n:04}.mp4")),
+                pseudo_random(4096, n as u64),
+            )
+            .expect("write");
+        }
+        let mut receiver = support::webhook::Receiver::unstarted();
+        let url = receiver.url();
+        let daemon = self.daemon(
+            data.path(),
+            "events",
+            &[
+                ("EVENTS_STREAM", "bench-events:stream"),
+                ("WEBHOOK_URL", &url),
+                ("WEBHOOK_SECRET", support::webhook::SECRET),
+                ("RETRY_MAX_DELAY", "5s"),
+            ],
+        );
+        let outage = Instant::now();
+        Self::wait_completed(&daemon, count as f64);
+        let mut redis = self.env.redis.connection();
+        let queued = |redis: &mut redis::Connection| -> u64 {
+            redis::cmd("ZCARD")
+                .arg("bench-events:outbox:due")
+                .query(redis)
+                .expect("ZCARD")
+        };
+        support::wait_for("every event queued", || queued(&mut redis) == count as u64);
+        let memory = |redis: &mut redis::Connection, key: &str| -> u64 {
+            redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query::<Option<u64>>(redis)
+                .expect("MEMORY USAGE")
+                .unwrap_or(0)
+        };
+        let outbox: u64 = [
+            "outbox",
+            "outbox:due",
+            "outbox:attempts",
+            "outbox:published",
+        ]
+        .iter()
+        .map(|key| memory(&mut redis, &format!("bench-events:{key}")))
+        .sum();
+        let marker_keys: Vec<String> = redis::cmd("KEYS")
+            .arg("bench-events:announced:*")
+            .query(&mut redis)
+            .expect("KEYS");
+        let marker = marker_keys.first().map_or(0, |key| memory(&mut redis, key));
+        // Let the outage last a while, to see what it costs in attempts.
+        std::thread::sleep(Duration::from_secs(if self.quick { 5 } else { 30 }));
+        let outage_seconds = outage.elapsed().as_secs_f64();
+        let attempts =
+            daemon.metric("chunkstream_event_delivery_failures_total{destination=\"webhook\"}");
+        receiver.start();
+        let back = Instant::now();
+        support::wait_for_long("the backlog to drain", Duration::from_secs(600), || {
+            queued(&mut redis) == 0
+        });
+        let drain = back.elapsed().as_secs_f64();
+        let delivered = receiver.ids_of("stream.completed").len();
+        let _ = daemon.terminate();
+        receiver.stop();
+        self.figures.push(Figure {
+            name: format!("events: Redis per event waiting in the outbox ({count} queued)"),
+            value: format!(
+                "{:.0} B, then {marker} B for a day once delivered",
+                outbox as f64 / count as f64
+            ),
+            target: "—".into(),
+            met: None,
+        });
+        self.figures.push(Figure {
+            name: format!("events: webhook attempts during a {outage_seconds:.0} s outage with {count} events waiting"),
+            value: format!("{attempts:.0}"),
+            target: "one per backoff period, not per event".into(),
+            met: Some(attempts < count as f64),
+        });
+        self.figures.push(Figure {
+            name: format!("events: backlog of {count} drained after the webhook came back"),
+            value: format!(
+                "{drain:.1} s ({:.0} events/s), {delivered} distinct ids",
+                count as f64 / drain
+            ),
+            target: format!("all {count}"),
+            met: Some(delivered == count),
+        });
+    }
+
     /// The bandwidth cap, end to end and in the bucket itself: the rate the
     /// daemon achieves under `BANDWIDTH_LIMIT=20MiB` over 30 s (from the
     /// uploaded-bytes counter, 10 MiB chunks, so ±1 chunk of resolution), and
@@ -1044,6 +1144,9 @@ fn main() {
     }
     if wanted("polling") {
         bench.polling();
+    }
+    if wanted("events") {
+        bench.events();
     }
     if wanted("bandwidth") {
         bench.bandwidth();

@@ -19,6 +19,7 @@ use crate::logging::LogFormat;
 
 mod aws;
 mod cli;
+mod events;
 mod lifecycle;
 mod stores;
 
@@ -26,6 +27,7 @@ pub use aws::{
     ContainerEndpoint, CredentialChain, ObjectLock, ObjectPolicy, S3Tls, Sse, WebIdentity,
 };
 pub use cli::{Cli, Command, Settings};
+pub use events::{EventsConfig, WebhookConfig};
 pub use lifecycle::OnComplete;
 pub use stores::{
     ContentMd5, DEFAULT_REDIS_URL, RedisConfig, S3Config, S3Credentials, SentinelConfig,
@@ -74,6 +76,8 @@ pub struct Config {
     pub sentinel: Option<SentinelConfig>,
     /// `INSTANCE_ID`, if set: this replica's stable name.
     pub instance_id: Option<String>,
+    /// Where completion events go (docs/events.md).
+    pub events: EventsConfig,
     /// How long Redis keeps the record of a stream whose file is gone.
     pub record_retention: Duration,
     /// What happens to a file once its stream is complete and verified.
@@ -210,6 +214,7 @@ impl Config {
             lease: LeasePolicy::from_settings(settings)?,
             sentinel,
             instance_id: parse_instance_id(&settings.instance_id)?,
+            events: EventsConfig::from_settings(settings)?,
             record_retention: parse_duration("RECORD_RETENTION", &settings.record_retention)?,
             on_complete,
             on_complete_delay: lifecycle::parse_delay(

@@ -36,7 +36,7 @@ use crate::stream::Now;
 use crate::upload::job::{Job, JobResult};
 use crate::upload::{Worker, sweep};
 use crate::watchfs::RealFs;
-use crate::{http, instance, random_u64, scanner};
+use crate::{http, instance, notify, random_u64, scanner};
 
 /// Waits `delay`, or less if a stop is requested. True if a stop was requested.
 fn stop_requested_within(stop: &Receiver<()>, delay: Duration) -> bool {
@@ -228,7 +228,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             leases.clone(),
         )
         .with_assembly_max_parts(config.assembly_max_parts)
-        .with_delete_chunks_after_assembly(config.delete_chunks_after_assembly);
+        .with_delete_chunks_after_assembly(config.delete_chunks_after_assembly)
+        .with_announcements(config.events.enabled());
         let (jobs, results) = (job_rx.clone(), result_tx.clone());
         let handle = std::thread::Builder::new()
             .name(format!("worker-{number}"))
@@ -236,6 +237,20 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             .map_err(|err| AppError::Startup(format!("cannot start worker thread: {err}")))?;
         workers.push(handle);
     }
+    let delivery = if config.events.enabled() {
+        let outbox = Box::new(redis_store()?);
+        let thread = notify::spawn_delivery(
+            outbox,
+            &config.events,
+            config.retry,
+            events.clone(),
+            shutdown_rx.clone(),
+        )
+        .map_err(|err| AppError::Startup(format!("cannot start events thread: {err}")))?;
+        Some(thread)
+    } else {
+        None
+    };
     let (scans, _scanner) = scanner::spawn(
         Box::new(FsLister::new(
             config.watch_dir.clone(),
@@ -289,6 +304,9 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
             let _ = worker.join();
         }
         let _ = probe.join();
+        if let Some(delivery) = delivery {
+            let _ = delivery.join();
+        }
     }
     // After a clean drain the liveness key is given up, so a restart need
     // not wait for it; otherwise it lapses while stuck jobs die with us.

@@ -44,6 +44,13 @@ pub trait Events: Send + Sync {
     fn lease_claimed(&self) {}
     /// This process found that another replica took one of its streams over.
     fn lease_lost(&self) {}
+    /// A completion event reached every destination and left the outbox.
+    fn event_delivered(&self) {}
+    /// One failed attempt to deliver a completion event, by destination
+    /// (`redis_stream`, `webhook`, `outbox`); it is retried with backoff.
+    fn event_delivery_failed(&self, _destination: &'static str) {}
+    /// Completion events waiting in the outbox (due or backing off).
+    fn events_pending(&self, _count: u64) {}
     /// A complete stream's file left the watch directory (`ON_COMPLETE`):
     /// the one place where a `file.deleted` / `file.moved` announcement
     /// belongs. Called by the coordinator as it applies the result.

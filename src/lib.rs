@@ -22,6 +22,7 @@ pub mod logging;
 pub mod media;
 pub mod metadata;
 pub mod metrics;
+pub mod notify;
 pub mod readback;
 pub mod restore;
 pub mod retry;

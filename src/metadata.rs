@@ -44,7 +44,13 @@ impl KeyLayout {
     /// `{prefix}{stream_id}/chunk-{index:06}`; the zero padding makes a plain
     /// listing sort in chunk order.
     pub fn chunk(&self, stream_id: &str, index: u64) -> String {
-        format!("{}{stream_id}/chunk-{index:06}", self.prefix)
+        format!("{}{index:06}", self.chunk_prefix(stream_id))
+    }
+
+    /// `{prefix}{stream_id}/chunk-`: what every chunk key of the stream
+    /// starts with.
+    pub fn chunk_prefix(&self, stream_id: &str) -> String {
+        format!("{}{stream_id}/chunk-", self.prefix)
     }
 
     /// The key chunk `index` is written to when its bytes hash to `sha256`:

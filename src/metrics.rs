@@ -60,6 +60,9 @@ pub struct Metrics {
     checksum_verified: IntGauge,
     content_md5: IntGauge,
     multipart_aborted: IntCounter,
+    events_delivered: IntCounter,
+    event_delivery_failures: IntCounterVec,
+    events_pending: IntGauge,
     files_disposed: IntCounterVec,
     on_complete_failures: IntCounterVec,
     poll_interval: prometheus::Gauge,
@@ -120,6 +123,15 @@ impl Metrics {
             "Streams closed, by status (complete, incomplete).",
             "status",
         );
+        let event_delivery_failures = labelled(
+            &registry,
+            "chunkstream_event_delivery_failures_total",
+            "Failed attempts to deliver a completion event, by destination (redis_stream, webhook, outbox); each is retried.",
+            "destination",
+        );
+        for destination in ["redis_stream", "webhook", "outbox"] {
+            event_delivery_failures.with_label_values(&[destination]);
+        }
         let upload_errors = labelled(
             &registry,
             "chunkstream_upload_errors_total",
@@ -287,6 +299,17 @@ impl Metrics {
                 "chunkstream_multipart_uploads_aborted_total",
                 "Abandoned multipart uploads under S3_PREFIX that the sweep aborted.",
             ),
+            events_delivered: counter(
+                &registry,
+                "chunkstream_events_delivered_total",
+                "Completion events delivered to every destination and removed from the outbox.",
+            ),
+            event_delivery_failures,
+            events_pending: gauge(
+                &registry,
+                "chunkstream_events_pending",
+                "Completion events waiting in the outbox (due or backing off), at the delivery thread's last look.",
+            ),
             bandwidth_limit: gauge(
                 &registry,
                 "chunkstream_bandwidth_limit_bytes",
@@ -450,6 +473,21 @@ impl Events for Metrics {
 
     fn multipart_uploads_aborted(&self, count: u64) {
         self.multipart_aborted.inc_by(count);
+    }
+
+    fn event_delivered(&self) {
+        self.events_delivered.inc();
+    }
+
+    fn event_delivery_failed(&self, destination: &'static str) {
+        self.event_delivery_failures
+            .with_label_values(&[destination])
+            .inc();
+    }
+
+    fn events_pending(&self, count: u64) {
+        self.events_pending
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     fn file_disposed(&self, _stream_id: &str, _rel_path: &str, disposal: &Disposal) {

@@ -1,15 +1,19 @@
 //! Life after upload, end to end against a real redis-server and s3s-fs:
 //! the compact Redis record of a complete stream, records of gone files
 //! expiring after `RECORD_RETENTION`, and `ON_COMPLETE=delete|move` with
-//! its safety rules, and `DELETE_CHUNKS_AFTER_ASSEMBLY`. Every scenario ends with the byte-exact check against
-//! a reference copy of what was written (the source itself may be gone).
+//! its safety rules (a disposal is announced once in `EVENTS_STREAM`), and
+//! `DELETE_CHUNKS_AFTER_ASSEMBLY`. Every scenario ends with the byte-exact
+//! check against a reference copy of what was written (the source itself
+//! may be gone).
 
 mod support;
 
 use std::path::{Path, PathBuf};
 
 use chunkstream::metadata::{StreamMetadata, StreamStatus};
-use support::{Daemon, MIB, TestEnv, append, pseudo_random, wait_for};
+use support::{
+    Daemon, EVENTS_STREAM, MIB, TestEnv, append, pseudo_random, stream_entries, wait_for,
+};
 
 /// Keeps a copy of `bytes` outside the watch directory, for the final
 /// byte-exact check once the source is deleted or moved.
@@ -234,7 +238,11 @@ fn l2_on_complete_delete_and_move_dispose_only_of_verified_files() {
 
     let completed = tempfile::tempdir().unwrap();
     let completed_dir = completed.path().display().to_string();
-    let moving = env.start_daemon(&[("ON_COMPLETE", "move"), ("COMPLETED_DIR", &completed_dir)]);
+    let moving = env.start_daemon(&[
+        ("ON_COMPLETE", "move"),
+        ("COMPLETED_DIR", &completed_dir),
+        ("EVENTS_STREAM", EVENTS_STREAM),
+    ]);
     let bytes = pseudo_random(7 * MIB + 1, 11);
     let source = env.drop_file("cams/moved.mp4", &bytes);
     let meta = wait_complete_sized(&env, "cams/moved.mp4", bytes.len() as u64);
@@ -247,6 +255,22 @@ fn l2_on_complete_delete_and_move_dispose_only_of_verified_files() {
     wait_for("the disposal counted once", || {
         moving.metric("chunkstream_files_disposed_total{action=\"moved\"}") == 1.0
     });
+    // Announced once, with where the file is now and what was verified.
+    let id = format!("{}/{}/file.moved", meta.stream_id, meta.revision);
+    let mut announced = Vec::new();
+    wait_for("the file.moved event in EVENTS_STREAM", || {
+        announced = stream_entries(&env)
+            .into_iter()
+            .filter(|(_, kind, _)| kind == "file.moved")
+            .collect();
+        !announced.is_empty()
+    });
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    let (event_id, _, event) = &announced[0];
+    assert_eq!(event_id, &id);
+    assert_eq!(event["moved_to"], moved.display().to_string());
+    assert_eq!(event["size_bytes"], bytes.len() as u64);
+    assert_eq!(event["sha256"], meta.sha256.clone().expect("sha256"));
 }
 
 #[test]

@@ -11,19 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use chunkstream::config::RedisConfig;
 use chunkstream::error::FencedWriteError;
 use chunkstream::metadata::{ChunkRecord, StreamMetadata};
-use chunkstream::scan::FileIdentity;
 use chunkstream::store::ports::{Claim, Completion, LeaseStatus};
-use chunkstream::store::redis::LeaseHolder;
-use chunkstream::store::{CheckpointStore, ObjectStore, RedisStore, StoredStatus, StoredStream};
+use chunkstream::store::{CheckpointStore, ObjectStore, StoredStatus};
 use support::{
-    Daemon, MIB, TestEnv, append, pseudo_random, uploads_in_log, wait_for, wait_for_long,
+    Daemon, LEASE_TTL, MIB, TestEnv, append, pseudo_random, store_for, stored_stream,
+    uploads_in_log, wait_for, wait_for_long,
 };
-
-/// Short, so takeovers happen within a test; renewals go out every second.
-const LEASE_TTL: Duration = Duration::from_secs(3);
 
 /// Starts `count` replicas on the environment's directory and waits until
 /// each sees all of them.
@@ -157,29 +152,6 @@ fn owned_streams(replica: &Daemon) -> (String, Vec<String>) {
     )
 }
 
-/// A stream record registered directly, for the script-level test.
-fn stored_stream(id: &str) -> StoredStream {
-    StoredStream {
-        id: id.to_string(),
-        identity: FileIdentity {
-            device: 0,
-            inode: 42,
-        },
-        rel_path: "cam.mp4".into(),
-        file_name: "cam.mp4".into(),
-        chunk_size: 5 * MIB,
-        started_at: std::time::SystemTime::now(),
-        last_change_at: std::time::SystemTime::now(),
-        status: StoredStatus::Active,
-        revision: 0,
-        completed_size: 0,
-        completed_mtime_ns: 0,
-        assembled_revision: 0,
-        chunks: BTreeMap::new(),
-        head: None,
-    }
-}
-
 fn chunk_record(index: u64) -> ChunkRecord {
     ChunkRecord {
         index,
@@ -191,20 +163,6 @@ fn chunk_record(index: u64) -> ChunkRecord {
         xxh3: None,
         whole_sha256: None,
     }
-}
-
-fn store_for(env: &TestEnv, owner: &str) -> RedisStore {
-    let config = RedisConfig {
-        ca_file: None,
-        url: env.redis.url(),
-        key_prefix: "cstest".into(),
-        timeout: Duration::from_secs(5),
-    };
-    let holder = LeaseHolder {
-        owner: owner.into(),
-        ttl: LEASE_TTL,
-    };
-    RedisStore::new(&config, holder).expect("Redis client")
 }
 
 #[test]
@@ -269,6 +227,7 @@ fn m0_the_lease_scripts_give_one_owner_and_fence_out_a_stale_one() {
         completed_at: std::time::SystemTime::now(),
         head: None,
         release_lease: false,
+        announcement: None,
     };
     assert!(matches!(
         a.checkpoint_chunk("s", first, &chunk_record(2)),
@@ -283,7 +242,7 @@ fn m0_the_lease_scripts_give_one_owner_and_fence_out_a_stale_one() {
         Err(FencedWriteError::LeaseLost)
     ));
     assert!(matches!(
-        a.mark_incomplete("s", first, "vanished"),
+        a.mark_incomplete("s", first, "vanished", None),
         Err(FencedWriteError::LeaseLost)
     ));
     assert_eq!(

@@ -323,6 +323,21 @@ pub struct Settings {
     /// Stable name of this replica (e.g. the pod name), so a restart takes its streams back at once; empty means a fresh identity per process. Never give two live processes the same one.
     #[arg(long, env = "INSTANCE_ID", default_value = "", global = true)]
     pub instance_id: String,
+    /// Redis stream that completion events (stream.completed, stream.reopened, stream.failed, ...) are appended to, e.g. chunkstream:events; empty means none.
+    #[arg(long, env = "EVENTS_STREAM", default_value = "", global = true)]
+    pub events_stream: String,
+    /// Approximate cap on the length of EVENTS_STREAM (XADD MAXLEN ~); older entries are trimmed.
+    #[arg(long, env = "EVENTS_MAXLEN", default_value = "100000", global = true)]
+    pub events_maxlen: String,
+    /// URL that every completion event is POSTed to as JSON, retried from a durable outbox in Redis until it answers 2xx; empty means none.
+    #[arg(long, env = "WEBHOOK_URL", global = true, hide_env_values = true)]
+    pub webhook_url: Option<String>,
+    /// Secret for X-Chunkstream-Signature: sha256=<hex HMAC-SHA256 of the body>; empty means unsigned.
+    #[arg(long, env = "WEBHOOK_SECRET", global = true, hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Timeout of one webhook POST (connect, send and answer); a timeout is retried with backoff.
+    #[arg(long, env = "WEBHOOK_TIMEOUT", default_value = "10s", global = true)]
+    pub webhook_timeout: String,
     /// How long Redis keeps the record of a stream whose file is gone (deleted, moved away, replaced); complete streams stay in the bucket.
     #[arg(long, env = "RECORD_RETENTION", default_value = "7d", global = true)]
     pub record_retention: String,

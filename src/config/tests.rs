@@ -32,6 +32,25 @@ fn defaults_are_valid() {
     assert_eq!(config.metrics_addr.port(), 9102);
     assert_eq!(config.lease.ttl, Duration::from_secs(30));
     assert_eq!(config.lease.max_owned_streams, None);
+    assert_eq!(config.events.max_len, 100_000);
+    assert!(!config.events.enabled(), "no event destination by default");
+}
+
+#[test]
+fn either_event_destination_enables_events() {
+    let stream = config(&["--events-stream=chunkstream:events"]).unwrap();
+    assert_eq!(stream.events.stream.as_deref(), Some("chunkstream:events"));
+    assert!(stream.events.enabled());
+    let hook = config(&[
+        "--webhook-url=https://hooks.example.test/chunkstream",
+        "--webhook-secret=s3cret",
+        "--webhook-timeout=3s",
+    ])
+    .unwrap();
+    let webhook = hook.events.webhook.as_ref().expect("webhook");
+    assert_eq!(webhook.timeout, Duration::from_secs(3));
+    assert_eq!(webhook.secret.as_deref(), Some("s3cret"));
+    assert!(hook.events.enabled());
 }
 
 #[test]
@@ -92,6 +111,15 @@ fn every_bad_value_names_its_variable() {
         ("--redis-password=pw", "REDIS_PASSWORD"),
         ("--instance-id=pod 0", "INSTANCE_ID"),
         ("--instance-id=a#b", "INSTANCE_ID"),
+        ("--events-stream=my events", "EVENTS_STREAM"),
+        ("--events-maxlen=0", "EVENTS_MAXLEN"),
+        ("--events-maxlen=lots", "EVENTS_MAXLEN"),
+        ("--webhook-url=ftp://example.test/hook", "WEBHOOK_URL"),
+        ("--webhook-url=example.test/hook", "WEBHOOK_URL"),
+        ("--webhook-url=http://", "WEBHOOK_URL"),
+        ("--webhook-secret=s3cret", "WEBHOOK_SECRET"),
+        ("--webhook-timeout=0s", "WEBHOOK_TIMEOUT"),
+        ("--webhook-timeout=soon", "WEBHOOK_TIMEOUT"),
         ("--record-retention=0s", "RECORD_RETENTION"),
         ("--on-complete=archive", "ON_COMPLETE"),
         ("--on-complete=move", "COMPLETED_DIR"),
@@ -167,10 +195,14 @@ fn secrets_never_appear_in_debug_or_errors() {
         "--aws-access-key-id=AKIDEXAMPLE",
         "--aws-secret-access-key=TOPSECRET",
         "--redis-url=redis://user:hunter2@localhost:6379/0",
+        "--webhook-url=https://hook:webhookpass@hooks.example.test/in",
+        "--webhook-secret=HMACSECRET",
     ])
     .unwrap();
     let shown = format!("{config:?}");
     assert!(!shown.contains("TOPSECRET"));
+    assert!(!shown.contains("webhookpass"));
+    assert!(!shown.contains("HMACSECRET"));
     assert!(!shown.contains("hunter2"));
     assert!(shown.contains("AKIDEXAMPLE"));
     let err = settings(&["--redis-url=redis://:hunter2@", "--watch-dir=/"]);

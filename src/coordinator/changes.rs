@@ -4,6 +4,7 @@
 //! close job, and a stream whose record cannot be trusted is quarantined.
 //! Also the write-back after Redis came back without its data.
 
+use super::announce::subject;
 use super::*;
 
 impl Coordinator {
@@ -137,11 +138,19 @@ impl Coordinator {
                     self.release(&stream.id);
                     self.ownership.forget(&stream.id);
                 }
-                Change::Reopened { id, path } => {
+                Change::Reopened { identity, id, path } => {
                     info!(
                         stream_id = id.as_str(), path = path.as_str();
                         "stream {id}: {path} grew after completion; reopened"
                     );
+                    if let Some(stream) = self.table.get(&identity) {
+                        let event = StreamEvent::reopened(
+                            subject(stream, stream.revision),
+                            stream.state.size(),
+                            SystemTime::now(),
+                        );
+                        self.announce(event);
+                    }
                 }
                 Change::Moved { id, from, to } => {
                     info!(
@@ -327,6 +336,21 @@ impl Coordinator {
             stream_id = id.as_str();
             "{corrupt}; stream {id} is quarantined: nothing is uploaded or closed for it until its record is fixed or deleted (then restart)"
         );
+        let path = corrupt.path.clone().unwrap_or_default();
+        let event = StreamEvent::quarantined(
+            StreamSubject {
+                stream_id: &id,
+                revision: 0,
+                source: Source {
+                    file_name: file_name(&path),
+                    path,
+                },
+                started_at: None,
+            },
+            &corrupt.reason,
+            SystemTime::now(),
+        );
+        self.announce(event);
         self.quarantined.insert(
             id,
             Quarantined {

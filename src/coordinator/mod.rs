@@ -25,7 +25,8 @@ use crate::events::{Disposal, Events, Gauges};
 use crate::health::{Dependency, Readiness};
 use crate::http::StreamsSnapshot;
 use crate::lease::{HeldLeases, Ownership};
-use crate::metadata::new_stream_id;
+use crate::metadata::{Source, new_stream_id};
+use crate::notify::{Announcement, StreamEvent, StreamSubject};
 use crate::random_u64;
 use crate::scan::{FileIdentity, Observation, Scan};
 use crate::store::CheckpointStore;
@@ -39,6 +40,7 @@ use crate::upload::job::{
 };
 use crate::watchfs::FileSystem;
 
+mod announce;
 mod changes;
 mod dispatch;
 mod ownership;
@@ -136,6 +138,9 @@ pub struct Coordinator {
     quarantined: BTreeMap<String, Quarantined>,
     /// Paths the last scan could not read.
     unreadable_paths: usize,
+    /// Events decided here (reopened, quarantined) that Redis did not take
+    /// yet, oldest first; retried every turn (see `announce`).
+    unannounced: VecDeque<Announcement>,
     /// Reads a file's first bytes, to tell a file whose inode number changed
     /// (network file systems) from a new one.
     files: Box<dyn FileSystem>,
@@ -191,6 +196,7 @@ impl Coordinator {
             redis_recoveries_handled: 0,
             quarantined: BTreeMap::new(),
             unreadable_paths: 0,
+            unannounced: VecDeque::new(),
             files,
             wall_clock: SystemTime::UNIX_EPOCH,
         }
@@ -240,6 +246,7 @@ impl Coordinator {
             self.publish_gauges();
         }
         self.write_back_after_redis_recovery();
+        self.retry_announcements();
         self.renew_leases(now);
         self.dispatch(now);
     }

@@ -3,6 +3,7 @@
 //! logged), a lease lost. A stream that wants more work is queued at once,
 //! not at the next poll.
 
+use super::announce::subject;
 use super::*;
 
 impl Coordinator {
@@ -24,6 +25,9 @@ impl Coordinator {
         let job_started = stream.last_dispatch.unwrap_or(now);
         // What a refused disposal saw of the file, applied after the result.
         let mut refused_at = None;
+        // The `file.deleted` / `file.moved` event of a disposal, queued once
+        // the stream is no longer borrowed.
+        let mut file_left = None;
         if let Some(chunks) = result.chunks {
             let before = stream.uploaded_bytes();
             stream.chunks = chunks;
@@ -84,7 +88,11 @@ impl Coordinator {
                 stream.assembled_revision = stream.assembled_revision.max(revision);
                 Event::Assembled
             }
-            Outcome::Disposed(disposal) => {
+            Outcome::Disposed {
+                disposal,
+                size,
+                sha256,
+            } => {
                 match &disposal {
                     Disposal::Moved(to) => info!(
                         stream_id = stream.id.as_str(), path = stream.rel_path.as_str();
@@ -99,6 +107,18 @@ impl Coordinator {
                 }
                 self.events
                     .file_disposed(&stream.id, &stream.rel_path, &disposal);
+                let moved_to = match &disposal {
+                    Disposal::Moved(to) => Some(to.display().to_string()),
+                    Disposal::Deleted => None,
+                };
+                // Its id names the completed revision: a retried queueing
+                // of the same disposal is one event.
+                file_left = Some(StreamEvent::file_left(
+                    subject(stream, stream.revision),
+                    (size, &sha256),
+                    moved_to.as_deref(),
+                    SystemTime::now(),
+                ));
                 Event::Disposed
             }
             Outcome::DisposalRefused { reason, seen } => {
@@ -117,6 +137,9 @@ impl Coordinator {
             }
             Outcome::Closed => return,
         };
+        if let Some(event) = file_left {
+            self.announce(event);
+        }
         let identity = result.stream.identity;
         let finalized = matches!(event, Event::Finalized { .. });
         let mut changes = self.table.apply(identity, event, self.at(now), &self.rules);

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CheckpointError, FencedWriteError, StorageError};
 use crate::metadata::ChunkRecord;
+use crate::notify::Announcement;
 use crate::scan::FileIdentity;
 
 // ---- the object store ----
@@ -233,6 +234,9 @@ pub struct Completion {
     /// Give the lease up in the same step (nothing more to do for the
     /// stream: no assembly or disposal of its file wanted).
     pub release_lease: bool,
+    /// The `stream.completed` event, put in the outbox in the same atomic
+    /// step (`None` when no event destination is configured).
+    pub announcement: Option<Announcement>,
 }
 
 /// The answer to a claim.
@@ -322,12 +326,15 @@ pub trait CheckpointStore: Send {
         completion: &Completion,
     ) -> Result<(), FencedWriteError>;
 
-    /// Marks the stream incomplete, with the reason. Idempotent. Fenced.
+    /// Marks the stream incomplete, with the reason, and puts its
+    /// `stream.failed` event (if any) in the outbox in the same atomic step.
+    /// Idempotent. Fenced.
     fn mark_incomplete(
         &mut self,
         stream_id: &str,
         token: u64,
         reason: &str,
+        announcement: Option<&Announcement>,
     ) -> Result<(), FencedWriteError>;
 
     /// Succeeds only while this process holds the stream with `token`: the
@@ -392,6 +399,49 @@ pub trait CheckpointStore: Send {
         stream_id: &str,
         keep_for: Duration,
     ) -> Result<(), CheckpointError>;
+
+    /// Puts an event in the durable outbox, from where it is delivered at
+    /// least once. An event whose id was announced within the last day is
+    /// not queued again (the same decision seen twice: a retried write, a
+    /// second replica). Returns whether it was queued. For decisions written
+    /// in their own step (completion, close), prefer the announcement field
+    /// of that write, which is atomic with it.
+    fn announce(&mut self, announcement: &Announcement) -> Result<bool, CheckpointError>;
+}
+
+// ---- the event outbox ----
+
+/// An event waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingEvent {
+    pub id: String,
+    /// The event's JSON, as queued.
+    pub json: String,
+    /// Failed delivery attempts so far.
+    pub attempts: u32,
+}
+
+/// What the delivery loop needs of the outbox (docs/events.md).
+pub trait Outbox: Send {
+    /// The oldest due event, hidden from every other reader for `hold` (if
+    /// this process dies, it is due again after that).
+    fn claim_due(&mut self, hold: Duration) -> Result<Option<PendingEvent>, CheckpointError>;
+    /// Appends the event to the Redis stream `stream` (approximately trimmed
+    /// to `max_len` entries), once per event id however often it is called.
+    fn publish(
+        &mut self,
+        stream: &str,
+        max_len: u64,
+        event: &PendingEvent,
+        kind: &str,
+    ) -> Result<(), CheckpointError>;
+    /// Removes a delivered event from the outbox.
+    fn delivered(&mut self, id: &str) -> Result<(), CheckpointError>;
+    /// Makes a failed event due again after `delay`, with its attempt count.
+    fn postpone(&mut self, id: &str, attempts: u32, delay: Duration)
+    -> Result<(), CheckpointError>;
+    /// Events in the outbox, due or not.
+    fn pending(&mut self) -> Result<u64, CheckpointError>;
 }
 
 /// A stream whose record cannot be trusted.

@@ -27,6 +27,10 @@
 //! - `P:replicas` sorted set: live owner ids, scored by when they expire.
 //! - `P:instance:{ID}` string: with `INSTANCE_ID`, the owner id of its live
 //!   incarnation, expiring unless refreshed (see `instance`).
+//! - `P:outbox` hash (event id → event JSON), `P:outbox:due` sorted set (event
+//!   id by when it is due), `P:outbox:attempts` and `P:outbox:published`
+//!   hashes, and `P:announced:{event id}` strings that expire after a day:
+//!   the durable outbox of completion events (see `outbox`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -37,11 +41,12 @@ use super::connection::Link;
 use crate::config::{RedisConfig, SentinelConfig};
 use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::{ChunkRecord, unix_millis};
+use crate::notify::Announcement;
 use crate::scan::FileIdentity;
 use crate::store::ports::Loaded;
 use crate::store::ports::{
-    AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Renewal, StoredStatus,
-    StoredStream,
+    AssemblyProgress, CheckpointStore, Claim, Completion, LeaseStatus, Outbox, PendingEvent,
+    Renewal, StoredStatus, StoredStream,
 };
 use crate::store::record::{
     COMPLETED_MTIME_NS, COMPLETED_SIZE, HEAD, LAST_CHANGE_AT_MS, REVISION, decode_stream,
@@ -50,6 +55,7 @@ use crate::store::record::{
 
 mod checkpoints;
 mod instance;
+mod outbox;
 mod scripts;
 
 use scripts::*;
@@ -130,6 +136,22 @@ impl Keys {
     fn instance(&self, id: &str) -> String {
         format!("{}:instance:{id}", self.prefix)
     }
+    fn outbox(&self) -> String {
+        format!("{}:outbox", self.prefix)
+    }
+    fn outbox_due(&self) -> String {
+        format!("{}:outbox:due", self.prefix)
+    }
+    fn outbox_attempts(&self) -> String {
+        format!("{}:outbox:attempts", self.prefix)
+    }
+    fn outbox_published(&self) -> String {
+        format!("{}:outbox:published", self.prefix)
+    }
+    /// Says that event `id` was queued (recently); expires.
+    fn announced(&self, id: &str) -> String {
+        format!("{}:announced:{id}", self.prefix)
+    }
 }
 
 /// A Redis connection that is replaced after any connection-level failure.
@@ -147,17 +169,38 @@ pub struct RedisStore {
     release: Script,
     instance_claim: Script,
     instance_refresh: Script,
+    announce: Script,
+    claim_due: Script,
+    publish: Script,
+    postpone: Script,
 }
 
 /// A fenced write: which hash, which fields to delete, which pairs to set,
-/// which key to drop, and whether the lease is given up in the same step.
+/// whether the stream's chunk records are dropped and the lease is given
+/// up, and which event is queued, all in the same step.
 struct FencedWrite<'a> {
     target: String,
     delete: &'a [&'a str],
     set: Vec<(String, String)>,
-    /// A key deleted in the same step (the chunk records at completion).
-    drop: Option<String>,
+    /// Delete the stream's chunk records (at completion: metadata.json
+    /// holds them now).
+    drop_chunks: bool,
     release: bool,
+    announcement: Option<&'a Announcement>,
+}
+
+impl<'a> FencedWrite<'a> {
+    /// A write of record fields (`delete`, then `set`) and nothing else.
+    fn record(target: String, delete: &'a [&'a str], set: &[(&str, String)]) -> Self {
+        Self {
+            target,
+            delete,
+            set: owned_pairs(set),
+            drop_chunks: false,
+            release: false,
+            announcement: None,
+        }
+    }
 }
 
 impl RedisStore {
@@ -190,12 +233,16 @@ impl RedisStore {
             restore: Script::new(RESTORE_LUA),
             retire: Script::new(RETIRE_LUA),
             rekey: Script::new(REKEY_LUA),
-            fenced_write: Script::new(&format!("{HOLDS_LUA}{FENCED_WRITE_LUA}")),
+            fenced_write: Script::new(&format!("{HOLDS_LUA}{ENQUEUE_LUA}{FENCED_WRITE_LUA}")),
             claim: Script::new(CLAIM_LUA),
             renew: Script::new(&format!("{HOLDS_LUA}{RENEW_LUA}")),
             release: Script::new(RELEASE_LUA),
             instance_claim: Script::new(INSTANCE_CLAIM_LUA),
             instance_refresh: Script::new(INSTANCE_REFRESH_LUA),
+            announce: Script::new(&format!("{ENQUEUE_LUA}{ANNOUNCE_LUA}")),
+            claim_due: Script::new(CLAIM_DUE_LUA),
+            publish: Script::new(PUBLISH_LUA),
+            postpone: Script::new(POSTPONE_LUA),
         }
     }
 
@@ -215,20 +262,33 @@ impl RedisStore {
         let written: i64 = self.with_write(|con, keys| {
             let mut invocation = script.key(keys.lease(stream_id));
             invocation.key(keys.stream(stream_id)).key(&write.target);
-            if let Some(dropped) = &write.drop {
-                invocation.key(dropped);
+            // Fixed places (see FENCED_WRITE_LUA): the chunk hash is always
+            // KEYS[4], the event's keys follow only with an event.
+            invocation.key(keys.chunks(stream_id));
+            if let Some(event) = write.announcement {
+                invocation
+                    .key(keys.announced(&event.id))
+                    .key(keys.outbox())
+                    .key(keys.outbox_due());
             }
             invocation
                 .arg(&owner)
                 .arg(token.to_string())
                 .arg(ttl)
                 .arg(if write.release { "1" } else { "0" })
+                .arg(if write.drop_chunks { "1" } else { "0" })
                 .arg(write.delete.len());
             for name in write.delete {
                 invocation.arg(*name);
             }
             for (name, value) in &write.set {
                 invocation.arg(name).arg(value);
+            }
+            if let Some(event) = write.announcement {
+                invocation
+                    .arg(&event.id)
+                    .arg(&event.json)
+                    .arg(outbox::ANNOUNCED_MEMORY_MS);
             }
             invocation.invoke(con)
         })?;
@@ -250,32 +310,8 @@ impl RedisStore {
         delete: &[&str],
         set: &[(&str, String)],
     ) -> Result<(), FencedWriteError> {
-        self.update_record_fenced(stream_id, token, delete, set, None, false)
-    }
-
-    /// A fenced write of record fields that may also drop a key and give
-    /// the lease up.
-    fn update_record_fenced(
-        &mut self,
-        stream_id: &str,
-        token: u64,
-        delete: &[&str],
-        set: &[(&str, String)],
-        drop: Option<String>,
-        release: bool,
-    ) -> Result<(), FencedWriteError> {
         let target = self.keys.stream(stream_id);
-        self.write_fenced(
-            stream_id,
-            token,
-            &FencedWrite {
-                target,
-                delete,
-                set: owned_pairs(set),
-                drop,
-                release,
-            },
-        )
+        self.write_fenced(stream_id, token, &FencedWrite::record(target, delete, set))
     }
 
     /// Runs a read on the master (see [`Link::call`]).

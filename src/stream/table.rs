@@ -34,7 +34,11 @@ pub enum Change {
     /// Removed from the table: complete and gone, nothing to write.
     Forgotten(Box<TrackedStream>),
     /// A complete stream is active again.
-    Reopened { id: String, path: String },
+    Reopened {
+        identity: FileIdentity,
+        id: String,
+        path: String,
+    },
     /// The same file is now at another path.
     Moved {
         id: String,
@@ -144,6 +148,7 @@ impl StreamTable {
                 Action::Reopened => {
                     if let Some(stream) = self.streams.get(&identity) {
                         changes.push(Change::Reopened {
+                            identity,
                             id: stream.id.clone(),
                             path: stream.rel_path.clone(),
                         });

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::FakeClock;
 use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::ChunkRecord;
+use crate::notify::Announcement;
 use crate::scan::FileIdentity;
 use crate::store::CheckpointStore;
 use crate::store::ports::{
@@ -34,12 +35,25 @@ struct Server {
     assemblies: BTreeMap<String, AssemblyProgress>,
     /// Stream id → why its record reads back as corrupt.
     corrupt: BTreeMap<String, String>,
+    /// The outbox: every event queued, once per id, in order.
+    announced: Vec<Announcement>,
     /// Stream id → when its record expires (it was retired).
     expiries: BTreeMap<String, Instant>,
     down: bool,
 }
 
 impl Server {
+    /// Queues the event unless its id was queued before.
+    fn enqueue(&mut self, announcement: Option<&Announcement>) -> bool {
+        match announcement {
+            Some(event) if !self.announced.iter().any(|known| known.id == event.id) => {
+                self.announced.push(event.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn load(&self, id: &str) -> Option<Loaded> {
         let stream = self.streams.get(id)?;
         Some(match self.corrupt.get(id) {
@@ -122,6 +136,11 @@ impl FakeCheckpoints {
     /// The stream's record, as stored.
     pub fn stream(&self, stream_id: &str) -> Option<StoredStream> {
         self.lock_server().streams.get(stream_id).cloned()
+    }
+
+    /// Every event queued in the outbox, in order.
+    pub fn announced(&self) -> Vec<Announcement> {
+        self.lock_server().announced.clone()
     }
 
     /// Ids of every stored stream (records that expired are gone).
@@ -293,6 +312,7 @@ impl CheckpointStore for FakeCheckpoints {
             if completion.release_lease {
                 server.leases.remove(stream_id);
             }
+            server.enqueue(completion.announcement.as_ref());
         })
     }
 
@@ -301,11 +321,13 @@ impl CheckpointStore for FakeCheckpoints {
         stream_id: &str,
         token: u64,
         _reason: &str,
+        announcement: Option<&Announcement>,
     ) -> Result<(), FencedWriteError> {
         self.fenced(stream_id, token, |server| {
             if let Some(stream) = server.streams.get_mut(stream_id) {
                 stream.status = StoredStatus::Incomplete;
             }
+            server.enqueue(announcement);
         })
     }
 
@@ -435,6 +457,10 @@ impl CheckpointStore for FakeCheckpoints {
                 stream.assembled_revision = revision;
             }
         })
+    }
+
+    fn announce(&mut self, announcement: &Announcement) -> Result<bool, CheckpointError> {
+        Ok(self.up()?.enqueue(Some(announcement)))
     }
 
     fn retire_stream(

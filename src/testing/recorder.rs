@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{CheckpointError, FencedWriteError};
 use crate::metadata::ChunkRecord;
+use crate::notify::Announcement;
 use crate::scan::FileIdentity;
 use crate::store::CheckpointStore;
 use crate::store::ports::Loaded;
@@ -19,6 +20,8 @@ use crate::store::ports::{
 pub struct MemoryCheckpoints {
     pub chunks: Arc<Mutex<Vec<(String, ChunkRecord)>>>,
     pub completed: Arc<Mutex<Vec<String>>>,
+    /// Events queued with completions and closes, and on their own.
+    pub announced: Arc<Mutex<Vec<Announcement>>>,
     pub assembly: Arc<Mutex<Option<AssemblyProgress>>>,
     pub assembled_revision: Arc<Mutex<u32>>,
     pub taken_over: Arc<AtomicBool>,
@@ -72,13 +75,30 @@ impl CheckpointStore for MemoryCheckpoints {
     ) -> Result<(), CheckpointError> {
         Ok(())
     }
-    fn mark_complete(&mut self, id: &str, _: u64, _: &Completion) -> Result<(), FencedWriteError> {
+    fn mark_complete(
+        &mut self,
+        id: &str,
+        _: u64,
+        completion: &Completion,
+    ) -> Result<(), FencedWriteError> {
         self.fence()?;
         self.completed.lock().unwrap().push(id.into());
+        self.announced
+            .lock()
+            .unwrap()
+            .extend(completion.announcement.clone());
         Ok(())
     }
-    fn mark_incomplete(&mut self, _: &str, _: u64, _: &str) -> Result<(), FencedWriteError> {
-        self.fence()
+    fn mark_incomplete(
+        &mut self,
+        _: &str,
+        _: u64,
+        _: &str,
+        announcement: Option<&Announcement>,
+    ) -> Result<(), FencedWriteError> {
+        self.fence()?;
+        self.announced.lock().unwrap().extend(announcement.cloned());
+        Ok(())
     }
     fn confirm_lease(&mut self, _: &str, _: u64) -> Result<(), FencedWriteError> {
         self.fence()
@@ -131,5 +151,9 @@ impl CheckpointStore for MemoryCheckpoints {
         _: std::time::Duration,
     ) -> Result<(), CheckpointError> {
         Ok(())
+    }
+    fn announce(&mut self, announcement: &Announcement) -> Result<bool, CheckpointError> {
+        self.announced.lock().unwrap().push(announcement.clone());
+        Ok(true)
     }
 }

@@ -138,8 +138,13 @@ pub enum Outcome {
     /// The assembly job is done: `revision` is assembled, or 0 when there was
     /// nothing to assemble (superseded, or too many chunks for S3).
     Assembled { revision: u32 },
-    /// The disposal job deleted or moved the file.
-    Disposed(Disposal),
+    /// The disposal job deleted or moved the file, verified in S3 as `size`
+    /// bytes with this sha256 (hex).
+    Disposed {
+        disposal: Disposal,
+        size: u64,
+        sha256: String,
+    },
     /// The disposal job touched nothing: the file changed since its
     /// completion (`seen`: its size and mtime now), or is not at its path
     /// (the next scans decide whether it moved or vanished).

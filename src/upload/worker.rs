@@ -118,6 +118,9 @@ pub struct Worker {
     /// Delete the chunk objects once the assembled object is verified
     /// (`DELETE_CHUNKS_AFTER_ASSEMBLY`).
     delete_chunks_after_assembly: bool,
+    /// Whether completions and closes queue their event (a destination is
+    /// configured).
+    announce: bool,
     /// Reused for every chunk; grows to the chunk size once.
     buffer: Vec<u8>,
     /// Failed attempts and the last failure during the current job.
@@ -174,6 +177,7 @@ impl Worker {
             leases,
             assembly_max_parts: crate::config::MAX_MULTIPART_PARTS,
             delete_chunks_after_assembly: false,
+            announce: false,
             buffer: Vec::new(),
             job_attempts: JobAttempts::default(),
         }
@@ -189,6 +193,12 @@ impl Worker {
     /// (`DELETE_CHUNKS_AFTER_ASSEMBLY`).
     pub fn with_delete_chunks_after_assembly(mut self, delete: bool) -> Self {
         self.delete_chunks_after_assembly = delete;
+        self
+    }
+
+    /// Makes completions and closes queue their event in the outbox.
+    pub fn with_announcements(mut self, announce: bool) -> Self {
+        self.announce = announce;
         self
     }
 

@@ -10,6 +10,7 @@
 pub mod proxy;
 pub mod stub;
 pub mod tls;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -19,9 +20,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use chunkstream::config::{ContentMd5, S3Config, S3Credentials};
+use chunkstream::config::{ContentMd5, RedisConfig, S3Config, S3Credentials};
 use chunkstream::metadata::StreamMetadata;
-use chunkstream::store::{BucketAdmin, ObjectStore, S3Store};
+use chunkstream::scan::FileIdentity;
+use chunkstream::store::redis::LeaseHolder;
+use chunkstream::store::{
+    BucketAdmin, ObjectStore, RedisStore, S3Store, StoredStatus, StoredStream,
+};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
@@ -1020,4 +1025,74 @@ pub fn running_as_root() -> bool {
                 .and_then(|line| line.split_whitespace().nth(2).map(|euid| euid == "0"))
         })
         .unwrap_or(false)
+}
+
+/// Short, so takeovers happen within a test; renewals go out every second.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// A Redis checkpoint store on the environment's server, as replica `owner`
+/// holding leases for [`LEASE_TTL`].
+pub fn store_for(env: &TestEnv, owner: &str) -> RedisStore {
+    let config = RedisConfig {
+        ca_file: None,
+        url: env.redis.url(),
+        key_prefix: "cstest".into(),
+        timeout: Duration::from_secs(5),
+    };
+    let holder = LeaseHolder {
+        owner: owner.into(),
+        ttl: LEASE_TTL,
+    };
+    RedisStore::new(&config, holder).expect("Redis client")
+}
+
+/// A fresh, active stream record with id `id` for `cam.mp4`.
+pub fn stored_stream(id: &str) -> StoredStream {
+    StoredStream {
+        id: id.to_string(),
+        identity: FileIdentity {
+            device: 0,
+            inode: 42,
+        },
+        rel_path: "cam.mp4".into(),
+        file_name: "cam.mp4".into(),
+        chunk_size: 5 * MIB,
+        started_at: std::time::SystemTime::now(),
+        last_change_at: std::time::SystemTime::now(),
+        status: StoredStatus::Active,
+        revision: 0,
+        completed_size: 0,
+        completed_mtime_ns: 0,
+        assembled_revision: 0,
+        chunks: BTreeMap::new(),
+        head: None,
+    }
+}
+
+/// Where the tests point `EVENTS_STREAM`.
+pub const EVENTS_STREAM: &str = "cstest:events";
+
+/// Every entry of [`EVENTS_STREAM`]: (event id, type, JSON).
+pub fn stream_entries(env: &TestEnv) -> Vec<(String, String, serde_json::Value)> {
+    let mut con = env.redis.connection();
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(EVENTS_STREAM)
+        .arg("-")
+        .arg("+")
+        .query(&mut con)
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            let field = |name: &str| {
+                fields
+                    .chunks(2)
+                    .find(|pair| pair[0] == name)
+                    .map(|pair| pair[1].clone())
+                    .unwrap_or_default()
+            };
+            let event = serde_json::from_str(&field("event")).expect("event JSON");
+            (field("id"), field("type"), event)
+        })
+        .collect()
 }

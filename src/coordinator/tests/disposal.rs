@@ -142,16 +142,30 @@ fn with_assembly_the_file_is_disposed_of_only_after_the_assembly() {
 
 #[test]
 fn a_moved_file_is_announced_with_its_destination() {
-    let mut world = deleting(&[]);
-    complete_one(&mut world, "cam.mp4");
+    let mut world = deleting(&["--events-stream=chunkstream:events"]);
+    let id = complete_one(&mut world, "cam.mp4");
     let dispose = world.one_job();
     world.files.remove("cam.mp4");
-    world.report(
-        &dispose,
-        Outcome::Disposed(Disposal::Moved(PathBuf::from("/done/cam.mp4"))),
-    );
+    let moved = Outcome::Disposed {
+        disposal: Disposal::Moved(PathBuf::from("/done/cam.mp4")),
+        size: 25 * MIB,
+        sha256: "ab".into(),
+    };
+    world.report(&dispose, moved.clone());
     assert_eq!(
         world.metric("chunkstream_files_disposed_total{action=\"moved\"}"),
         1.0
+    );
+    // A duplicate of the result adds nothing: the event's id names the
+    // completed revision.
+    world.report(&dispose, moved);
+    let announced = world.store().announced();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    assert_eq!(announced[0].id, format!("{id}/1/file.moved"));
+    let event: crate::notify::StreamEvent = serde_json::from_str(&announced[0].json).unwrap();
+    assert_eq!(event.moved_to.as_deref(), Some("/done/cam.mp4"));
+    assert_eq!(
+        (event.size_bytes, event.sha256.as_deref()),
+        (Some(25 * MIB), Some("ab"))
     );
 }

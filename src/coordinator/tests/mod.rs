@@ -21,6 +21,7 @@ use crate::testing::{FakeCheckpoints, FakeClock, config};
 use crate::upload::job::{FinalizeJob, Job, JobResult, Outcome};
 use crate::watchfs::RealFs;
 
+mod announcements;
 mod disposal;
 mod lifecycle;
 mod ownership;
@@ -258,6 +259,7 @@ impl World {
                         .get(&0)
                         .map(crate::store::ports::HeadPrint::of),
                     release_lease: finalize.release_lease,
+                    announcement: None,
                 };
                 store
                     .mark_complete(&stream.stream_id, stream.token, &completion)
@@ -272,7 +274,7 @@ impl World {
             }
             Job::Close(close) => {
                 store
-                    .mark_incomplete(&stream.stream_id, stream.token, close.reason.as_str())
+                    .mark_incomplete(&stream.stream_id, stream.token, close.reason.as_str(), None)
                     .expect("the close is recorded under the lease");
                 Outcome::Closed
             }
@@ -289,7 +291,11 @@ impl World {
                     .confirm_lease(&stream.stream_id, stream.token)
                     .expect("the disposal runs under the lease");
                 self.files.remove(&dispose.rel_path);
-                Outcome::Disposed(crate::events::Disposal::Deleted)
+                Outcome::Disposed {
+                    disposal: crate::events::Disposal::Deleted,
+                    size: dispose.size,
+                    sha256: "ab".into(),
+                }
             }
         };
         self.report_on(n, job, outcome);

@@ -87,8 +87,9 @@ impl CheckpointStore for RedisStore {
                 target,
                 delete: &[],
                 set: vec![(chunk.index.to_string(), json)],
-                drop: None,
+                drop_chunks: false,
                 release: false,
+                announcement: None,
             },
         )
     }
@@ -141,8 +142,6 @@ impl CheckpointStore for RedisStore {
         if let Some(head) = &completion.head {
             set.push(head_field(head));
         }
-        // The chunk records go with the completion: metadata.json holds them.
-        let chunks = self.keys.chunks(stream_id);
         // `file_name` is derived from the path now, and the fields set here
         // have short names: older records drop the long ones.
         let legacy = [
@@ -153,14 +152,14 @@ impl CheckpointStore for RedisStore {
             LAST_CHANGE_AT_MS.legacy,
             HEAD.legacy,
         ];
-        self.update_record_fenced(
-            stream_id,
-            token,
-            &legacy,
-            &set,
-            Some(chunks),
-            completion.release_lease,
-        )
+        // The chunk records go with the completion: metadata.json holds them.
+        let write = FencedWrite {
+            drop_chunks: true,
+            release: completion.release_lease,
+            announcement: completion.announcement.as_ref(),
+            ..FencedWrite::record(self.keys.stream(stream_id), &legacy, &set)
+        };
+        self.write_fenced(stream_id, token, &write)
     }
 
     fn mark_incomplete(
@@ -168,12 +167,17 @@ impl CheckpointStore for RedisStore {
         stream_id: &str,
         token: u64,
         reason: &str,
+        announcement: Option<&Announcement>,
     ) -> Result<(), FencedWriteError> {
         let set = [
             ("status", StoredStatus::Incomplete.as_str().to_string()),
             ("reason", reason.to_string()),
         ];
-        self.write_record_fenced(stream_id, token, &[], &set)
+        let write = FencedWrite {
+            announcement,
+            ..FencedWrite::record(self.keys.stream(stream_id), &[], &set)
+        };
+        self.write_fenced(stream_id, token, &write)
     }
 
     fn confirm_lease(&mut self, stream_id: &str, token: u64) -> Result<(), FencedWriteError> {
@@ -335,6 +339,21 @@ impl CheckpointStore for RedisStore {
                 .arg(&owner)
                 .query::<i64>(con)
                 .map(|_| ())
+        })
+    }
+
+    fn announce(&mut self, announcement: &Announcement) -> Result<bool, CheckpointError> {
+        let script = self.announce.clone();
+        self.with_write(|con, keys| {
+            script
+                .key(keys.announced(&announcement.id))
+                .key(keys.outbox())
+                .key(keys.outbox_due())
+                .arg(&announcement.id)
+                .arg(&announcement.json)
+                .arg(outbox::ANNOUNCED_MEMORY_MS)
+                .invoke::<i64>(con)
+                .map(|queued| queued == 1)
         })
     }
 

@@ -27,12 +27,15 @@ end
 
 /// A fenced write to one hash (the record or the chunks): delete the named
 /// fields, then set the given pairs, only if the caller holds the stream;
-/// then, if asked, give the lease up. KEYS: lease, record, target hash, and
-/// optionally a key to delete in the same step.
-/// ARGV: owner, token, ttl, release (1 or 0), the number of fields to
-/// delete, their names, then field/value pairs. Returns 1 when written, 0
-/// when the caller does not hold the stream, -1 when the record is gone
-/// (Redis lost its data; the owner writes it back).
+/// then, if asked, drop the stream's chunk records and give the lease up;
+/// then, with seven keys, queue an event in the outbox in the same step (see
+/// [`ENQUEUE_LUA`]). Every key has a fixed place. KEYS: lease, record,
+/// target hash, the stream's chunk hash, [event marker, outbox, outbox due
+/// set]. ARGV: owner, token, ttl, release (1 or 0), drop the chunk hash (1
+/// or 0), the number of fields to delete, their names, then field/value
+/// pairs, then with seven keys the event's id, JSON and marker ttl. Returns
+/// 1 when written, 0 when the caller does not hold the stream, -1 when the
+/// record is gone (Redis lost its data; the owner writes it back).
 pub(super) const FENCED_WRITE_LUA: &str = r"
 if redis.call('HEXISTS', KEYS[2], 'id') == 0 then
   return -1
@@ -40,18 +43,26 @@ end
 if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
   return 0
 end
-local deleted = tonumber(ARGV[5])
-for i = 6, 5 + deleted do
+local announces = #KEYS == 7
+local last = #ARGV
+if announces then
+  last = last - 3
+end
+local deleted = tonumber(ARGV[6])
+for i = 7, 6 + deleted do
   redis.call('HDEL', KEYS[3], ARGV[i])
 end
-if #ARGV > 5 + deleted then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 6 + deleted))
+if last > 6 + deleted then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 7 + deleted, last))
 end
-if KEYS[4] then
+if ARGV[5] == '1' then
   redis.call('DEL', KEYS[4])
 end
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[1])
+end
+if announces then
+  enqueue(KEYS[5], KEYS[6], KEYS[7], ARGV[last + 1], ARGV[last + 2], ARGV[last + 3])
 end
 return 1
 ";
@@ -209,5 +220,69 @@ for i = 2, 3 do
     redis.call('PEXPIRE', KEYS[i], ARGV[3])
   end
 end
+return 1
+";
+
+/// The outbox's one way in: queue event `id` (its JSON) as due now, unless
+/// its marker says it was queued within the marker's ttl (ms). Returns 1
+/// when queued.
+pub(super) const ENQUEUE_LUA: &str = r"
+local function enqueue(marker, outbox, due, id, json, ttl)
+  if not redis.call('SET', marker, '1', 'NX', 'PX', ttl) then
+    return 0
+  end
+  local time = redis.call('TIME')
+  redis.call('HSET', outbox, id, json)
+  redis.call('ZADD', due, tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), id)
+  return 1
+end
+";
+
+/// Queue one event. KEYS: marker, outbox, due set. ARGV: id, JSON, ttl.
+pub(super) const ANNOUNCE_LUA: &str = r"
+return enqueue(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+";
+
+/// Take the oldest due event and make it due again only after `hold` ms, so
+/// no other replica takes it meanwhile; an id whose event is gone is
+/// dropped. KEYS: due set, outbox, attempts hash. ARGV: hold ms. Returns
+/// {} or {id, JSON, attempts}.
+pub(super) const CLAIM_DUE_LUA: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 16)) do
+  local json = redis.call('HGET', KEYS[2], id)
+  if json then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
+    return {id, json, redis.call('HGET', KEYS[3], id) or '0'}
+  end
+  redis.call('ZREM', KEYS[1], id)
+end
+return {}
+";
+
+/// Append the event to the Redis stream unless this id was appended before
+/// (the published hash remembers it until the event leaves the outbox).
+/// KEYS: published hash, stream. ARGV: id, max length, type, JSON.
+pub(super) const PUBLISH_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return 0
+end
+local entry = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
+  'id', ARGV[1], 'type', ARGV[3], 'event', ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], entry)
+return 1
+";
+
+/// Make a failed event due again after ARGV[3] ms, if it is still queued.
+/// KEYS: due set, outbox, attempts hash. ARGV: id, attempts, delay ms.
+pub(super) const POSTPONE_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  return 0
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 return 1
 ";

@@ -15,6 +15,7 @@ use crate::metadata::{
     ChunkRecord, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, contiguous_prefix,
     rfc3339,
 };
+use crate::notify::{StreamEvent, StreamSubject};
 use crate::readback::fetch_metadata;
 use crate::store::ports::{Completion, HeadPrint};
 use crate::upload::job::{CloseJob, FinalizeJob, Outcome, StreamFacts};
@@ -135,6 +136,16 @@ impl Worker {
         if let Err(stop) = self.write_metadata(&metadata, token) {
             return stop.outcome(|| Outcome::Cancelled);
         }
+        let announcement = self.announce.then(|| {
+            let sha256 = metadata.sha256.as_deref().unwrap_or_default();
+            StreamEvent::completed(
+                subject(&metadata, &job.facts),
+                &self.layout,
+                (before.size, sha256, chunk_count),
+                completed_at,
+            )
+            .announcement()
+        });
         let completion = Completion {
             revision: job.facts.revision,
             size: before.size,
@@ -143,6 +154,7 @@ impl Worker {
             completed_at,
             head: chunks.get(&0).map(HeadPrint::of),
             release_lease: job.release_lease,
+            announcement,
         };
         if let Err(stop) = self.checkpoint_with_retry("completion", |store| {
             store.mark_complete(stream_id, token, &completion)
@@ -257,8 +269,18 @@ impl Worker {
         let token = job.stream.token;
         self.write_metadata(&metadata, token)?;
         let reason = job.reason.as_str();
+        let announcement = self.announce.then(|| {
+            StreamEvent::given_up(
+                subject(&metadata, &job.facts),
+                &self.layout,
+                reason,
+                (metadata.total_size_bytes, metadata.chunks.len() as u64),
+                SystemTime::now(),
+            )
+            .announcement()
+        });
         self.checkpoint_with_retry("close", |store| {
-            store.mark_incomplete(stream_id, token, reason)
+            store.mark_incomplete(stream_id, token, reason, announcement.as_ref())
         })?;
         warn!(
             stream_id = stream_id, path = job.facts.rel_path.as_str();
@@ -268,6 +290,16 @@ impl Worker {
             metadata.chunks.len()
         );
         Ok(Outcome::Closed)
+    }
+}
+
+/// What every event about this revision names: the stream and its file.
+fn subject<'a>(metadata: &'a StreamMetadata, facts: &StreamFacts) -> StreamSubject<'a> {
+    StreamSubject {
+        stream_id: &metadata.stream_id,
+        revision: metadata.revision,
+        source: metadata.source.clone(),
+        started_at: Some(facts.started_at),
     }
 }
 

@@ -62,7 +62,11 @@ impl Worker {
             OnComplete::Move(dir) => self.move_file(job, dir, &metadata),
         };
         match done {
-            Ok(disposal) => Outcome::Disposed(disposal),
+            Ok(disposal) => Outcome::Disposed {
+                disposal,
+                size: metadata.total_size_bytes,
+                sha256: metadata.sha256.unwrap_or_default(),
+            },
             Err(reason) => {
                 self.events.on_complete_failed(action);
                 Outcome::Failed(reason)

@@ -384,6 +384,96 @@ fn assembly_copies_the_chunks_server_side_and_records_it_in_the_metadata() {
     assert!(checkpoints.assembly.lock().unwrap().is_none());
 }
 
+#[test]
+fn a_completion_queues_its_event_with_the_revision_sizes_and_keys() {
+    let Fixture {
+        _dir,
+        path,
+        checkpoints,
+        worker,
+        _keep,
+        stream,
+        ..
+    } = Fixture::new(b"AAAAAAAABBBBBBBBCC");
+    let mut worker = worker.with_announcements(true);
+    let result = worker.execute(finalize_job(stream, &path, 18, BTreeMap::new()));
+    assert!(matches!(result.outcome, Outcome::Finalized { .. }));
+    let announced = checkpoints.announced.lock().unwrap().clone();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    assert_eq!(announced[0].id, "cam-1/1/stream.completed");
+    let event: crate::notify::StreamEvent = serde_json::from_str(&announced[0].json).unwrap();
+    assert_eq!(event.size_bytes, Some(18));
+    assert_eq!(
+        event.sha256.as_deref(),
+        Some(hex::encode(sha256(b"AAAAAAAABBBBBBBBCC")).as_str())
+    );
+    let objects = event.objects.unwrap();
+    assert_eq!(objects.metadata, "p/cam-1/metadata.json");
+    assert_eq!(objects.chunk_prefix, "p/cam-1/chunk-");
+    assert_eq!(objects.chunk_count, 3);
+    assert_eq!(event.source.path, "cam.mp4");
+}
+
+#[test]
+fn without_a_destination_a_completion_queues_no_event() {
+    let Fixture {
+        _dir,
+        path,
+        checkpoints,
+        mut worker,
+        _keep,
+        stream,
+        ..
+    } = Fixture::new(b"AAAAAAAABB");
+    let result = worker.execute(finalize_job(stream, &path, 10, BTreeMap::new()));
+    assert!(matches!(result.outcome, Outcome::Finalized { .. }));
+    assert!(checkpoints.announced.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_close_queues_stream_failed_with_the_reason_and_the_uploaded_prefix() {
+    let Fixture {
+        _dir,
+        checkpoints,
+        worker,
+        _keep,
+        stream,
+        ..
+    } = Fixture::new(b"AAAAAAAABB");
+    let mut worker = worker.with_announcements(true);
+    let chunk = ChunkRecord {
+        index: 0,
+        key: "p/cam-1/chunk-000000".into(),
+        offset: 0,
+        size_bytes: 8,
+        sha256: hex::encode(sha256(b"AAAAAAAA")),
+        uploaded_at: rfc3339(SystemTime::now()),
+        xxh3: None,
+        whole_sha256: None,
+    };
+    let close = Job::Close(crate::upload::job::CloseJob {
+        stream,
+        facts: StreamFacts {
+            rel_path: "cam.mp4".into(),
+            file_name: "cam.mp4".into(),
+            chunk_size: 8,
+            started_at: SystemTime::now(),
+            last_change_at: SystemTime::now(),
+            revision: 1,
+        },
+        reason: crate::stream::state::CloseReason::Vanished,
+        chunks: BTreeMap::from([(0, chunk)]),
+    });
+    assert_eq!(worker.execute(close).outcome, Outcome::Closed);
+    let announced = checkpoints.announced.lock().unwrap().clone();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    assert_eq!(announced[0].id, "cam-1/1/stream.failed");
+    let event: crate::notify::StreamEvent = serde_json::from_str(&announced[0].json).unwrap();
+    assert_eq!(event.reason.as_deref(), Some("vanished"));
+    assert_eq!(event.size_bytes, Some(8));
+    assert_eq!(event.objects.unwrap().chunk_count, 1);
+}
+
 /// Uploads every full 8-byte chunk of the fixture's file in order, as the
 /// coordinator dispatches them, and returns their records.
 fn upload_full_chunks(fixture: &mut Fixture, size: u64) -> BTreeMap<u64, ChunkRecord> {
@@ -602,7 +692,11 @@ fn a_verified_unchanged_file_is_deleted() {
     let result = fixture.worker.execute(job);
     assert_eq!(
         result.outcome,
-        Outcome::Disposed(crate::events::Disposal::Deleted)
+        Outcome::Disposed {
+            disposal: crate::events::Disposal::Deleted,
+            size: 10,
+            sha256: hex::encode(sha256(b"AAAAAAAABB")),
+        }
     );
     assert!(!fixture.path.exists());
 }
@@ -664,7 +758,11 @@ fn a_move_renames_into_the_completed_directory() {
     let moved = completed.path().join("cam.mp4");
     assert_eq!(
         result.outcome,
-        Outcome::Disposed(crate::events::Disposal::Moved(moved.clone()))
+        Outcome::Disposed {
+            disposal: crate::events::Disposal::Moved(moved.clone()),
+            size: 10,
+            sha256: hex::encode(sha256(b"AAAAAAAABB")),
+        }
     );
     assert_eq!(std::fs::read(moved).unwrap(), b"AAAAAAAABB");
     assert!(!fixture.path.exists());
@@ -777,7 +875,11 @@ fn disposal_verifies_the_assembled_object_when_the_chunks_are_deleted() {
     let job = dispose_job(&fixture, crate::config::OnComplete::Delete);
     assert_eq!(
         fixture.worker.execute(job).outcome,
-        Outcome::Disposed(crate::events::Disposal::Deleted)
+        Outcome::Disposed {
+            disposal: crate::events::Disposal::Deleted,
+            size: 10,
+            sha256: hex::encode(sha256(b"AAAAAAAABB")),
+        }
     );
     assert!(!fixture.path.exists());
 }
