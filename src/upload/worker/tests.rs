@@ -441,16 +441,7 @@ fn a_close_queues_stream_failed_with_the_reason_and_the_uploaded_prefix() {
         ..
     } = Fixture::new(b"AAAAAAAABB");
     let mut worker = worker.with_announcements(true);
-    let chunk = ChunkRecord {
-        index: 0,
-        key: "p/cam-1/chunk-000000".into(),
-        offset: 0,
-        size_bytes: 8,
-        sha256: hex::encode(sha256(b"AAAAAAAA")),
-        uploaded_at: rfc3339(SystemTime::now()),
-        xxh3: None,
-        whole_sha256: None,
-    };
+    let chunk = chunk_zero_from_an_earlier_upload();
     let close = Job::Close(crate::upload::job::CloseJob {
         stream,
         facts: StreamFacts {
@@ -472,6 +463,21 @@ fn a_close_queues_stream_failed_with_the_reason_and_the_uploaded_prefix() {
     assert_eq!(event.reason.as_deref(), Some("vanished"));
     assert_eq!(event.size_bytes, Some(8));
     assert_eq!(event.objects.unwrap().chunk_count, 1);
+}
+
+/// The record of chunk 0 holding `AAAAAAAA` as an earlier upload (or
+/// metadata.json) gives it: without the checkpoint-only hashes.
+fn chunk_zero_from_an_earlier_upload() -> ChunkRecord {
+    ChunkRecord {
+        index: 0,
+        key: "p/cam-1/chunk-000000".into(),
+        offset: 0,
+        size_bytes: 8,
+        sha256: hex::encode(sha256(b"AAAAAAAA")),
+        uploaded_at: rfc3339(SystemTime::now()),
+        xxh3: None,
+        whole_sha256: None,
+    }
 }
 
 /// Uploads every full 8-byte chunk of the fixture's file in order, as the
@@ -573,16 +579,7 @@ fn a_record_from_before_the_fast_hash_is_verified_with_sha256() {
         stream,
         ..
     } = Fixture::new(content);
-    let old = ChunkRecord {
-        index: 0,
-        key: "p/cam-1/chunk-000000".into(),
-        offset: 0,
-        size_bytes: 8,
-        sha256: hex::encode(sha256(b"AAAAAAAA")),
-        uploaded_at: rfc3339(SystemTime::now()),
-        xxh3: None,
-        whole_sha256: None,
-    };
+    let old = chunk_zero_from_an_earlier_upload();
     let result = worker.execute(finalize_job(stream, &path, 10, BTreeMap::from([(0, old)])));
     assert!(matches!(
         result.outcome,
