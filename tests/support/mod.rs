@@ -100,6 +100,19 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A free loopback port whose successor is free too (the Ceph monitor
+/// listens on both: msgr2 and the legacy protocol). Both are held while
+/// looking, so the pair is free when this returns.
+pub fn free_port_pair() -> u16 {
+    loop {
+        let first = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let port = first.local_addr().expect("its address").port();
+        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Polls `condition` every 50 ms until it holds or `DEADLINE` passes.
 pub fn wait_for(what: &str, condition: impl FnMut() -> bool) {
     wait_for_long(what, DEADLINE, condition);
@@ -307,7 +320,7 @@ impl RgwCluster {
             .arg(Self::script("start.sh"))
             .args([port.to_string(), keys.0.clone(), keys.1.clone()])
             .env("RGW_DIR", state.path().join("rgw"))
-            .env("MON_PORT", free_port().to_string())
+            .env("MON_PORT", free_port_pair().to_string())
             .env("OSD_PORT_MIN", osd_ports.to_string())
             .env("MEMSTORE_BYTES", (2u64 << 30).to_string())
             .stdin(Stdio::null())
