@@ -134,12 +134,13 @@ fn a_corrupt_checkpoint_record_quarantines_its_stream_and_the_daemon_goes_on() {
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 
-    // Chunk size 0 in the record, and a chunk record that is not JSON.
+    // Chunk size 0 in the record (its short field name `cs`), and a chunk
+    // record that is not JSON.
     let mut redis = env.redis.connection();
     let record = format!("cstest:stream:{}", bad.stream_id);
     let _: () = redis::cmd("HSET")
         .arg(&record)
-        .arg("chunk_size")
+        .arg("cs")
         .arg("0")
         .query(&mut redis)
         .unwrap();
