@@ -8,19 +8,25 @@
 //! record also keeps an xxh3-128 of the chunk ([`fast_hash`]), an order of
 //! magnitude cheaper than sha256. At completion the file is read once more
 //! and only xxh3'd: a chunk whose xxh3 matches its record is unchanged, and
-//! when every chunk so far is unchanged the whole-file state is taken from
-//! the records instead of from the bytes ([`WholeFile`]).
+//! the whole-file state is taken from the records instead of from the bytes
+//! ([`WholeFile`]).
 //!
-//! The states form a chain: each record names the state it resumed from (by
-//! its xxh3), so a record whose predecessor was re-uploaded later (ffmpeg
-//! patching the mdat size at the end of a recording) is recognized as stale,
-//! and completion hashes the file's bytes from that chunk on. Records written
-//! before these fields existed have neither, and fall back to sha256.
+//! A state is trusted only for the bytes it was computed over. Each one
+//! carries the *lineage* of those bytes: a fast hash chained over the xxh3 of
+//! every chunk from chunk 0 to its own ([`lineage_after`]). Completion
+//! computes the lineage of the bytes on disk as it reads them, and takes a
+//! recorded state only where the two agree. So a state computed before its
+//! predecessor was rewritten (ffmpeg patching the mdat size at the end of a
+//! recording) is recognized as stale, and a state need not exist for every
+//! chunk: `metadata.json` keeps one, after the last full chunk, which lets a
+//! file that grows after completion be hashed from there on instead of from
+//! byte 0. Records without a state (or with one that does not decode) are
+//! hashed from their bytes.
+
+mod twin;
 
 use serde::{Deserialize, Serialize};
-use sha2::digest::array::Array;
-use sha2::digest::common::hazmat::SerializableState;
-use sha2::{Digest, Sha256};
+use twin::{Sha256State, update_both};
 use xxhash_rust::xxh3::xxh3_128;
 
 /// The xxh3-128 of `bytes`, in hex: tells a changed chunk from an unchanged
@@ -32,107 +38,197 @@ pub fn fast_hash(bytes: &[u8]) -> String {
 /// The whole-file sha256 state after one chunk, as checkpointed with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunningSha256 {
-    /// sha2's serialized state over every byte from 0 to this chunk's end,
-    /// in hex.
+    /// The sha256 state over every byte from 0 to this chunk's end
+    /// ([`Sha256State::to_bytes`]), in hex.
     pub state: String,
-    /// The [`fast_hash`] of the state this one was resumed from (the
-    /// previous chunk's, or the initial state for chunk 0).
-    pub resumed_from: String,
+    /// The [`lineage_after`] of those bytes. Records written before it
+    /// existed have none, and their state is never trusted.
+    #[serde(default)]
+    pub lineage: String,
 }
 
 impl RunningSha256 {
-    /// The state after `bytes`, resumed from `before` (a serialized state);
-    /// `None` if `before` is not one.
-    pub fn extend(before: &str, bytes: &[u8]) -> Option<Self> {
-        let mut hasher = deserialize(before)?;
-        hasher.update(bytes);
-        Some(Self::after(before, &hasher))
-    }
-
-    fn after(before: &str, hasher: &Sha256) -> Self {
+    /// The state before chunk 0.
+    pub fn initial() -> Self {
         Self {
-            state: serialize(hasher),
-            resumed_from: fast_hash(before.as_bytes()),
+            state: serialize(&Sha256State::new()),
+            lineage: String::new(),
         }
     }
 }
 
-/// The serialized state before chunk 0.
-pub fn initial_state() -> String {
-    serialize(&Sha256::new())
+/// What a chunk job computes over the chunk it uploads, in one pass: its
+/// sha256 and xxh3, and the whole-file state after it when the state after
+/// the previous chunk is known.
+pub struct ChunkHashes {
+    pub sha256: [u8; 32],
+    pub xxh3: String,
+    pub whole_sha256: Option<RunningSha256>,
 }
 
-fn serialize(hasher: &Sha256) -> String {
-    hex::encode(hasher.serialize())
+impl ChunkHashes {
+    /// Hashes `bytes`, resuming the whole-file state from `before` (the
+    /// state after the previous chunk). Both sha256 computations run through
+    /// the bytes together ([`update_both`]), at about the cost of one.
+    pub fn of(bytes: &[u8], before: Option<&RunningSha256>) -> Self {
+        let xxh3 = fast_hash(bytes);
+        let mut chunk = Sha256State::new();
+        let whole_sha256 =
+            match before.and_then(|before| Some((deserialize(&before.state)?, before))) {
+                Some((mut whole, before)) => {
+                    update_both(&mut chunk, &mut whole, bytes);
+                    Some(RunningSha256 {
+                        state: serialize(&whole),
+                        lineage: lineage_after(&before.lineage, &xxh3),
+                    })
+                }
+                None => {
+                    chunk.update(bytes);
+                    None
+                }
+            };
+        Self {
+            sha256: chunk.finalize(),
+            xxh3,
+            whole_sha256,
+        }
+    }
 }
 
-fn deserialize(state: &str) -> Option<Sha256> {
-    let bytes = hex::decode(state).ok()?;
-    let array = Array::try_from(bytes.as_slice()).ok()?;
-    Sha256::deserialize(&array).ok()
+/// The lineage of a file's bytes up to the end of a chunk: the lineage up to
+/// the chunk before (empty before chunk 0), chained with the chunk's
+/// [`fast_hash`].
+pub fn lineage_after(previous: &str, xxh3: &str) -> String {
+    fast_hash(format!("{previous}/{xxh3}").as_bytes())
+}
+
+fn serialize(hasher: &Sha256State) -> String {
+    hex::encode(hasher.to_bytes())
+}
+
+fn deserialize(state: &str) -> Option<Sha256State> {
+    Sha256State::from_bytes(&hex::decode(state).ok()?)
+}
+
+/// One chunk as completion reads it from the file.
+pub struct ChunkOnDisk<'a> {
+    pub index: u64,
+    pub bytes: &'a [u8],
+    /// The [`fast_hash`] of `bytes`.
+    pub xxh3: &'a str,
+    /// Whether `bytes` are the ones its record was written for.
+    pub unchanged: bool,
 }
 
 /// The whole-file sha256 during completion, which walks the file's chunks in
-/// order.
-pub enum WholeFile {
-    /// Every chunk so far is unchanged and its recorded state is part of an
-    /// unbroken chain: this is the state after the previous chunk, and no
-    /// byte has been hashed.
-    Recorded { hasher: Sha256, serialized: String },
-    /// The chain broke (a changed chunk, a stale or missing state): the
-    /// file's bytes are hashed from there on.
-    Hashing(Sha256),
-}
-
-impl Default for WholeFile {
-    fn default() -> Self {
-        WholeFile::Recorded {
-            hasher: Sha256::new(),
-            serialized: initial_state(),
-        }
-    }
+/// order. It resumes from every recorded state whose lineage matches the
+/// bytes on disk, and hashes bytes only where none does.
+pub struct WholeFile {
+    chunk_size: u64,
+    /// The state over chunks `0..next`, and the lineage of those chunks.
+    hasher: Sha256State,
+    hasher_lineage: String,
+    next: u64,
+    /// How many chunks were walked, and their lineage as they are on disk.
+    walked: u64,
+    walked_lineage: String,
+    /// Whether every chunk walked so far matched its record.
+    intact: bool,
+    hashed_bytes: u64,
+    /// The latest state known after a full chunk.
+    checkpoint: Option<(u64, RunningSha256)>,
 }
 
 impl WholeFile {
-    /// Takes in the next chunk: `bytes` as read now, and `unchanged`, the
-    /// recorded state of the chunk if its bytes are the ones uploaded.
-    /// Returns the state after this chunk, for a record written now.
-    pub fn advance(&mut self, unchanged: Option<&RunningSha256>, bytes: &[u8]) -> RunningSha256 {
-        match self {
-            WholeFile::Recorded { hasher, serialized } => {
-                let link = fast_hash(serialized.as_bytes());
-                let resumed = unchanged
-                    .filter(|running| running.resumed_from == link)
-                    .and_then(|running| Some((deserialize(&running.state)?, running)));
-                if let Some((next, running)) = resumed {
-                    *hasher = next;
-                    serialized.clone_from(&running.state);
-                    return running.clone();
-                }
-                let mut hashing = hasher.clone();
-                hashing.update(bytes);
-                let running = RunningSha256::after(serialized, &hashing);
-                *self = WholeFile::Hashing(hashing);
-                running
-            }
-            WholeFile::Hashing(hasher) => {
-                let before = serialize(hasher);
-                hasher.update(bytes);
-                RunningSha256::after(&before, hasher)
-            }
+    pub fn new(chunk_size: u64) -> Self {
+        Self {
+            chunk_size,
+            hasher: Sha256State::new(),
+            hasher_lineage: String::new(),
+            next: 0,
+            walked: 0,
+            walked_lineage: String::new(),
+            intact: true,
+            hashed_bytes: 0,
+            checkpoint: None,
         }
     }
 
-    /// True while no byte had to be hashed: the common case.
-    pub fn from_records(&self) -> bool {
-        matches!(self, WholeFile::Recorded { .. })
+    /// Takes in the next chunk. `recorded` is the state its record holds, if
+    /// any; `state_ahead` says whether a later chunk's record holds one, so
+    /// that unchanged bytes may be passed over in the hope of resuming there.
+    /// Returns the state after this chunk when it is known now.
+    pub fn advance(
+        &mut self,
+        chunk: &ChunkOnDisk,
+        recorded: Option<&RunningSha256>,
+        state_ahead: bool,
+    ) -> Option<RunningSha256> {
+        self.walked = chunk.index + 1;
+        self.walked_lineage = lineage_after(&self.walked_lineage, chunk.xxh3);
+        self.intact &= chunk.unchanged;
+        let trusted = recorded
+            .filter(|running| running.lineage == self.walked_lineage)
+            .and_then(|running| Some((deserialize(&running.state)?, running)));
+        if let Some((hasher, running)) = trusted {
+            self.hasher = hasher;
+            self.hasher_lineage.clone_from(&running.lineage);
+            self.next = chunk.index + 1;
+            self.note(chunk.index, chunk.bytes.len(), running);
+            return Some(running.clone());
+        }
+        if self.next == chunk.index && !(self.intact && state_ahead) {
+            return Some(self.hash(chunk.bytes, chunk.xxh3));
+        }
+        None
+    }
+
+    /// The first chunk whose bytes were passed over and are still needed:
+    /// the caller reads it and every later chunk again, in order, into
+    /// [`WholeFile::catch_up`].
+    pub fn behind(&self) -> Option<u64> {
+        (self.next < self.walked).then_some(self.next)
+    }
+
+    /// Hashes the next chunk that was passed over.
+    pub fn catch_up(&mut self, bytes: &[u8]) -> RunningSha256 {
+        self.hash(bytes, &fast_hash(bytes))
+    }
+
+    /// Bytes this completion hashed with sha256 (none in the common case).
+    pub fn hashed_bytes(&self) -> u64 {
+        self.hashed_bytes
+    }
+
+    /// The state after the last full chunk whose state is known, for the
+    /// next revision to resume from.
+    pub fn checkpoint(&self) -> Option<&(u64, RunningSha256)> {
+        self.checkpoint.as_ref()
     }
 
     pub fn finish(self) -> [u8; 32] {
-        match self {
-            WholeFile::Recorded { hasher, .. } | WholeFile::Hashing(hasher) => {
-                hasher.finalize().into()
-            }
+        debug_assert!(self.behind().is_none(), "every chunk is hashed");
+        self.hasher.finalize()
+    }
+
+    fn hash(&mut self, bytes: &[u8], xxh3: &str) -> RunningSha256 {
+        self.hasher.update(bytes);
+        self.hashed_bytes += bytes.len() as u64;
+        self.hasher_lineage = lineage_after(&self.hasher_lineage, xxh3);
+        let running = RunningSha256 {
+            state: serialize(&self.hasher),
+            lineage: self.hasher_lineage.clone(),
+        };
+        let index = self.next;
+        self.next += 1;
+        self.note(index, bytes.len(), &running);
+        running
+    }
+
+    fn note(&mut self, index: u64, len: usize, running: &RunningSha256) {
+        let later = self.checkpoint.as_ref().is_none_or(|(at, _)| index > *at);
+        if len as u64 == self.chunk_size && later {
+            self.checkpoint = Some((index, running.clone()));
         }
     }
 }

@@ -147,22 +147,27 @@ pub struct ChunkRecord {
     pub size_bytes: u64,
     pub sha256: String,
     pub uploaded_at: String,
-    /// Checkpoint only, never in `metadata.json`: the chunk's xxh3-128, with
-    /// which completion tells an unchanged chunk without sha256
-    /// (`chunk_hash`). Records written before it existed have none.
+    /// The chunk's xxh3-128, with which completion tells an unchanged chunk
+    /// without sha256 (`chunk_hash`). Records written before it existed
+    /// have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xxh3: Option<String>,
-    /// Checkpoint only: the whole-file sha256 state after this chunk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The whole-file sha256 state after this chunk: every checkpoint has
+    /// one, `metadata.json` only the last full chunk's (see `chunk_hash`).
+    #[serde(
+        default,
+        rename = "whole_file_sha256_state",
+        alias = "whole_sha256",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub whole_sha256: Option<RunningSha256>,
 }
 
 impl ChunkRecord {
-    /// The record as `metadata.json` lists it: without the checkpoint-only
-    /// hashes.
+    /// The record as `metadata.json` lists it: without the whole-file
+    /// state, which completion adds to the last full chunk only.
     pub fn published(&self) -> ChunkRecord {
         ChunkRecord {
-            xxh3: None,
             whole_sha256: None,
             ..self.clone()
         }
@@ -196,13 +201,12 @@ impl ChunkRecord {
 pub fn whole_sha256_before(
     chunks: &std::collections::BTreeMap<u64, ChunkRecord>,
     index: u64,
-) -> Option<String> {
+) -> Option<RunningSha256> {
     match index.checked_sub(1) {
-        None => Some(crate::chunk_hash::initial_state()),
+        None => Some(RunningSha256::initial()),
         Some(previous) => chunks
             .get(&previous)
-            .and_then(|record| record.whole_sha256.as_ref())
-            .map(|running| running.state.clone()),
+            .and_then(|record| record.whole_sha256.clone()),
     }
 }
 

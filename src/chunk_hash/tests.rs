@@ -1,4 +1,5 @@
 use super::*;
+use sha2::{Digest, Sha256};
 
 const CHUNK: usize = 100; // not a multiple of sha256's 64-byte block
 
@@ -8,32 +9,54 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// The records of chunks uploaded in order, each resuming the previous
+/// The states of chunks uploaded in order, each resuming the previous
 /// chunk's state, as chunk jobs write them.
-fn uploaded(file: &[u8]) -> Vec<RunningSha256> {
-    let mut before = initial_state();
+fn uploaded(file: &[u8]) -> Vec<Option<RunningSha256>> {
+    let mut before = RunningSha256::initial();
     file.chunks(CHUNK)
         .map(|chunk| {
-            let running = RunningSha256::extend(&before, chunk).expect("a valid state");
-            before = running.state.clone();
-            running
+            let hashes = ChunkHashes::of(chunk, Some(&before));
+            assert_eq!(hashes.sha256, sha256(chunk));
+            let running = hashes.whole_sha256.expect("a valid state");
+            before = running.clone();
+            Some(running)
         })
         .collect()
 }
 
 /// Completion over `file`, where `unchanged(i)` says whether chunk `i`
-/// still has the bytes its record was written for.
+/// still has the bytes its record was written for: the digest, the bytes
+/// hashed, and the checkpoint left for a later revision.
 fn complete(
     file: &[u8],
-    records: &[RunningSha256],
+    records: &[Option<RunningSha256>],
     unchanged: impl Fn(usize) -> bool,
-) -> (bool, [u8; 32]) {
-    let mut whole = WholeFile::default();
-    for (index, chunk) in file.chunks(CHUNK).enumerate() {
-        let record = records.get(index).filter(|_| unchanged(index));
-        whole.advance(record, chunk);
+) -> ([u8; 32], u64, Option<(u64, RunningSha256)>) {
+    let mut whole = WholeFile::new(CHUNK as u64);
+    let last_state = records.iter().rposition(Option::is_some);
+    for (index, bytes) in file.chunks(CHUNK).enumerate() {
+        let xxh3 = fast_hash(bytes);
+        let chunk = ChunkOnDisk {
+            index: index as u64,
+            bytes,
+            xxh3: &xxh3,
+            unchanged: unchanged(index),
+        };
+        let recorded = records.get(index).and_then(Option::as_ref);
+        whole.advance(
+            &chunk,
+            recorded,
+            last_state.is_some_and(|last| last > index),
+        );
     }
-    (whole.from_records(), whole.finish())
+    if let Some(from) = whole.behind() {
+        for bytes in file.chunks(CHUNK).skip(from as usize) {
+            whole.catch_up(bytes);
+        }
+    }
+    let hashed = whole.hashed_bytes();
+    let checkpoint = whole.checkpoint().cloned();
+    (whole.finish(), hashed, checkpoint)
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -45,9 +68,14 @@ fn the_running_state_of_the_last_chunk_is_the_whole_files_sha256() {
     let file = data(1_050, 1);
     let records = uploaded(&file);
     assert_eq!(records.len(), 11);
-    let (from_records, digest) = complete(&file, &records, |_| true);
-    assert!(from_records, "nothing changed, so nothing is hashed again");
+    let (digest, hashed, checkpoint) = complete(&file, &records, |_| true);
+    assert_eq!(hashed, 0, "nothing changed, so nothing is hashed again");
     assert_eq!(digest, sha256(&file));
+    assert_eq!(
+        checkpoint.map(|(index, _)| index),
+        Some(9),
+        "the last full chunk"
+    );
 }
 
 #[test]
@@ -56,51 +84,104 @@ fn a_changed_chunk_makes_completion_hash_the_bytes_from_there_on() {
     let records = uploaded(&uploaded_file);
     let mut file = uploaded_file.clone();
     file[340] ^= 0xff; // chunk 3
-    let (from_records, digest) = complete(&file, &records, |index| index != 3);
-    assert!(!from_records);
+    let (digest, hashed, _) = complete(&file, &records, |index| index != 3);
     assert_eq!(digest, sha256(&file));
+    assert_eq!(hashed, 1_050 - 300, "chunks 3 to 10");
 }
 
 #[test]
-fn a_state_resumed_from_a_predecessor_that_was_uploaded_again_is_not_trusted() {
+fn a_state_computed_before_its_predecessor_was_uploaded_again_is_not_trusted() {
     // Revision 1: chunk 0 changed at completion and was uploaded again, so
-    // chunk 1's state still resumes from the old chunk 0.
+    // chunk 1's state was computed over the old chunk 0.
     let first = data(300, 1);
     let mut records = uploaded(&first);
     let mut file = first.clone();
     file[40] ^= 0xff;
-    let mut whole = WholeFile::default();
-    records[0] = whole.advance(None, &file[..CHUNK]);
-    // Revision 2: every chunk's bytes match its record, but the chain is
-    // broken after chunk 0.
-    let (from_records, digest) = complete(&file, &records, |_| true);
-    assert!(!from_records);
+    records[0] = ChunkHashes::of(&file[..CHUNK], Some(&RunningSha256::initial())).whole_sha256;
+    // Revision 2: every chunk's bytes match its record, but the states
+    // after chunk 0 belong to other bytes.
+    let (digest, hashed, _) = complete(&file, &records, |_| true);
     assert_eq!(digest, sha256(&file));
+    assert_eq!(hashed, 200, "chunks 1 and 2");
+}
+
+#[test]
+fn a_grown_file_resumes_from_the_checkpoint_of_its_last_completion() {
+    // metadata.json keeps one state, after the last full chunk; the chunks
+    // before it are passed over, only the growth is hashed.
+    let first = data(1_050, 5);
+    let (_, _, checkpoint) = complete(&first, &uploaded(&first), |_| true);
+    let (at, state) = checkpoint.expect("a checkpoint");
+    let mut grown = first.clone();
+    grown.extend(data(420, 6));
+    let mut records = vec![None; grown.len().div_ceil(CHUNK)];
+    records[at as usize] = Some(state);
+    let (digest, hashed, _) = complete(&grown, &records, |index| index <= at as usize);
+    assert_eq!(digest, sha256(&grown));
+    assert_eq!(hashed, grown.len() as u64 - 1_000);
+}
+
+#[test]
+fn a_checkpoint_behind_a_rewritten_chunk_makes_completion_read_the_skipped_chunks_again() {
+    let first = data(1_050, 5);
+    let (_, _, checkpoint) = complete(&first, &uploaded(&first), |_| true);
+    let (at, state) = checkpoint.expect("a checkpoint");
+    let mut rewritten = first.clone();
+    rewritten[540] ^= 0xff; // chunk 5, before the checkpoint at 9
+    let mut records = vec![None; rewritten.len().div_ceil(CHUNK)];
+    records[at as usize] = Some(state);
+    let (digest, hashed, _) = complete(&rewritten, &records, |index| index != 5);
+    assert_eq!(digest, sha256(&rewritten));
+    assert_eq!(
+        hashed, 1_050,
+        "chunks 0 to 4 were passed over, then read again"
+    );
 }
 
 #[test]
 fn completion_records_states_that_a_later_completion_can_resume() {
     let file = data(250, 7);
-    let mut whole = WholeFile::default();
-    let records: Vec<RunningSha256> = file
+    let mut whole = WholeFile::new(CHUNK as u64);
+    let records: Vec<Option<RunningSha256>> = file
         .chunks(CHUNK)
-        .map(|chunk| whole.advance(None, chunk))
+        .enumerate()
+        .map(|(index, bytes)| {
+            let xxh3 = fast_hash(bytes);
+            let chunk = ChunkOnDisk {
+                index: index as u64,
+                bytes,
+                xxh3: &xxh3,
+                unchanged: false,
+            };
+            whole.advance(&chunk, None, false)
+        })
         .collect();
     assert_eq!(whole.finish(), sha256(&file));
-    let (from_records, digest) = complete(&file, &records, |_| true);
-    assert!(from_records);
+    let (digest, hashed, _) = complete(&file, &records, |_| true);
+    assert_eq!(hashed, 0);
     assert_eq!(digest, sha256(&file));
 }
 
 #[test]
-fn a_state_that_does_not_decode_is_hashed_around() {
+fn a_state_that_does_not_decode_or_has_no_lineage_is_hashed_around() {
     let file = data(300, 3);
     let mut records = uploaded(&file);
-    records[1].state = "zz".into();
-    let (from_records, digest) = complete(&file, &records, |_| true);
-    assert!(!from_records);
+    records[1].as_mut().unwrap().state = "zz".into();
+    let (digest, hashed, _) = complete(&file, &records, |_| true);
     assert_eq!(digest, sha256(&file));
-    assert!(RunningSha256::extend("00", b"x").is_none());
+    assert_eq!(hashed, 0, "chunk 1 is passed over, chunk 2 resumes");
+    let mut records = uploaded(&file);
+    records[0].as_mut().unwrap().lineage.clear(); // written before lineages
+    let (digest, hashed, _) = complete(&file, &records, |_| true);
+    assert_eq!(digest, sha256(&file));
+    assert_eq!(hashed, 0, "chunk 0 is passed over, chunk 1 resumes");
+    let garbage = RunningSha256 {
+        state: "00".into(),
+        lineage: String::new(),
+    };
+    let hashes = ChunkHashes::of(b"x", Some(&garbage));
+    assert!(hashes.whole_sha256.is_none());
+    assert_eq!(hashes.sha256, sha256(b"x"), "the chunk's own digest still");
 }
 
 #[test]

@@ -209,7 +209,7 @@ fn chunk_keys_sort_in_index_order() {
 }
 
 #[test]
-fn a_chunk_record_from_before_the_fast_hash_still_decodes_and_the_hashes_stay_out_of_metadata() {
+fn a_chunk_record_from_before_the_fast_hash_still_decodes_and_metadata_lists_no_running_state() {
     let old = r#"{"index":0,"key":"k","offset":0,"size_bytes":3,"sha256":"ab","uploaded_at":"t"}"#;
     let record: ChunkRecord = serde_json::from_str(old).unwrap();
     assert_eq!(record.xxh3, None);
@@ -218,13 +218,22 @@ fn a_chunk_record_from_before_the_fast_hash_still_decodes_and_the_hashes_stay_ou
         xxh3: Some("00".into()),
         whole_sha256: Some(crate::chunk_hash::RunningSha256 {
             state: "11".into(),
-            resumed_from: "22".into(),
+            lineage: "22".into(),
         }),
         ..record.clone()
     };
-    let stored: ChunkRecord = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+    let json = serde_json::to_string(&new).unwrap();
+    assert!(json.contains(r#""whole_file_sha256_state":{"state":"11","lineage":"22"}"#));
+    let stored: ChunkRecord = serde_json::from_str(&json).unwrap();
     assert_eq!(stored, new);
-    assert_eq!(new.published(), record);
+    let published = new.published();
+    assert_eq!(published.xxh3.as_deref(), Some("00"));
+    assert_eq!(published.whole_sha256, None);
+    // A checkpoint written before the rename, with the field that named
+    // the predecessor's state instead of a lineage: decodes, never trusted.
+    let earlier = r#"{"index":0,"key":"k","offset":0,"size_bytes":3,"sha256":"ab","uploaded_at":"t","whole_sha256":{"state":"11","resumed_from":"22"}}"#;
+    let earlier: ChunkRecord = serde_json::from_str(earlier).unwrap();
+    assert_eq!(earlier.whole_sha256.unwrap().lineage, "");
 }
 
 #[test]

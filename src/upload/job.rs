@@ -41,9 +41,9 @@ pub struct ChunkJob {
     pub index: u64,
     pub offset: u64,
     pub len: u64,
-    /// The serialized whole-file sha256 state after the previous chunk
+    /// The whole-file sha256 state after the previous chunk
     /// (`metadata::whole_sha256_before`), which this chunk's record extends.
-    pub whole_sha256_before: Option<String>,
+    pub whole_sha256_before: Option<crate::chunk_hash::RunningSha256>,
 }
 
 /// Upload the tail, verify every chunk against the file (re-uploading what

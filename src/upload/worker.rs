@@ -29,7 +29,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, error, warn};
 use sha2::{Digest, Sha256};
 
-use crate::chunk_hash::{RunningSha256, fast_hash};
+use crate::chunk_hash::ChunkHashes;
 use crate::config::{MAX_CHUNK_SIZE, RetryPolicy};
 use crate::error::{FencedWriteError, SourceError, StorageError};
 use crate::events::Events;
@@ -86,13 +86,6 @@ fn snapshot(path: &Path) -> std::io::Result<Snapshot> {
         device: meta.dev(),
         inode: meta.ino(),
     })
-}
-
-/// What a chunk's record says about its bytes (see `chunk_hash`).
-struct ChunkHashes {
-    sha256: [u8; 32],
-    xxh3: String,
-    whole_sha256: Option<RunningSha256>,
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -456,14 +449,7 @@ impl Worker {
         if let Err(err) = read {
             return Outcome::Failed(err.to_string());
         }
-        let hashes = ChunkHashes {
-            sha256: sha256(&self.buffer),
-            xxh3: fast_hash(&self.buffer),
-            whole_sha256: job
-                .whole_sha256_before
-                .as_deref()
-                .and_then(|before| RunningSha256::extend(before, &self.buffer)),
-        };
+        let hashes = ChunkHashes::of(&self.buffer, job.whole_sha256_before.as_ref());
         match self.store_buffer_as_chunk(
             (&job.stream.stream_id, job.stream.token),
             &job.path,

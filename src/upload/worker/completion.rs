@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::time::SystemTime;
 
-use super::{ChunkHashes, Stop, Worker, sha256, snapshot};
-use crate::chunk_hash::{WholeFile, fast_hash};
+use super::{Stop, Worker, sha256, snapshot};
+use crate::chunk_hash::{ChunkHashes, ChunkOnDisk, RunningSha256, WholeFile, fast_hash};
 use crate::media::mp4_duration_seconds;
 use crate::metadata::{
     ChunkRecord, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, contiguous_prefix,
@@ -48,20 +48,34 @@ impl Worker {
 
         let chunk_size = job.facts.chunk_size;
         let chunk_count = before.size.div_ceil(chunk_size);
-        let mut whole = WholeFile::default();
+        let mut whole = WholeFile::new(chunk_size);
+        let last_state = chunks
+            .iter()
+            .rev()
+            .find(|(_, record)| record.whole_sha256.is_some())
+            .map(|(&index, _)| index);
         let mut reuploaded = 0u32;
-        for index in 0..chunk_count {
-            if self.shutting_down() {
-                return Outcome::Cancelled;
+        let read_chunk = |worker: &mut Worker, index: u64| -> Result<(), Outcome> {
+            if worker.shutting_down() {
+                return Err(Outcome::Cancelled);
             }
             let offset = index * chunk_size;
             let len = chunk_size.min(before.size - offset);
-            if let Err(err) = self.read_into_buffer(&file, path, offset, len) {
-                if err.source.kind() == std::io::ErrorKind::UnexpectedEof {
-                    return Outcome::FinalizeInterrupted;
-                }
-                return Outcome::Failed(err.to_string());
+            worker
+                .read_into_buffer(&file, path, offset, len)
+                .map_err(|err| {
+                    if err.source.kind() == std::io::ErrorKind::UnexpectedEof {
+                        Outcome::FinalizeInterrupted
+                    } else {
+                        Outcome::Failed(err.to_string())
+                    }
+                })
+        };
+        for index in 0..chunk_count {
+            if let Err(outcome) = read_chunk(self, index) {
+                return outcome;
             }
+            let len = self.buffer.len() as u64;
             let xxh3 = fast_hash(&self.buffer);
             let previous = chunks.get(&index).filter(|p| p.size_bytes == len);
             // A record from before xxh3 was recorded is checked with sha256.
@@ -70,11 +84,21 @@ impl Worker {
                 Some(recorded) => *recorded == xxh3,
                 None => p.sha256 == hex::encode(*digest.insert(sha256(&self.buffer))),
             });
+            let on_disk = ChunkOnDisk {
+                index,
+                bytes: &self.buffer,
+                xxh3: &xxh3,
+                unchanged: unchanged.is_some(),
+            };
             let whole_sha256 = whole.advance(
-                unchanged.and_then(|p| p.whole_sha256.as_ref()),
-                &self.buffer,
+                &on_disk,
+                previous.and_then(|p| p.whole_sha256.as_ref()),
+                last_state.is_some_and(|last| last > index),
             );
             if unchanged.is_some() {
+                if let Some(record) = chunks.get_mut(&index) {
+                    record.whole_sha256 = whole_sha256;
+                }
                 continue;
             }
             // Same place, same length, other bytes: the writer rewrote them
@@ -83,12 +107,12 @@ impl Worker {
             let hashes = ChunkHashes {
                 sha256: digest.unwrap_or_else(|| sha256(&self.buffer)),
                 xxh3,
-                whole_sha256: Some(whole_sha256),
+                whole_sha256,
             };
             match self.store_buffer_as_chunk(
                 (stream_id, token),
                 path,
-                (index, offset),
+                (index, index * chunk_size),
                 hashes,
                 changed,
             ) {
@@ -106,22 +130,30 @@ impl Worker {
             }
         }
         chunks.retain(|&index, _| index < chunk_count);
+        // Chunks passed over in the hope of resuming from a later state that
+        // turned out stale (a reopened file rewritten before it) are read
+        // and hashed again.
+        if let Some(from) = whole.behind() {
+            for index in from..chunk_count {
+                if let Err(outcome) = read_chunk(self, index) {
+                    return outcome;
+                }
+                whole.catch_up(&self.buffer);
+            }
+        }
 
         match snapshot(path) {
             Ok(after) if after == before => {}
             _ => return Outcome::FinalizeInterrupted,
         }
 
-        let whole_sha256_from = if whole.from_records() {
-            "checkpoints"
-        } else {
-            "the file"
-        };
+        let hashed_for_whole_file = whole.hashed_bytes();
+        let checkpoint = whole.checkpoint().cloned();
         let completed_at = SystemTime::now();
         let metadata = StreamMetadata {
             total_size_bytes: before.size,
             sha256: Some(hex::encode(whole.finish())),
-            chunks: chunks.values().map(ChunkRecord::published).collect(),
+            chunks: published_with_checkpoint(chunks, checkpoint),
             media: Media {
                 duration_seconds: mp4_duration_seconds(path),
             },
@@ -163,7 +195,7 @@ impl Worker {
         }
         info!(
             stream_id = stream_id, path = job.facts.rel_path.as_str();
-            "stream {stream_id}: complete ({}, {} bytes, {} chunks, {reuploaded} re-uploaded after verification, whole-file sha256 from {whole_sha256_from}, media {}, revision {})",
+            "stream {stream_id}: complete ({}, {} bytes, {} chunks, {reuploaded} re-uploaded after verification, {hashed_for_whole_file} bytes hashed again for the whole-file sha256, media {}, revision {})",
             job.facts.rel_path,
             before.size,
             chunk_count,
@@ -291,6 +323,24 @@ impl Worker {
         );
         Ok(Outcome::Closed)
     }
+}
+
+/// The chunk records as `metadata.json` lists them: the last full chunk
+/// keeps its whole-file sha256 state, from which a later revision resumes.
+fn published_with_checkpoint(
+    chunks: &BTreeMap<u64, ChunkRecord>,
+    checkpoint: Option<(u64, RunningSha256)>,
+) -> Vec<ChunkRecord> {
+    chunks
+        .values()
+        .map(|record| ChunkRecord {
+            whole_sha256: checkpoint
+                .as_ref()
+                .filter(|(index, _)| *index == record.index)
+                .map(|(_, state)| state.clone()),
+            ..record.published()
+        })
+        .collect()
 }
 
 /// What every event about this revision names: the stream and its file.

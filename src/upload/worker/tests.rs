@@ -526,11 +526,16 @@ fn completion_of_an_unchanged_file_uploads_only_the_tail_and_the_metadata() {
     let metadata = completed_metadata(&fixture.store);
     assert_eq!(metadata.sha256, Some(hex::encode(sha256(content))));
     assert_eq!(metadata.chunks.len(), 4);
-    let json = String::from_utf8(fixture.store.get("p/cam-1/metadata.json").unwrap()).unwrap();
-    assert!(
-        !json.contains("xxh3") && !json.contains("whole_sha256"),
-        "{json}"
-    );
+    // Every chunk lists its fast hash; only the last full chunk (2) keeps
+    // the whole-file state, for a later revision to resume from.
+    assert!(metadata.chunks.iter().all(|c| c.xxh3.is_some()));
+    let with_state: Vec<u64> = metadata
+        .chunks
+        .iter()
+        .filter(|c| c.whole_sha256.is_some())
+        .map(|c| c.index)
+        .collect();
+    assert_eq!(with_state, [2]);
 }
 
 #[test]
@@ -554,16 +559,26 @@ fn completion_finds_a_rewritten_chunk_by_its_fast_hash_and_rehashes_the_file() {
     assert_eq!(metadata.sha256, Some(hex::encode(sha256(content))));
     assert_eq!(metadata.chunks[0].sha256, hex::encode(sha256(b"AxAAAAAA")));
     assert_eq!(metadata.chunks[1].sha256, hex::encode(sha256(b"BBBBBBBB")));
-    // A later revision resumes from the records this completion left.
+    // The records this completion left hold states for the bytes on disk
+    // (chunk 1's was computed over the old chunk 0, and is replaced): a
+    // later walk resumes from them without hashing.
     let records = result.chunks.unwrap();
-    let mut whole = crate::chunk_hash::WholeFile::default();
+    let mut whole = crate::chunk_hash::WholeFile::new(8);
     for (index, bytes) in content.chunks(8).enumerate() {
-        whole.advance(records[&(index as u64)].whole_sha256.as_ref(), bytes);
+        let xxh3 = crate::chunk_hash::fast_hash(bytes);
+        let chunk = crate::chunk_hash::ChunkOnDisk {
+            index: index as u64,
+            bytes,
+            xxh3: &xxh3,
+            unchanged: true,
+        };
+        whole.advance(
+            &chunk,
+            records[&(index as u64)].whole_sha256.as_ref(),
+            false,
+        );
     }
-    assert!(
-        !whole.from_records(),
-        "chunk 1's state resumed from the old chunk 0"
-    );
+    assert_eq!(whole.hashed_bytes(), 0);
     assert_eq!(whole.finish(), sha256(content));
 }
 
@@ -592,7 +607,7 @@ fn a_record_from_before_the_fast_hash_is_verified_with_sha256() {
 }
 
 #[test]
-fn a_grown_revision_checks_the_records_read_back_from_metadata_with_sha256() {
+fn a_grown_revision_checks_the_records_read_back_from_metadata_by_their_fast_hash() {
     let mut fixture = Fixture::new(b"AAAAAAAABBBBBBBBCC");
     let chunks = upload_full_chunks(&mut fixture, 18);
     let first = fixture.worker.execute(finalize_job(
@@ -603,8 +618,10 @@ fn a_grown_revision_checks_the_records_read_back_from_metadata_with_sha256() {
     ));
     assert!(matches!(first.outcome, Outcome::Finalized { size: 18, .. }));
     // The file grows, and its writer rewrites chunk 1 on the way. Redis and
-    // the coordinator dropped revision 1's records (with their xxh3 and
-    // states) at its completion; metadata.json lists them without either.
+    // the coordinator dropped revision 1's records at its completion;
+    // metadata.json lists them with their xxh3, and the whole-file state
+    // after chunk 1, which no longer matches: completion passes chunk 0
+    // over, finds chunk 1 changed, and reads chunk 0 again to hash it.
     let content = b"AAAAAAAABxBBBBBBCCCCCCCCDD";
     std::fs::write(&fixture.path, content).unwrap();
     let dropped = BTreeMap::new();
@@ -636,8 +653,8 @@ fn a_grown_revision_checks_the_records_read_back_from_metadata_with_sha256() {
         "{:?}",
         result.outcome
     );
-    // Chunk 1 (changed), the tail and the metadata; chunk 0 matched its
-    // sha256 from metadata.json.
+    // Chunk 1 (changed), the tail and the metadata; chunk 0 matched the
+    // xxh3 metadata.json lists for it.
     assert_eq!(*fixture.store.puts.lock().unwrap(), puts_before + 3);
     assert_eq!(
         fixture.store.get("p/cam-1/chunk-000001").unwrap(),
