@@ -27,12 +27,22 @@ mod twin;
 
 use serde::{Deserialize, Serialize};
 use twin::{Sha256State, update_both};
-use xxhash_rust::xxh3::xxh3_128;
+use xxhash_rust::xxh3::{Xxh3Default, xxh3_128};
+
+/// Bytes hashed at a time when several hashes run over the same bytes: small
+/// enough to stay in the CPU's cache between them.
+pub const CACHED_PIECE: usize = 256 * 1024;
 
 /// The xxh3-128 of `bytes`, in hex: tells a changed chunk from an unchanged
 /// one. Not cryptographic: it detects what a writer rewrote, not tampering.
 pub fn fast_hash(bytes: &[u8]) -> String {
-    format!("{:032x}", xxh3_128(bytes))
+    xxh3_hex(xxh3_128(bytes))
+}
+
+/// An xxh3-128 digest as [`fast_hash`] writes it (for digests computed in
+/// pieces).
+pub fn xxh3_hex(digest: u128) -> String {
+    format!("{digest:032x}")
 }
 
 /// The whole-file sha256 state after one chunk, as checkpointed with it.
@@ -71,26 +81,26 @@ impl ChunkHashes {
     /// state after the previous chunk). Both sha256 computations run through
     /// the bytes together ([`update_both`]), at about the cost of one.
     pub fn of(bytes: &[u8], before: Option<&RunningSha256>) -> Self {
-        let xxh3 = fast_hash(bytes);
+        let mut fast = Xxh3Default::new();
         let mut chunk = Sha256State::new();
-        let whole_sha256 =
-            match before.and_then(|before| Some((deserialize(&before.state)?, before))) {
-                Some((mut whole, before)) => {
-                    update_both(&mut chunk, &mut whole, bytes);
-                    Some(RunningSha256 {
-                        state: serialize(&whole),
-                        lineage: lineage_after(&before.lineage, &xxh3),
-                    })
-                }
-                None => {
-                    chunk.update(bytes);
-                    None
-                }
-            };
+        let mut whole = before.and_then(|before| Some((deserialize(&before.state)?, before)));
+        // Piece by piece, so that each hash reads bytes the previous one
+        // just brought into the cache.
+        for piece in bytes.chunks(CACHED_PIECE) {
+            fast.update(piece);
+            match &mut whole {
+                Some((whole, _)) => update_both(&mut chunk, whole, piece),
+                None => chunk.update(piece),
+            }
+        }
+        let xxh3 = xxh3_hex(fast.digest128());
         Self {
             sha256: chunk.finalize(),
+            whole_sha256: whole.map(|(whole, before)| RunningSha256 {
+                state: serialize(&whole),
+                lineage: lineage_after(&before.lineage, &xxh3),
+            }),
             xxh3,
-            whole_sha256,
         }
     }
 }
@@ -110,14 +120,26 @@ fn deserialize(state: &str) -> Option<Sha256State> {
     Sha256State::from_bytes(&hex::decode(state).ok()?)
 }
 
-/// One chunk as completion reads it from the file.
+/// One chunk as completion finds it in the file.
 pub struct ChunkOnDisk<'a> {
     pub index: u64,
-    pub bytes: &'a [u8],
-    /// The [`fast_hash`] of `bytes`.
+    pub size: u64,
+    /// The [`fast_hash`] of its bytes.
     pub xxh3: &'a str,
-    /// Whether `bytes` are the ones its record was written for.
+    /// Whether its bytes are the ones its record was written for.
     pub unchanged: bool,
+}
+
+/// What [`WholeFile::resume`] made of a chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resumption {
+    /// The state after the chunk came from its record.
+    Resumed(RunningSha256),
+    /// The chunk is passed over for now, in the hope of resuming from a
+    /// later record; [`WholeFile::behind`] says if it must be read again.
+    PassedOver,
+    /// The chunk's bytes must be hashed now: [`WholeFile::hash_next`].
+    NeedsBytes,
 }
 
 /// The whole-file sha256 during completion, which walks the file's chunks in
@@ -154,16 +176,23 @@ impl WholeFile {
         }
     }
 
+    /// Whether chunk `index` will need its bytes hashed whatever they are:
+    /// the state after it cannot come from a record (none is recorded, or an
+    /// earlier chunk changed) and it cannot be passed over. The caller then
+    /// reads the chunk whole instead of only fingerprinting it.
+    pub fn must_hash(&self, index: u64, state_recorded: bool, state_ahead: bool) -> bool {
+        self.next == index && (!self.intact || (!state_recorded && !state_ahead))
+    }
+
     /// Takes in the next chunk. `recorded` is the state its record holds, if
     /// any; `state_ahead` says whether a later chunk's record holds one, so
     /// that unchanged bytes may be passed over in the hope of resuming there.
-    /// Returns the state after this chunk when it is known now.
-    pub fn advance(
+    pub fn resume(
         &mut self,
         chunk: &ChunkOnDisk,
         recorded: Option<&RunningSha256>,
         state_ahead: bool,
-    ) -> Option<RunningSha256> {
+    ) -> Resumption {
         self.walked = chunk.index + 1;
         self.walked_lineage = lineage_after(&self.walked_lineage, chunk.xxh3);
         self.intact &= chunk.unchanged;
@@ -174,13 +203,20 @@ impl WholeFile {
             self.hasher = hasher;
             self.hasher_lineage.clone_from(&running.lineage);
             self.next = chunk.index + 1;
-            self.note(chunk.index, chunk.bytes.len(), running);
-            return Some(running.clone());
+            self.note(chunk.index, chunk.size, running);
+            return Resumption::Resumed(running.clone());
         }
         if self.next == chunk.index && !(self.intact && state_ahead) {
-            return Some(self.hash(chunk.bytes, chunk.xxh3));
+            return Resumption::NeedsBytes;
         }
-        None
+        Resumption::PassedOver
+    }
+
+    /// Hashes the bytes of the chunk [`WholeFile::resume`] just asked for
+    /// (`xxh3` is their [`fast_hash`]) and returns the state after it.
+    pub fn hash_next(&mut self, bytes: &[u8], xxh3: &str) -> RunningSha256 {
+        debug_assert_eq!(self.next + 1, self.walked, "the chunk just resumed");
+        self.hash(bytes, xxh3)
     }
 
     /// The first chunk whose bytes were passed over and are still needed:
@@ -190,9 +226,10 @@ impl WholeFile {
         (self.next < self.walked).then_some(self.next)
     }
 
-    /// Hashes the next chunk that was passed over.
-    pub fn catch_up(&mut self, bytes: &[u8]) -> RunningSha256 {
-        self.hash(bytes, &fast_hash(bytes))
+    /// Hashes the next chunk that was passed over (`xxh3` is the
+    /// [`fast_hash`] of its bytes).
+    pub fn catch_up(&mut self, bytes: &[u8], xxh3: &str) -> RunningSha256 {
+        self.hash(bytes, xxh3)
     }
 
     /// Bytes this completion hashed with sha256 (none in the common case).
@@ -221,13 +258,13 @@ impl WholeFile {
         };
         let index = self.next;
         self.next += 1;
-        self.note(index, bytes.len(), &running);
+        self.note(index, bytes.len() as u64, &running);
         running
     }
 
-    fn note(&mut self, index: u64, len: usize, running: &RunningSha256) {
+    fn note(&mut self, index: u64, size: u64, running: &RunningSha256) {
         let later = self.checkpoint.as_ref().is_none_or(|(at, _)| index > *at);
-        if len as u64 == self.chunk_size && later {
+        if size == self.chunk_size && later {
             self.checkpoint = Some((index, running.clone()));
         }
     }

@@ -38,20 +38,25 @@ fn complete(
         let xxh3 = fast_hash(bytes);
         let chunk = ChunkOnDisk {
             index: index as u64,
-            bytes,
+            size: bytes.len() as u64,
             xxh3: &xxh3,
             unchanged: unchanged(index),
         };
         let recorded = records.get(index).and_then(Option::as_ref);
-        whole.advance(
-            &chunk,
-            recorded,
-            last_state.is_some_and(|last| last > index),
-        );
+        let state_ahead = last_state.is_some_and(|last| last > index);
+        let must_hash = whole.must_hash(index as u64, recorded.is_some(), state_ahead);
+        match whole.resume(&chunk, recorded, state_ahead) {
+            Resumption::NeedsBytes => {
+                whole.hash_next(bytes, &xxh3);
+            }
+            Resumption::Resumed(_) | Resumption::PassedOver => {
+                assert!(!must_hash, "chunk {index} was said to need its bytes");
+            }
+        }
     }
     if let Some(from) = whole.behind() {
         for bytes in file.chunks(CHUNK).skip(from as usize) {
-            whole.catch_up(bytes);
+            whole.catch_up(bytes, &fast_hash(bytes));
         }
     }
     let hashed = whole.hashed_bytes();
@@ -149,11 +154,13 @@ fn completion_records_states_that_a_later_completion_can_resume() {
             let xxh3 = fast_hash(bytes);
             let chunk = ChunkOnDisk {
                 index: index as u64,
-                bytes,
+                size: bytes.len() as u64,
                 xxh3: &xxh3,
                 unchanged: false,
             };
-            whole.advance(&chunk, None, false)
+            assert!(whole.must_hash(index as u64, false, false));
+            assert_eq!(whole.resume(&chunk, None, false), Resumption::NeedsBytes);
+            Some(whole.hash_next(bytes, &xxh3))
         })
         .collect();
     assert_eq!(whole.finish(), sha256(&file));
@@ -192,4 +199,23 @@ fn the_fast_hash_tells_chunks_apart() {
     assert_eq!(fast_hash(&a), fast_hash(&a.clone()));
     assert_ne!(fast_hash(&a), fast_hash(&b));
     assert_eq!(fast_hash(&a).len(), 32);
+}
+
+#[test]
+fn hashes_of_a_chunk_larger_than_a_cached_piece_match_one_pass_hashes() {
+    let prefix = data(333, 9); // the whole-file state has a partial block
+    let chunk = data(2 * CACHED_PIECE + 77, 4);
+    let before = ChunkHashes::of(&prefix, Some(&RunningSha256::initial()))
+        .whole_sha256
+        .expect("a state");
+    let hashes = ChunkHashes::of(&chunk, Some(&before));
+    assert_eq!(hashes.sha256, sha256(&chunk));
+    assert_eq!(hashes.xxh3, fast_hash(&chunk));
+    let whole = hashes.whole_sha256.expect("a state");
+    assert_eq!(whole.lineage, lineage_after(&before.lineage, &hashes.xxh3));
+    let mut file = prefix.clone();
+    file.extend(&chunk);
+    assert_eq!(deserialize(&whole.state).unwrap().finalize(), sha256(&file));
+    let alone = ChunkHashes::of(&chunk, None);
+    assert_eq!((alone.sha256, alone.whole_sha256), (sha256(&chunk), None));
 }

@@ -20,7 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::ops::ControlFlow;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -39,8 +39,10 @@ use crate::metadata::{ChunkRecord, KeyLayout, rfc3339};
 use crate::retry::with_backoff;
 use crate::store::{CheckpointStore, ObjectStore};
 use crate::upload::job::{ChunkJob, Job, JobResult, Outcome};
+use chunk_buffer::ChunkBuffer;
 
 mod assembly;
+mod chunk_buffer;
 mod completion;
 mod disposal;
 
@@ -94,6 +96,20 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 
 /// Failed attempts are logged on the 1st, 2nd, 4th, 8th, … attempt, so an
 /// outage is visible without a line per retry.
+/// `len` as a buffer length, refused if it is larger than any chunk.
+fn chunk_length(path: &Path, len: u64) -> Result<usize, SourceError> {
+    usize::try_from(len)
+        .ok()
+        .filter(|&len| u64::try_from(len).is_ok_and(|len| len <= MAX_CHUNK_SIZE))
+        .ok_or_else(|| SourceError {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a read of {len} bytes is larger than any chunk"),
+            ),
+        })
+}
+
 fn worth_logging(attempt: u32) -> bool {
     attempt.is_power_of_two() || attempt == 0
 }
@@ -114,8 +130,8 @@ pub struct Worker {
     /// Whether completions and closes queue their event (a destination is
     /// configured).
     announce: bool,
-    /// Reused for every chunk; grows to the chunk size once.
-    buffer: Vec<u8>,
+    /// Reused for every chunk.
+    buffer: ChunkBuffer,
     /// Failed attempts and the last failure during the current job.
     job_attempts: JobAttempts,
 }
@@ -171,7 +187,7 @@ impl Worker {
             assembly_max_parts: crate::config::MAX_MULTIPART_PARTS,
             delete_chunks_after_assembly: false,
             announce: false,
-            buffer: Vec::new(),
+            buffer: ChunkBuffer::default(),
             job_attempts: JobAttempts::default(),
         }
     }
@@ -227,7 +243,7 @@ impl Worker {
             );
             self.events.worker_panicked();
             // Whatever the job left half-done is dropped with it.
-            self.buffer = Vec::new();
+            self.buffer = ChunkBuffer::default();
             self.job_attempts.take();
             let reason = format!("job panicked: {message}");
             JobResult {
@@ -280,22 +296,31 @@ impl Worker {
         offset: u64,
         len: u64,
     ) -> Result<(), SourceError> {
-        let error = |source| SourceError {
-            path: path.to_path_buf(),
-            source,
-        };
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&len| u64::try_from(len).is_ok_and(|len| len <= MAX_CHUNK_SIZE))
-            .ok_or_else(|| {
-                error(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("a read of {len} bytes is larger than any chunk"),
-                ))
-            })?;
-        self.buffer.resize(len, 0);
-        file.read_exact_at(&mut self.buffer[..len], offset)
-            .map_err(error)
+        let len = chunk_length(path, len)?;
+        self.buffer
+            .fill(file, offset, len)
+            .map_err(|source| SourceError {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// The [`crate::chunk_hash::fast_hash`] of `[offset, offset + len)` of
+    /// `file`, read without filling the buffer.
+    fn fingerprint(
+        &mut self,
+        file: &File,
+        path: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<String, SourceError> {
+        let len = chunk_length(path, len)?;
+        self.buffer
+            .fingerprint(file, offset, len)
+            .map_err(|source| SourceError {
+                path: path.to_path_buf(),
+                source,
+            })
     }
 
     /// Runs an S3 operation until it succeeds, retrying with backoff while
@@ -411,7 +436,7 @@ impl Worker {
             (stream_id, token),
             &key,
             "application/octet-stream",
-            &self.buffer,
+            self.buffer.bytes(),
             &hashes.sha256,
             Some(path),
         )?;
@@ -419,7 +444,7 @@ impl Worker {
             index,
             key,
             offset,
-            size_bytes: self.buffer.len() as u64,
+            size_bytes: self.buffer.bytes().len() as u64,
             sha256: hex::encode(hashes.sha256),
             uploaded_at: rfc3339(SystemTime::now()),
             xxh3: Some(hashes.xxh3),
@@ -449,7 +474,7 @@ impl Worker {
         if let Err(err) = read {
             return Outcome::Failed(err.to_string());
         }
-        let hashes = ChunkHashes::of(&self.buffer, job.whole_sha256_before.as_ref());
+        let hashes = ChunkHashes::of(self.buffer.bytes(), job.whole_sha256_before.as_ref());
         match self.store_buffer_as_chunk(
             (&job.stream.stream_id, job.stream.token),
             &job.path,

@@ -9,7 +9,8 @@ use std::fs::File;
 use std::time::SystemTime;
 
 use super::{Stop, Worker, sha256, snapshot};
-use crate::chunk_hash::{ChunkHashes, ChunkOnDisk, RunningSha256, WholeFile, fast_hash};
+use crate::chunk_hash::{ChunkHashes, ChunkOnDisk, Resumption, RunningSha256, WholeFile};
+use crate::error::SourceError;
 use crate::media::mp4_duration_seconds;
 use crate::metadata::{
     ChunkRecord, Media, SCHEMA_VERSION, Source, StreamMetadata, StreamStatus, contiguous_prefix,
@@ -55,64 +56,101 @@ impl Worker {
             .find(|(_, record)| record.whole_sha256.is_some())
             .map(|(&index, _)| index);
         let mut reuploaded = 0u32;
-        let read_chunk = |worker: &mut Worker, index: u64| -> Result<(), Outcome> {
-            if worker.shutting_down() {
-                return Err(Outcome::Cancelled);
+        let unreadable = |err: SourceError| {
+            if err.source.kind() == std::io::ErrorKind::UnexpectedEof {
+                Outcome::FinalizeInterrupted
+            } else {
+                Outcome::Failed(err.to_string())
             }
+        };
+        let span = |index: u64| {
             let offset = index * chunk_size;
-            let len = chunk_size.min(before.size - offset);
+            (offset, chunk_size.min(before.size - offset))
+        };
+        // Reads chunk `index` whole into the buffer; `expected` is its fast
+        // hash when it was fingerprinted already, and bytes that differ from
+        // it now mean the file is changing.
+        let load = |worker: &mut Worker, index: u64, expected: Option<&str>| {
+            let (offset, len) = span(index);
             worker
                 .read_into_buffer(&file, path, offset, len)
-                .map_err(|err| {
-                    if err.source.kind() == std::io::ErrorKind::UnexpectedEof {
-                        Outcome::FinalizeInterrupted
-                    } else {
-                        Outcome::Failed(err.to_string())
-                    }
-                })
+                .map_err(unreadable)?;
+            let xxh3 = worker.buffer.fast_hash();
+            match expected {
+                Some(expected) if expected != xxh3 => Err(Outcome::FinalizeInterrupted),
+                _ => Ok(xxh3),
+            }
         };
         for index in 0..chunk_count {
-            if let Err(outcome) = read_chunk(self, index) {
-                return outcome;
+            if self.shutting_down() {
+                return Outcome::Cancelled;
             }
-            let len = self.buffer.len() as u64;
-            let xxh3 = fast_hash(&self.buffer);
+            let (offset, len) = span(index);
             let previous = chunks.get(&index).filter(|p| p.size_bytes == len);
+            let recorded = previous.and_then(|p| p.whole_sha256.as_ref());
+            let state_ahead = last_state.is_some_and(|last| last > index);
+            // A chunk that can be told unchanged by its fast hash, and whose
+            // whole-file state can come from a record, is only fingerprinted
+            // (read in cache-sized pieces); any other is read whole.
+            let fingerprint_only = previous.is_some_and(|p| p.xxh3.is_some())
+                && !whole.must_hash(index, recorded.is_some(), state_ahead);
+            let read = if fingerprint_only {
+                self.fingerprint(&file, path, offset, len)
+                    .map_err(unreadable)
+            } else {
+                load(self, index, None)
+            };
+            let xxh3 = match read {
+                Ok(xxh3) => xxh3,
+                Err(outcome) => return outcome,
+            };
+            let mut in_buffer = !fingerprint_only;
             // A record from before xxh3 was recorded is checked with sha256.
             let mut digest = None;
-            let unchanged = previous.filter(|p| match &p.xxh3 {
+            let unchanged = previous.is_some_and(|p| match &p.xxh3 {
                 Some(recorded) => *recorded == xxh3,
-                None => p.sha256 == hex::encode(*digest.insert(sha256(&self.buffer))),
+                None => p.sha256 == hex::encode(*digest.insert(sha256(self.buffer.bytes()))),
             });
             let on_disk = ChunkOnDisk {
                 index,
-                bytes: &self.buffer,
+                size: len,
                 xxh3: &xxh3,
-                unchanged: unchanged.is_some(),
+                unchanged,
             };
-            let whole_sha256 = whole.advance(
-                &on_disk,
-                previous.and_then(|p| p.whole_sha256.as_ref()),
-                last_state.is_some_and(|last| last > index),
-            );
-            if unchanged.is_some() {
+            let whole_sha256 = match whole.resume(&on_disk, recorded, state_ahead) {
+                Resumption::Resumed(state) => Some(state),
+                Resumption::PassedOver => None,
+                Resumption::NeedsBytes => {
+                    if !in_buffer {
+                        if let Err(outcome) = load(self, index, Some(&xxh3)) {
+                            return outcome;
+                        }
+                        in_buffer = true;
+                    }
+                    Some(whole.hash_next(self.buffer.bytes(), &xxh3))
+                }
+            };
+            if unchanged {
                 if let Some(record) = chunks.get_mut(&index) {
                     record.whole_sha256 = whole_sha256;
                 }
                 continue;
             }
+            if !in_buffer && let Err(outcome) = load(self, index, Some(&xxh3)) {
+                return outcome;
+            }
             // Same place, same length, other bytes: the writer rewrote them
             // (ffmpeg patching the mdat size, or a +faststart rewrite).
             let changed = previous.is_some();
             let hashes = ChunkHashes {
-                sha256: digest.unwrap_or_else(|| sha256(&self.buffer)),
+                sha256: digest.unwrap_or_else(|| sha256(self.buffer.bytes())),
                 xxh3,
                 whole_sha256,
             };
             match self.store_buffer_as_chunk(
                 (stream_id, token),
                 path,
-                (index, index * chunk_size),
+                (index, offset),
                 hashes,
                 changed,
             ) {
@@ -135,10 +173,13 @@ impl Worker {
         // and hashed again.
         if let Some(from) = whole.behind() {
             for index in from..chunk_count {
-                if let Err(outcome) = read_chunk(self, index) {
-                    return outcome;
+                if self.shutting_down() {
+                    return Outcome::Cancelled;
                 }
-                whole.catch_up(&self.buffer);
+                match load(self, index, None) {
+                    Ok(xxh3) => whole.catch_up(self.buffer.bytes(), &xxh3),
+                    Err(outcome) => return outcome,
+                };
             }
         }
 
