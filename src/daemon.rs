@@ -34,7 +34,7 @@ use crate::store::{
 };
 use crate::stream::Now;
 use crate::upload::job::{Job, JobResult};
-use crate::upload::{Worker, sweep};
+use crate::upload::{BufferPool, Worker, sweep};
 use crate::watchfs::RealFs;
 use crate::{http, instance, notify, random_u64, scanner};
 
@@ -204,8 +204,10 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         return Ok(RunOutcome::Drained);
     };
 
-    let (job_tx, job_rx) = bounded::<Job>(config.workers);
-    let (result_tx, result_rx) = bounded::<JobResult>(config.workers * 2);
+    let threads = crate::upload::worker_threads(config.workers);
+    let buffers = BufferPool::new(config.workers);
+    let (job_tx, job_rx) = bounded::<Job>(threads);
+    let (result_tx, result_rx) = bounded::<JobResult>(threads * 2);
     let (shutdown_tx, shutdown_rx) = bounded::<()>(1);
     let probe = spawn_probe(
         s3.clone(),
@@ -215,8 +217,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         shutdown_rx.clone(),
     )?;
     let store: Arc<dyn ObjectStore> = Arc::new(s3);
-    let mut workers: Vec<JoinHandle<()>> = Vec::with_capacity(config.workers);
-    for number in 0..config.workers {
+    let mut workers: Vec<JoinHandle<()>> = Vec::with_capacity(threads);
+    for number in 0..threads {
         let worker = Worker::new(
             store.clone(),
             Box::new(redis_store()?),
@@ -229,7 +231,8 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         )
         .with_assembly_max_parts(config.assembly_max_parts)
         .with_delete_chunks_after_assembly(config.delete_chunks_after_assembly)
-        .with_announcements(config.events.enabled());
+        .with_announcements(config.events.enabled())
+        .with_buffer_pool(buffers.clone());
         let (jobs, results) = (job_rx.clone(), result_tx.clone());
         let handle = std::thread::Builder::new()
             .name(format!("worker-{number}"))

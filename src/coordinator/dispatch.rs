@@ -30,6 +30,15 @@ impl Coordinator {
                 }
             }
         }
+        // Streams that want a chunk upload while WORKERS of them are in
+        // flight wait, in order, behind the other work: completions never
+        // queue behind uploads.
+        let mut uploads_in_flight = self
+            .in_flight
+            .values()
+            .filter(|kind| **kind == "chunk")
+            .count();
+        let mut held_back = Vec::new();
         while let Some(identity) = self.ready.pop_front() {
             self.queued.remove(&identity);
             let Some(stream) = self.table.get(&identity) else {
@@ -65,6 +74,11 @@ impl Coordinator {
             let Some(stream) = self.table.get(&identity) else {
                 continue;
             };
+            if matches!(work, Work::Upload { .. }) && uploads_in_flight >= self.config.workers {
+                self.queued.insert(identity);
+                held_back.push(identity);
+                continue;
+            }
             let job = match work {
                 Work::Upload { index } => {
                     let offset = index * stream.state.chunk_size();
@@ -110,7 +124,10 @@ impl Coordinator {
             match jobs.try_send(job) {
                 Ok(()) => {
                     let kind = match work {
-                        Work::Upload { .. } => "chunk",
+                        Work::Upload { .. } => {
+                            uploads_in_flight += 1;
+                            "chunk"
+                        }
                         Work::Finalize { .. } => "finalize",
                         Work::Assemble => "assemble",
                         Work::Dispose => "dispose",
@@ -124,9 +141,12 @@ impl Coordinator {
                     // No room: it stays first in line.
                     self.queued.insert(identity);
                     self.ready.push_front(identity);
-                    return;
+                    break;
                 }
             }
+        }
+        for identity in held_back.into_iter().rev() {
+            self.ready.push_front(identity);
         }
     }
 

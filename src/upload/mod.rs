@@ -12,4 +12,12 @@ pub mod sweep;
 pub mod worker;
 
 pub use job::{AssembleJob, ChunkJob, CloseJob, FinalizeJob, Job, JobResult, Outcome, StreamRef};
-pub use worker::Worker;
+pub use worker::{BufferPool, Worker};
+
+/// Worker threads for `workers` (`WORKERS`): twice as many, sharing
+/// `workers` chunk buffers ([`BufferPool`]). The coordinator never has more
+/// than `workers` chunk uploads in flight, so the other half is free for
+/// completion checks, which mostly need no chunk buffer.
+pub fn worker_threads(workers: usize) -> usize {
+    workers * 2
+}

@@ -39,6 +39,7 @@ use crate::metadata::{ChunkRecord, KeyLayout, rfc3339};
 use crate::retry::with_backoff;
 use crate::store::{CheckpointStore, ObjectStore};
 use crate::upload::job::{ChunkJob, Job, JobResult, Outcome};
+pub use chunk_buffer::BufferPool;
 use chunk_buffer::ChunkBuffer;
 
 mod assembly;
@@ -205,6 +206,13 @@ impl Worker {
         self
     }
 
+    /// Takes chunk buffers from `pool`, shared with other workers, instead
+    /// of having one of its own.
+    pub fn with_buffer_pool(mut self, pool: BufferPool) -> Self {
+        self.buffer = ChunkBuffer::from_pool(pool);
+        self
+    }
+
     /// Makes completions and closes queue their event in the outbox.
     pub fn with_announcements(mut self, announce: bool) -> Self {
         self.announce = announce;
@@ -230,6 +238,9 @@ impl Worker {
     pub fn execute_supervised(&mut self, job: Job) -> JobResult {
         let stream = job.stream().clone();
         let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(job)));
+        // The chunk buffer goes back to the pool between jobs (whatever a
+        // panicked job left in it is dropped with it).
+        self.buffer.release();
         executed.unwrap_or_else(|payload| {
             let message = payload
                 .downcast_ref::<&str>()
@@ -242,8 +253,6 @@ impl Worker {
                 "stream {stream_id}: a job panicked ({message}); it is retried with backoff"
             );
             self.events.worker_panicked();
-            // Whatever the job left half-done is dropped with it.
-            self.buffer = ChunkBuffer::default();
             self.job_attempts.take();
             let reason = format!("job panicked: {message}");
             JobResult {

@@ -96,7 +96,7 @@ impl World {
     fn add_replica(&mut self, store: FakeCheckpoints) {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let config = config(&self.root, &args);
-        let (jobs_tx, jobs) = bounded(config.workers);
+        let (jobs_tx, jobs) = bounded(crate::upload::worker_threads(config.workers));
         let metrics = Arc::new(Metrics::new());
         let coordinator = Coordinator::new(
             config,

@@ -1,38 +1,99 @@
-//! The worker's memory for file bytes: one buffer for the chunk being
-//! uploaded, which grows to the chunk size once and is never zeroed again,
-//! and a small one for the completion check, which only fingerprints a chunk
-//! and so reads it in pieces that stay in the CPU cache instead of copying
-//! 10 MiB out to memory and reading it back.
+//! The workers' memory for file bytes. Whole chunks are held in buffers
+//! from a [`BufferPool`]: `WORKERS` of them, each grown to the chunk size
+//! once and never zeroed again, shared by all worker threads, so memory stays
+//! bounded however many threads check completions. A worker takes one only
+//! while a job needs a whole chunk in memory (to upload or hash it), and
+//! gives it back when the job ends. The completion check mostly only
+//! fingerprints chunks; it reads them in pieces into a small buffer of its
+//! own, which stay in the CPU cache instead of copying 10 MiB out to memory
+//! and reading it back.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use crossbeam_channel::{Receiver, Sender, bounded};
 use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::chunk_hash::{CACHED_PIECE as PIECE, fast_hash, xxh3_hex};
 
-#[derive(Default)]
+/// A fixed number of chunk buffers, shared by the worker threads.
+#[derive(Clone)]
+pub struct BufferPool {
+    give_back: Sender<Vec<u8>>,
+    take: Receiver<Vec<u8>>,
+}
+
+impl BufferPool {
+    pub fn new(buffers: usize) -> Self {
+        let (give_back, take) = bounded(buffers);
+        for _ in 0..buffers {
+            give_back.send(Vec::new()).expect("room for every buffer");
+        }
+        Self { give_back, take }
+    }
+}
+
 pub(super) struct ChunkBuffer {
-    storage: Vec<u8>,
+    pool: BufferPool,
+    held: Option<Vec<u8>>,
     len: usize,
     piece: Vec<u8>,
 }
 
+impl Default for ChunkBuffer {
+    /// A buffer of its own, for a worker that shares none.
+    fn default() -> Self {
+        Self::from_pool(BufferPool::new(1))
+    }
+}
+
+impl Drop for ChunkBuffer {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 impl ChunkBuffer {
-    /// Reads `[offset, offset + len)` of `file` into the buffer.
-    pub(super) fn fill(&mut self, file: &File, offset: u64, len: usize) -> std::io::Result<()> {
-        if self.storage.len() < len {
-            self.storage.resize(len, 0);
+    pub(super) fn from_pool(pool: BufferPool) -> Self {
+        Self {
+            pool,
+            held: None,
+            len: 0,
+            piece: Vec::new(),
         }
+    }
+
+    /// Reads `[offset, offset + len)` of `file` into a chunk buffer, waiting
+    /// for one from the pool if this worker holds none.
+    pub(super) fn fill(&mut self, file: &File, offset: u64, len: usize) -> std::io::Result<()> {
         self.len = 0;
-        file.read_exact_at(&mut self.storage[..len], offset)?;
+        let pool = &self.pool;
+        let storage = self.held.get_or_insert_with(|| {
+            // This buffer holds a sender of the pool: it never disconnects.
+            pool.take.recv().unwrap_or_default()
+        });
+        if storage.len() < len {
+            storage.resize(len, 0);
+        }
+        file.read_exact_at(&mut storage[..len], offset)?;
         self.len = len;
         Ok(())
     }
 
     /// The bytes the last [`ChunkBuffer::fill`] read.
     pub(super) fn bytes(&self) -> &[u8] {
-        &self.storage[..self.len]
+        self.held
+            .as_deref()
+            .map_or(&[], |storage| &storage[..self.len])
+    }
+
+    /// Gives the chunk buffer back to the pool (at the end of every job).
+    pub(super) fn release(&mut self) {
+        self.len = 0;
+        if let Some(storage) = self.held.take() {
+            // The pool has room for every buffer it handed out.
+            let _ = self.pool.give_back.try_send(storage);
+        }
     }
 
     /// The [`fast_hash`] of `[offset, offset + len)` of `file`, read in
