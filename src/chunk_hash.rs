@@ -216,7 +216,17 @@ impl WholeFile {
     /// (`xxh3` is their [`fast_hash`]) and returns the state after it.
     pub fn hash_next(&mut self, bytes: &[u8], xxh3: &str) -> RunningSha256 {
         debug_assert_eq!(self.next + 1, self.walked, "the chunk just resumed");
-        self.hash(bytes, xxh3)
+        self.hash(bytes, xxh3, None)
+    }
+
+    /// [`WholeFile::hash_next`] for a chunk that is uploaded too: its own
+    /// sha256 is computed in the same pass ([`update_both`]) and returned
+    /// with the state.
+    pub fn hash_next_with_digest(&mut self, bytes: &[u8], xxh3: &str) -> ([u8; 32], RunningSha256) {
+        debug_assert_eq!(self.next + 1, self.walked, "the chunk just resumed");
+        let mut chunk = Sha256State::new();
+        let running = self.hash(bytes, xxh3, Some(&mut chunk));
+        (chunk.finalize(), running)
     }
 
     /// The first chunk whose bytes were passed over and are still needed:
@@ -229,7 +239,7 @@ impl WholeFile {
     /// Hashes the next chunk that was passed over (`xxh3` is the
     /// [`fast_hash`] of its bytes).
     pub fn catch_up(&mut self, bytes: &[u8], xxh3: &str) -> RunningSha256 {
-        self.hash(bytes, xxh3)
+        self.hash(bytes, xxh3, None)
     }
 
     /// Bytes this completion hashed with sha256 (none in the common case).
@@ -248,8 +258,13 @@ impl WholeFile {
         self.hasher.finalize()
     }
 
-    fn hash(&mut self, bytes: &[u8], xxh3: &str) -> RunningSha256 {
-        self.hasher.update(bytes);
+    /// Hashes the next chunk's bytes into the state, and into `chunk` as
+    /// well if given.
+    fn hash(&mut self, bytes: &[u8], xxh3: &str, chunk: Option<&mut Sha256State>) -> RunningSha256 {
+        match chunk {
+            Some(chunk) => update_both(chunk, &mut self.hasher, bytes),
+            None => self.hasher.update(bytes),
+        }
         self.hashed_bytes += bytes.len() as u64;
         self.hasher_lineage = lineage_after(&self.hasher_lineage, xxh3);
         let running = RunningSha256 {

@@ -142,7 +142,10 @@ pub fn run(config: Config, stop: Receiver<()>) -> Result<RunOutcome, AppError> {
         ttl: config.lease.ttl,
     };
     let leases = Arc::new(HeldLeases::new(config.lease.ttl));
-    let bandwidth = Arc::new(Bandwidth::new(config.bandwidth.clone(), config.workers));
+    let bandwidth = Arc::new(Bandwidth::new(
+        config.bandwidth.clone(),
+        crate::upload::worker_threads(config.workers),
+    ));
     metrics.watch_bandwidth(bandwidth.clone());
     let mut s3 = S3Store::new(&config.s3)?.with_bandwidth(bandwidth);
     // /readyz names the credential source from the start, not only once the

@@ -219,3 +219,35 @@ fn hashes_of_a_chunk_larger_than_a_cached_piece_match_one_pass_hashes() {
     let alone = ChunkHashes::of(&chunk, None);
     assert_eq!((alone.sha256, alone.whole_sha256), (sha256(&chunk), None));
 }
+
+#[test]
+fn a_chunk_hashed_for_upload_gets_its_digest_and_the_same_state() {
+    let file = data(250, 2);
+    let walk = |with_digest: bool| {
+        let mut whole = WholeFile::new(CHUNK as u64);
+        let mut digests = Vec::new();
+        for (index, bytes) in file.chunks(CHUNK).enumerate() {
+            let xxh3 = fast_hash(bytes);
+            let chunk = ChunkOnDisk {
+                index: index as u64,
+                size: bytes.len() as u64,
+                xxh3: &xxh3,
+                unchanged: false,
+            };
+            assert_eq!(whole.resume(&chunk, None, false), Resumption::NeedsBytes);
+            if with_digest {
+                let (digest, _) = whole.hash_next_with_digest(bytes, &xxh3);
+                digests.push(digest);
+            } else {
+                whole.hash_next(bytes, &xxh3);
+            }
+        }
+        (digests, whole.checkpoint().cloned(), whole.finish())
+    };
+    let (digests, checkpoint, digest) = walk(true);
+    let expected: Vec<[u8; 32]> = file.chunks(CHUNK).map(sha256).collect();
+    assert_eq!(digests, expected);
+    assert_eq!(digest, sha256(&file));
+    let (_, plain_checkpoint, plain_digest) = walk(false);
+    assert_eq!((checkpoint, digest), (plain_checkpoint, plain_digest));
+}

@@ -127,7 +127,15 @@ impl Worker {
                         }
                         in_buffer = true;
                     }
-                    Some(whole.hash_next(self.buffer.bytes(), &xxh3))
+                    if unchanged || digest.is_some() {
+                        Some(whole.hash_next(self.buffer.bytes(), &xxh3))
+                    } else {
+                        // Uploaded below: its own digest comes in the same pass.
+                        let (chunk_digest, state) =
+                            whole.hash_next_with_digest(self.buffer.bytes(), &xxh3);
+                        digest = Some(chunk_digest);
+                        Some(state)
+                    }
                 }
             };
             if unchanged {
