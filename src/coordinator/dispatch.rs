@@ -30,9 +30,9 @@ impl Coordinator {
                 }
             }
         }
-        // Streams that want a chunk upload while WORKERS of them are in
-        // flight wait, in order, behind the other work: completions never
-        // queue behind uploads.
+        // Streams that want a chunk upload while the most there may be are
+        // out wait, in order, behind the other work: completions never queue
+        // behind uploads (`upload::worker_threads`).
         let mut uploads_in_flight = self
             .in_flight
             .values()
@@ -74,7 +74,9 @@ impl Coordinator {
             let Some(stream) = self.table.get(&identity) else {
                 continue;
             };
-            if matches!(work, Work::Upload { .. }) && uploads_in_flight >= self.config.workers {
+            if matches!(work, Work::Upload { .. })
+                && uploads_in_flight >= crate::upload::max_uploads_in_flight(self.config.workers)
+            {
                 self.queued.insert(identity);
                 held_back.push(identity);
                 continue;

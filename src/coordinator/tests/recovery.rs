@@ -51,80 +51,77 @@ fn a_cancelled_job_is_dispatched_again() {
 }
 
 #[test]
-fn at_most_workers_uploads_are_in_flight_and_the_other_streams_wait_in_line() {
-    let mut world = world_with_workers(2);
-    for n in 0..4 {
+fn at_most_twice_workers_uploads_are_out_and_the_other_streams_wait_in_line() {
+    let mut world = world_with_workers(1);
+    for n in 0..3 {
         world.write(&format!("cam{n}.mp4"), 15 * MIB);
     }
     world.poll();
     let first = world.jobs();
-    assert_eq!(chunk_indices(&first), vec![0, 0], "WORKERS uploads");
+    assert_eq!(
+        chunk_indices(&first),
+        vec![0, 0],
+        "WORKERS uploading, WORKERS ready for a buffer"
+    );
     // One finishes: the next stream in line gets its upload.
     world.finish(&first[0]);
     world.advance(SECOND);
     world.poll();
     let next = world.jobs();
     assert_eq!(next.len(), 1);
-    assert_eq!(
-        distinct_streams(first.iter().chain(&next)),
-        3,
-        "three streams served, one still waits"
-    );
+    assert_eq!(distinct_streams(first.iter().chain(&next)), 3);
 }
 
 #[test]
 fn completions_do_not_wait_behind_uploads() {
     let mut world = world_with_workers(1);
-    world.write("busy-1.mp4", 35 * MIB);
-    world.write("busy-2.mp4", 35 * MIB);
+    for n in 1..=3 {
+        world.write(&format!("busy-{n}.mp4"), 35 * MIB);
+    }
     world.write("done.mp4", 5 * MIB);
     world.poll();
     let uploads = world.jobs();
-    assert_eq!(
-        chunk_indices(&uploads),
-        vec![0],
-        "one upload slot (WORKERS=1)"
-    );
-    // While that upload runs and the other recording waits for the slot,
-    // the quiet file's completion goes out.
+    assert_eq!(chunk_indices(&uploads), vec![0, 0], "the upload slots");
+    // While those uploads run and the third recording waits for a slot, the
+    // quiet file's completion goes out.
     world.poll_for(QUIET + SECOND);
     let next = world.jobs();
     assert_eq!(next.iter().map(kind).collect::<Vec<_>>(), ["finalize"]);
     assert_eq!(next[0].stream().stream_id, world.stream_id("done.mp4"));
-    // The upload slot frees: the waiting recording is next.
+    // An upload slot frees: the waiting recording is next.
     world.finish(&uploads[0]);
     world.advance(SECOND);
     world.poll();
     let after = world.jobs();
     assert_eq!(chunk_indices(&after), vec![0]);
-    assert_eq!(after[0].stream().stream_id, world.stream_id("busy-2.mp4"));
+    assert_eq!(after[0].stream().stream_id, world.stream_id("busy-3.mp4"));
 }
 
 #[test]
 fn a_full_job_channel_holds_the_other_streams_in_line() {
-    // WORKERS=1: two worker threads, a channel of two jobs.
+    // WORKERS=1: three worker threads, a channel of three jobs.
     let mut world = world_with_workers(1);
-    for n in 0..3 {
+    for n in 0..4 {
         world.write(&format!("cam{n}.mp4"), 5 * MIB);
     }
     world.poll();
     world.advance(QUIET);
     world.poll();
     let channel = &world.replicas[0].jobs;
-    assert_eq!(channel.len(), 2, "as many as the channel holds");
+    assert_eq!(channel.len(), 3, "as many as the channel holds");
     // A worker takes one job: the next turn fills the slot.
     let taken = channel.recv().unwrap();
     world.advance(SECOND);
     world.poll();
     let queued = world.jobs();
-    assert_eq!(queued.len(), 2);
+    assert_eq!(queued.len(), 3);
     assert!(
         queued
             .iter()
             .chain([&taken])
             .all(|job| kind(job) == "finalize")
     );
-    assert_eq!(distinct_streams(queued.iter().chain([&taken])), 3);
+    assert_eq!(distinct_streams(queued.iter().chain([&taken])), 4);
 }
 
 #[test]
