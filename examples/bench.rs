@@ -250,16 +250,30 @@ impl Bench {
     /// The server's ceiling: the same bytes in 10 MiB pieces, PUT by four
     /// curl processes at a time, signed with `UNSIGNED-PAYLOAD` so curl
     /// hashes nothing. Returns the seconds it took.
-    fn curl_ceiling(&self, pieces: &[PathBuf], target: &str) -> f64 {
+    /// The server's ceiling: `pieces` PUT by 4 parallel curl processes that
+    /// hash nothing. With `checksums` (each piece's sha256 in base64), every
+    /// PUT carries `x-amz-checksum-sha256` as chunkstream's do, so the server
+    /// verifies it: the ceiling for a client that asks for that check.
+    fn curl_ceiling(&self, pieces: &[PathBuf], checksums: Option<&[String]>, target: &str) -> f64 {
         let next = AtomicU64::new(0);
         let started = Instant::now();
         std::thread::scope(|scope| {
             for _ in 0..4 {
                 scope.spawn(|| {
-                    while let Some(piece) = pieces.get(next.fetch_add(1, Ordering::SeqCst) as usize)
-                    {
+                    loop {
+                        let number = next.fetch_add(1, Ordering::SeqCst) as usize;
+                        let Some(piece) = pieces.get(number) else {
+                            break;
+                        };
                         let name = piece.file_name().expect("name").to_string_lossy();
-                        let status = Command::new("curl")
+                        let mut curl = Command::new("curl");
+                        if let Some(checksums) = checksums {
+                            curl.args([
+                                "-H",
+                                &format!("x-amz-checksum-sha256: {}", checksums[number]),
+                            ]);
+                        }
+                        let status = curl
                             .args(["-sS", "-f", "-o", "/dev/null", "--upload-file"])
                             .arg(piece)
                             .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
@@ -291,6 +305,15 @@ impl Bench {
         let data = self.files("tp", count, size);
         let pieces_dir = tempfile::tempdir().expect("dir");
         let pieces = split_into_chunks(data.path(), pieces_dir.path(), 10 * MIB);
+        let checksums: Vec<String> = pieces
+            .iter()
+            .map(|piece| {
+                use base64::Engine as _;
+                use sha2::Digest as _;
+                let digest = sha2::Sha256::digest(std::fs::read(piece).expect("piece"));
+                base64::engine::general_purpose::STANDARD.encode(digest)
+            })
+            .collect();
         let rclone =
             support::require_tool("rclone").expect("rclone (scripts/bench.sh installs it)");
         let full_chunk_bytes = count as u64 * (size / (10 * MIB)) * 10 * MIB;
@@ -342,8 +365,13 @@ impl Bench {
                 &["--s3-upload-cutoff", "10M"],
             );
             runs.entry("rclone-multipart").or_default().push(multipart);
-            let ceiling = self.curl_ceiling(&pieces, &format!("curl-{round}"));
+            let ceiling = self.curl_ceiling(&pieces, None, &format!("curl-{round}"));
             runs.entry("curl").or_default().push((ceiling, 0.0));
+            let checked =
+                self.curl_ceiling(&pieces, Some(&checksums), &format!("curl-checksum-{round}"));
+            runs.entry("curl-checksum")
+                .or_default()
+                .push((checked, 0.0));
         }
         let total_mib = (count as u64 * size / MIB) as f64;
         let gib = total_mib / 1024.0;
@@ -359,6 +387,10 @@ impl Bench {
                 "rclone --s3-upload-cutoff 10M (multipart)",
             ),
             ("curl", "4 × curl PUT of 10 MiB pieces (the ceiling)"),
+            (
+                "curl-checksum",
+                "the same with x-amz-checksum-sha256, which the server verifies",
+            ),
         ] {
             self.notes.push(format!(
                 "{label}, runs (s): {}; CPU (user + sys) per GiB, median: {}.",
@@ -367,7 +399,7 @@ impl Bench {
                     .map(|r| format!("{:.2}", r.0))
                     .collect::<Vec<_>>()
                     .join(" / "),
-                if name == "curl" {
+                if name.starts_with("curl") {
                     "not measured".to_string()
                 } else {
                     format!("{:.2} s", cpu(name))
@@ -432,8 +464,18 @@ impl Bench {
             target: "≥ 0.9".into(),
             met: Some(upload_rate / ceiling_rate >= 0.9),
         });
+        let checked_rate = total_mib / time("curl-checksum");
         self.figures.push(Figure {
-            name: "end to end / that ceiling (includes STREAM_TIMEOUT 1 s)".into(),
+            name: "upload phase / the ceiling when the server verifies x-amz-checksum-sha256 (as for every chunkstream PUT)".into(),
+            value: format!(
+                "{upload_rate:.0} / {checked_rate:.0} MiB/s = {:.2}",
+                upload_rate / checked_rate
+            ),
+            target: "—".into(),
+            met: None,
+        });
+        self.figures.push(Figure {
+            name: "end to end / the server's ceiling (includes STREAM_TIMEOUT 1 s)".into(),
             value: format!(
                 "{:.0} / {ceiling_rate:.0} MiB/s = {:.2}",
                 total_mib / time("ours"),

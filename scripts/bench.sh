@@ -9,6 +9,11 @@
 #   scripts/bench.sh throughput      # one part: throughput, instructions, burst,
 #                                    # growing, memory, polling, bandwidth
 #   BENCH_BINARY=/path/to/chunkstream scripts/bench.sh ...   # measure another build
+#   TMPDIR=/dev/shm scripts/bench.sh throughput burst        # the S3 server's
+#                                    # files (and the sources) on tmpfs: the
+#                                    # figures docs/benchmarks.md reports for
+#                                    # these parts; ext4's inode allocation in
+#                                    # s3s-fs otherwise dominates a burst
 #
 # Needs what scripts/test.sh installs, plus rclone, curl and valgrind
 # (apt-get, installed here).
