@@ -31,7 +31,7 @@ use xxhash_rust::xxh3::{Xxh3Default, xxh3_128};
 
 /// Bytes hashed at a time when several hashes run over the same bytes: small
 /// enough to stay in the CPU's cache between them.
-pub const CACHED_PIECE: usize = 256 * 1024;
+pub const CACHED_PIECE: usize = 64 * 1024;
 
 /// The xxh3-128 of `bytes`, in hex: tells a changed chunk from an unchanged
 /// one. Not cryptographic: it detects what a writer rewrote, not tampering.

@@ -87,9 +87,12 @@ impl ChunkBuffer {
             .map_or(&[], |storage| &storage[..self.len])
     }
 
-    /// Gives the chunk buffer back to the pool (at the end of every job).
+    /// Gives the chunk buffer back to the pool, and frees the piece buffer
+    /// (at the end of every job: only threads checking a completion hold
+    /// one).
     pub(super) fn release(&mut self) {
         self.len = 0;
+        self.piece = Vec::new();
         if let Some(storage) = self.held.take() {
             // The pool has room for every buffer it handed out.
             let _ = self.pool.give_back.try_send(storage);
