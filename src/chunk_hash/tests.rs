@@ -110,17 +110,25 @@ fn a_state_computed_before_its_predecessor_was_uploaded_again_is_not_trusted() {
     assert_eq!(hashed, 200, "chunks 1 and 2");
 }
 
+/// The records a later revision of `first` finds for `now`: only the state
+/// `metadata.json` kept after the last full chunk of `first`'s completion,
+/// at the returned index.
+fn checkpoint_of_completed(first: &[u8], now: &[u8]) -> (u64, Vec<Option<RunningSha256>>) {
+    let (_, _, checkpoint) = complete(first, &uploaded(first), |_| true);
+    let (at, state) = checkpoint.expect("a checkpoint");
+    let mut records = vec![None; now.len().div_ceil(CHUNK)];
+    records[at as usize] = Some(state);
+    (at, records)
+}
+
 #[test]
 fn a_grown_file_resumes_from_the_checkpoint_of_its_last_completion() {
     // metadata.json keeps one state, after the last full chunk; the chunks
     // before it are passed over, only the growth is hashed.
     let first = data(1_050, 5);
-    let (_, _, checkpoint) = complete(&first, &uploaded(&first), |_| true);
-    let (at, state) = checkpoint.expect("a checkpoint");
     let mut grown = first.clone();
     grown.extend(data(420, 6));
-    let mut records = vec![None; grown.len().div_ceil(CHUNK)];
-    records[at as usize] = Some(state);
+    let (at, records) = checkpoint_of_completed(&first, &grown);
     let (digest, hashed, _) = complete(&grown, &records, |index| index <= at as usize);
     assert_eq!(digest, sha256(&grown));
     assert_eq!(hashed, grown.len() as u64 - 1_000);
@@ -129,12 +137,10 @@ fn a_grown_file_resumes_from_the_checkpoint_of_its_last_completion() {
 #[test]
 fn a_checkpoint_behind_a_rewritten_chunk_makes_completion_read_the_skipped_chunks_again() {
     let first = data(1_050, 5);
-    let (_, _, checkpoint) = complete(&first, &uploaded(&first), |_| true);
-    let (at, state) = checkpoint.expect("a checkpoint");
     let mut rewritten = first.clone();
     rewritten[540] ^= 0xff; // chunk 5, before the checkpoint at 9
-    let mut records = vec![None; rewritten.len().div_ceil(CHUNK)];
-    records[at as usize] = Some(state);
+    let (at, records) = checkpoint_of_completed(&first, &rewritten);
+    assert_eq!(at, 9);
     let (digest, hashed, _) = complete(&rewritten, &records, |index| index != 5);
     assert_eq!(digest, sha256(&rewritten));
     assert_eq!(

@@ -97,17 +97,24 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 
 /// Failed attempts are logged on the 1st, 2nd, 4th, 8th, … attempt, so an
 /// outage is visible without a line per retry.
+/// Makes an I/O error on `path` a [`SourceError`].
+fn source_error(path: &Path) -> impl Fn(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// `len` as a buffer length, refused if it is larger than any chunk.
 fn chunk_length(path: &Path, len: u64) -> Result<usize, SourceError> {
     usize::try_from(len)
         .ok()
         .filter(|&len| u64::try_from(len).is_ok_and(|len| len <= MAX_CHUNK_SIZE))
-        .ok_or_else(|| SourceError {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(
+        .ok_or_else(|| {
+            source_error(path)(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("a read of {len} bytes is larger than any chunk"),
-            ),
+            ))
         })
 }
 
@@ -308,10 +315,7 @@ impl Worker {
         let len = chunk_length(path, len)?;
         self.buffer
             .fill(file, offset, len)
-            .map_err(|source| SourceError {
-                path: path.to_path_buf(),
-                source,
-            })
+            .map_err(source_error(path))
     }
 
     /// The [`crate::chunk_hash::fast_hash`] of `[offset, offset + len)` of
@@ -326,10 +330,7 @@ impl Worker {
         let len = chunk_length(path, len)?;
         self.buffer
             .fingerprint(file, offset, len)
-            .map_err(|source| SourceError {
-                path: path.to_path_buf(),
-                source,
-            })
+            .map_err(source_error(path))
     }
 
     /// Runs an S3 operation until it succeeds, retrying with backoff while
@@ -475,10 +476,7 @@ impl Worker {
 
     fn upload_chunk(&mut self, job: &ChunkJob) -> Outcome {
         let read = File::open(&job.path)
-            .map_err(|source| SourceError {
-                path: job.path.clone(),
-                source,
-            })
+            .map_err(source_error(&job.path))
             .and_then(|file| self.read_into_buffer(&file, &job.path, job.offset, job.len));
         if let Err(err) = read {
             return Outcome::Failed(err.to_string());
